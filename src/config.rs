@@ -1,0 +1,413 @@
+//! `config.toml`: the schema, its defaults and its validation.
+//!
+//! Every table uses `deny_unknown_fields`, so a misspelt key is an error that names it rather
+//! than a setting silently ignored. Relative paths are resolved against the directory of the
+//! configuration file (or the working directory for the embedded defaults), so that a service
+//! started from `/` finds the same files as an operator who tried it from the shell.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The committed `config.toml`, used when `postern serve` is given no `--config`.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../config.toml");
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key; toml's message names the key and line.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value of the right type that cannot work.
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default, rename = "account")]
+    pub accounts: Vec<AccountConfig>,
+    /// Directory that relative paths are resolved against; not a TOML key.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Name used in the banner, the EHLO reply and `Received:` headers.
+    pub hostname: String,
+    /// Spool, keys and (later) the ledger live here.
+    pub data_dir: PathBuf,
+    /// Master key file; generated (mode 0600) on first start when missing.
+    /// Defaults to `<data_dir>/master.key`.
+    #[serde(default)]
+    pub master_key: Option<PathBuf>,
+}
+
+/// How a listener treats its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Port-25 style: clients in `relay.networks` may relay without AUTH; STARTTLS offered.
+    Relay,
+    /// Port-587 style: STARTTLS, and AUTH required before MAIL.
+    Submission,
+    /// Port-465 style: implicit TLS from the first byte, AUTH required.
+    Submissions,
+}
+
+/// `[[listener]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    pub mode: ListenerMode,
+}
+
+/// `[tls]`: the server certificate. When neither file exists a self-signed pair is generated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default = "default_cert")]
+    pub cert: PathBuf,
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: default_cert(),
+            key: default_key(),
+        }
+    }
+}
+
+fn default_cert() -> PathBuf {
+    PathBuf::from("certs/server.crt")
+}
+fn default_key() -> PathBuf {
+    PathBuf::from("certs/server.key")
+}
+
+/// `[relay]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Clients that may relay without AUTH on a relay listener.
+    #[serde(default = "default_networks")]
+    pub networks: Vec<IpNet>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            networks: default_networks(),
+        }
+    }
+}
+
+fn default_networks() -> Vec<IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+impl RelayConfig {
+    /// Whether `ip` may relay without authenticating.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// What to do with a bare CR or LF in message data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineEndingPolicy {
+    /// Refuse the message (554 5.6.0): the safe default against SMTP smuggling.
+    Reject,
+    /// Turn each bare CR or LF into CRLF.
+    Normalise,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Bytes, advertised in SIZE.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    /// Concurrent SMTP connections over all listeners; more get `421 4.7.0`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Waiting for a command (RFC 5321 4.5.3.2: at least 5 minutes).
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Waiting for the next block of message data (RFC 5321 4.5.3.2.6: 3 minutes).
+    #[serde(default = "default_data_timeout", with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Bad commands in one session before it is closed with `421 4.7.0`.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: usize,
+    #[serde(default = "default_line_endings")]
+    pub line_endings: LineEndingPolicy,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: default_max_message_size(),
+            max_recipients: default_max_recipients(),
+            max_connections: default_max_connections(),
+            command_timeout: default_command_timeout(),
+            data_timeout: default_data_timeout(),
+            max_errors: default_max_errors(),
+            line_endings: default_line_endings(),
+        }
+    }
+}
+
+fn default_max_message_size() -> usize {
+    36_700_160
+}
+fn default_max_recipients() -> usize {
+    1000
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_data_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+fn default_max_errors() -> usize {
+    20
+}
+fn default_line_endings() -> LineEndingPolicy {
+    LineEndingPolicy::Reject
+}
+
+/// `[spool]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// A segment file is closed and a new one started past this many bytes.
+    #[serde(default = "default_segment_size")]
+    pub segment_size: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            segment_size: default_segment_size(),
+        }
+    }
+}
+
+fn default_segment_size() -> u64 {
+    64 << 20
+}
+
+/// `[[account]]`: an SMTP AUTH identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub username: String,
+    /// An argon2 PHC string (`postern account hash` prints one); never the password itself.
+    pub password_hash: String,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// The embedded defaults, with paths relative to the working directory.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::parse(EMBEDDED_DEFAULTS, "embedded defaults", Path::new("."))
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.base_dir = base_dir.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        let host = &self.server.hostname;
+        if host.is_empty()
+            || host.len() > 253
+            || !host
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return invalid("server.hostname", "must be a fully qualified domain name");
+        }
+        if self.listeners.is_empty() {
+            return invalid("listener", "at least one [[listener]] is needed");
+        }
+        for (i, a) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].iter().any(|b| b.addr == a.addr) {
+                return invalid(
+                    &format!("listener[{i}].addr"),
+                    &format!("{} is used by two listeners", a.addr),
+                );
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_message_size < 1024 {
+            return invalid("limits.max_message_size", "must be at least 1024 bytes");
+        }
+        if limits.max_recipients == 0 {
+            return invalid("limits.max_recipients", "must be at least 1");
+        }
+        if limits.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if limits.command_timeout < Duration::from_secs(1) || limits.data_timeout < Duration::from_secs(1) {
+            return invalid("limits", "timeouts must be at least one second");
+        }
+        if self.spool.segment_size < 1 << 20 {
+            return invalid("spool.segment_size", "must be at least 1 MiB");
+        }
+        for (i, account) in self.accounts.iter().enumerate() {
+            if account.username.is_empty() {
+                return invalid(&format!("account[{i}].username"), "must not be empty");
+            }
+            if argon2::PasswordHash::new(&account.password_hash).is_err() {
+                return invalid(
+                    &format!("account[{i}].password_hash"),
+                    "is not an argon2 PHC string (make one with `postern account hash`)",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a configured path against the configuration's directory.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The data directory, resolved.
+    pub fn data_dir(&self) -> PathBuf {
+        self.path(&self.server.data_dir)
+    }
+
+    /// The master key file, resolved.
+    pub fn master_key_path(&self) -> PathBuf {
+        match &self.server.master_key {
+            Some(p) => self.path(p),
+            None => self.data_dir().join("master.key"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test", Path::new("/etc/postern"))
+    }
+
+    const MINIMAL: &str = "[server]\nhostname = \"mx.example.test\"\ndata_dir = \"data\"\n[[listener]]\naddr = \"127.0.0.1:2525\"\nmode = \"relay\"\n";
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = Config::embedded().expect("embedded config.toml must validate");
+        assert!(!c.listeners.is_empty());
+        assert_eq!(c.limits.max_message_size, 36_700_160);
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_and_resolves_paths() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.limits.max_recipients, 1000);
+        assert_eq!(c.data_dir(), PathBuf::from("/etc/postern/data"));
+        assert_eq!(c.master_key_path(), PathBuf::from("/etc/postern/data/master.key"));
+        assert!(c.relay.allows("127.0.0.9".parse().unwrap()));
+        assert!(c.relay.allows("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.relay.allows("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&format!("{MINIMAL}[limits]\nmax_recipient = 5\n")).unwrap_err();
+        assert!(err.to_string().contains("max_recipient"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[limits]\nmax_recipients = 0\n", "limits.max_recipients"),
+            ("[limits]\ncommand_timeout = \"5 parsecs\"\n", "command_timeout"),
+            ("[[account]]\nusername = \"app\"\npassword_hash = \"hunter2\"\n", "account[0].password_hash"),
+            ("[relay]\nnetworks = [\"10.0.0.0/33\"]\n", "networks"),
+        ];
+        for (extra, key) in cases {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err();
+            assert!(err.to_string().contains(key), "{extra}: {err}");
+        }
+        let err = parse(&MINIMAL.replace("mx.example.test", "bad host")).unwrap_err();
+        assert!(err.to_string().contains("server.hostname"), "{err}");
+    }
+}

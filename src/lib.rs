@@ -1,0 +1,4 @@
+pub mod config;
+pub mod crypto;
+pub mod proto;
+pub mod spool;

@@ -1,0 +1,70 @@
+//! The envelope of a spooled message and its delivery state, as stored (sealed) in the spool.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Who sent a message to whom, and how it arrived. Holds addresses, so it only ever leaves
+/// memory sealed; `Debug` is written by hand so that a stray `{:?}` cannot log them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Reverse path; empty for the null sender `<>` (bounces).
+    pub mail_from: String,
+    /// Forward paths, in RCPT order; recipient indices elsewhere refer to this order.
+    pub recipients: Vec<String>,
+    /// Unix time (seconds) of the 250 reply.
+    pub received_at: i64,
+    pub client_ip: IpAddr,
+    pub helo: String,
+    /// Authenticated SMTP account, if any.
+    pub auth_user: Option<String>,
+    /// `BODY=8BITMIME` was declared: the next hop must offer 8BITMIME.
+    pub eight_bit: bool,
+    /// `SMTPUTF8` was declared: the next hop must offer SMTPUTF8.
+    pub smtputf8: bool,
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("recipients", &self.recipients.len())
+            .field("received_at", &self.received_at)
+            .field("client_ip", &self.client_ip)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Delivery progress of one message, rewritten as a whole on every change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageState {
+    /// One flag per recipient: true once it is final (delivered, bounced, expired, cancelled).
+    pub final_rcpts: Vec<bool>,
+    /// Opaque to the spool: the queue's retry schedule and attempt counts.
+    #[serde(default)]
+    pub queue_data: Vec<u8>,
+}
+
+impl MessageState {
+    /// True when no recipient is left to deliver to.
+    pub fn all_final(&self) -> bool {
+        self.final_rcpts.iter().all(|f| *f)
+    }
+}
+
+/// Plaintext of a message record: envelope length (u32 LE), envelope JSON, body.
+pub(crate) fn encode_message(envelope: &Envelope, body: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let env = serde_json::to_vec(envelope)?;
+    let mut out = Vec::with_capacity(4 + env.len() + body.len());
+    out.extend_from_slice(&(env.len() as u32).to_le_bytes());
+    out.extend_from_slice(&env);
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
+/// Inverse of [`encode_message`].
+pub(crate) fn decode_message(plain: &[u8]) -> Option<(Envelope, Vec<u8>)> {
+    let len = u32::from_le_bytes(plain.get(..4)?.try_into().ok()?) as usize;
+    let env = plain.get(4..4usize.checked_add(len)?)?;
+    let envelope = serde_json::from_slice(env).ok()?;
+    Some((envelope, plain[4 + len..].to_vec()))
+}

@@ -1,0 +1,300 @@
+//! The spool: accepted messages, durable and sealed, until their last recipient is final.
+//!
+//! # Layout on disk
+//! `<data_dir>/spool/` holds numbered segment files (`00000001.seg`) with their keys
+//! (`00000001.key`, random, wrapped by the master key) and a `quarantine/` folder. A segment is
+//! an append-only log of [`record`]s. Only the newest segment is written to; every start of the
+//! daemon opens a new one, so recovery never has to append after a torn tail.
+//!
+//! # Group commit
+//! One writer thread owns all writes. It takes every request that arrived while it was busy,
+//! appends them with one `write`, calls `fdatasync` once and only then answers them all: with
+//! fsync costing milliseconds, fifty sessions share one sync instead of queueing for fifty.
+//! `store` returns only after that sync, so the SMTP session may then say `250`.
+//!
+//! # Destruction
+//! When a message's last recipient is final its records are punched out of the segment
+//! (`fallocate(PUNCH_HOLE)`, zeros on read-back) in the same writer pass, and a segment with no
+//! live records left is unlinked together with its key. A state record superseded by a newer
+//! one is punched only after the newer one is synced, so a crash in between leaves the old one.
+//!
+//! # Not done yet
+//! Compaction: a long-deferred message keeps its (otherwise hollow, sparse) segment alive.
+
+mod envelope;
+mod record;
+mod recovery;
+mod writer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+pub use envelope::{Envelope, MessageState};
+pub use recovery::{Quarantined, RecoveryReport};
+
+use crate::crypto::{CryptoError, Key};
+use record::{Header, Kind, HEADER_LEN};
+
+/// Identifies a message for its whole life: 48 bits of milliseconds, then 80 random bits, so
+/// ids sort roughly by arrival and never collide across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub [u8; 16]);
+
+impl QueueId {
+    /// A new id for a message accepted now.
+    pub fn generate() -> Result<QueueId, CryptoError> {
+        let mut id = [0u8; 16];
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        id[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        crate::crypto::random_bytes(&mut id[6..])?;
+        Ok(QueueId(id))
+    }
+}
+
+impl std::fmt::Display for QueueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl std::str::FromStr for QueueId {
+    type Err = SpoolError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = hex::decode(s).map_err(|_| SpoolError::NotFound)?;
+        Ok(QueueId(bytes.try_into().map_err(|_| SpoolError::NotFound)?))
+    }
+}
+
+/// What can go wrong in the spool. Every variant means "not durable": the caller must not
+/// acknowledge the message.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Writing, syncing or reading failed (disk full, I/O error).
+    #[error("spool I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A key could not be made or opened, or a record failed authentication.
+    #[error("spool crypto error: {0}")]
+    Crypto(#[from] CryptoError),
+    /// The record exists but its contents do not decode.
+    #[error("spool record of {0} is corrupt")]
+    Corrupt(QueueId),
+    /// No live message with that id.
+    #[error("no such message in the spool")]
+    NotFound,
+    /// The writer thread is gone (shut down or crashed).
+    #[error("spool writer has stopped")]
+    Closed,
+}
+
+/// Whether a message is still in the spool after an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Some recipients are not final yet.
+    Live,
+    /// All recipients are final; the body is destroyed.
+    Destroyed,
+}
+
+/// Where a record sits.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    /// Payload length (the header precedes it).
+    len: u32,
+}
+
+struct Entry {
+    message: Loc,
+    state: Option<Loc>,
+    current: MessageState,
+}
+
+struct Segment {
+    file: Arc<File>,
+    key: Arc<Key>,
+    /// Records in this segment still referenced by the index; at zero the segment goes.
+    live: usize,
+}
+
+#[derive(Default)]
+struct Index {
+    messages: HashMap<QueueId, Entry>,
+    segments: HashMap<u64, Segment>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    index: Mutex<Index>,
+}
+
+impl Shared {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // loses mail (the disk is the truth), so keep serving rather than poison everyone.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A handle to the spool; cheap to clone, shared by sessions and the queue.
+#[derive(Clone)]
+pub struct Spool {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<writer::Request>,
+}
+
+/// A message read back from the spool.
+#[derive(Debug)]
+pub struct StoredMessage {
+    pub id: QueueId,
+    pub envelope: Envelope,
+    /// RFC 5322 message with CRLF line endings, `Received:` header included.
+    pub body: Vec<u8>,
+    pub state: MessageState,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool under `data_dir`, recovers what a previous run left
+    /// and starts the writer. `segment_size` bounds a segment file before the next is started.
+    pub fn open(data_dir: &Path, master: Key, segment_size: u64) -> Result<(Spool, RecoveryReport), SpoolError> {
+        let dir = data_dir.join("spool");
+        create_private_dir(&dir)?;
+        create_private_dir(&dir.join("quarantine"))?;
+        let (index, report, next_segment) = recovery::recover(&dir, &master)?;
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            index: Mutex::new(index),
+        });
+        let writer = writer::Writer::start(shared.clone(), master, next_segment, segment_size)?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok((Spool { shared, tx }, report))
+    }
+
+    /// Stores a message durably. Returns only after its record is fsync'd to disk.
+    pub async fn store(&self, envelope: &Envelope, body: &[u8]) -> Result<QueueId, SpoolError> {
+        let plaintext = envelope::encode_message(envelope, body).map_err(|_| SpoolError::Closed)?;
+        let rcpts = envelope.recipients.len();
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Request::Store {
+            plaintext,
+            rcpts,
+            reply,
+        })?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Marks recipients (indices into the envelope's list) final and, when given, replaces the
+    /// queue's scheduling data. When every recipient is final the message is destroyed at once.
+    /// Returns after the change is durable.
+    pub async fn update(
+        &self,
+        id: QueueId,
+        final_rcpts: &[usize],
+        queue_data: Option<Vec<u8>>,
+    ) -> Result<Liveness, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Request::Update {
+            id,
+            final_rcpts: final_rcpts.to_vec(),
+            queue_data,
+            reply,
+        })?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Destroys a message whatever its recipients' state (cancelled by an operator or erased).
+    pub async fn destroy(&self, id: QueueId) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Request::Destroy { id, reply })?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Ids of every live message, oldest first.
+    pub fn live(&self) -> Vec<QueueId> {
+        let mut ids: Vec<QueueId> = self.shared.index().messages.keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    /// The current delivery state of a live message.
+    pub fn state(&self, id: QueueId) -> Option<MessageState> {
+        self.shared.index().messages.get(&id).map(|e| e.current.clone())
+    }
+
+    /// Reads and opens a live message.
+    pub async fn read(&self, id: QueueId) -> Result<StoredMessage, SpoolError> {
+        let (loc, file, key, state) = {
+            let index = self.shared.index();
+            let entry = index.messages.get(&id).ok_or(SpoolError::NotFound)?;
+            let segment = index
+                .segments
+                .get(&entry.message.segment)
+                .ok_or(SpoolError::NotFound)?;
+            (entry.message, segment.file.clone(), segment.key.clone(), entry.current.clone())
+        };
+        let plain = tokio::task::spawn_blocking(move || read_record(&file, &key, loc, id, Kind::Message))
+            .await
+            .map_err(|_| SpoolError::Closed)??;
+        let (envelope, body) = envelope::decode_message(&plain).ok_or(SpoolError::Corrupt(id))?;
+        Ok(StoredMessage {
+            id,
+            envelope,
+            body,
+            state,
+        })
+    }
+
+    /// The spool directory (segments, keys, quarantine).
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    fn send(&self, request: writer::Request) -> Result<(), SpoolError> {
+        self.tx.send(request).map_err(|_| SpoolError::Closed)
+    }
+}
+
+/// Reads one record's payload and opens it, checking that the header still names `id`.
+fn read_record(file: &File, key: &Key, loc: Loc, id: QueueId, kind: Kind) -> Result<Vec<u8>, SpoolError> {
+    let mut buf = vec![0u8; HEADER_LEN + loc.len as usize];
+    file.read_exact_at(&mut buf, loc.offset)?;
+    let header = Header::decode(&buf).map_err(|_| SpoolError::Corrupt(id))?;
+    if header.id != id || header.kind != kind || header.len != loc.len {
+        return Err(SpoolError::Corrupt(id));
+    }
+    let mut raw = [0u8; HEADER_LEN];
+    raw.copy_from_slice(&buf[..HEADER_LEN]);
+    Ok(key.open(Header::aad(&raw), &buf[HEADER_LEN..])?)
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:08}.seg"))
+}
+
+fn key_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:08}.key"))
+}
+
+/// The AAD that binds a wrapped segment key to its segment number.
+fn key_purpose(n: u64) -> String {
+    format!("postern spool segment {n}")
+}
+
+#[cfg(test)]
+mod tests;

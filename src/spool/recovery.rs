@@ -1,0 +1,237 @@
+//! Rebuilding the spool index at start-up from the segment files.
+//!
+//! Every segment is scanned front to back. A record whose payload reads as zeros was destroyed;
+//! one that opens is live (the last state record of a message wins). Anything else (a torn tail
+//! from a crash mid-batch, a flipped bit, a missing key) is copied to `quarantine/` and reported:
+//! never a panic and never a silent drop. A torn tail can only belong to a batch that was never
+//! synced and so never acknowledged, but it is quarantined all the same, because the scan cannot
+//! prove that.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::record::{Header, HeaderError, Kind, HEADER_LEN};
+use super::writer::remove_segment_files;
+use super::{key_path, key_purpose, Entry, Index, Loc, MessageState, QueueId, Segment, SpoolError};
+use crate::crypto::Key;
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    /// Live messages put back in the index.
+    pub recovered: usize,
+    /// Segment files scanned.
+    pub segments: usize,
+    /// Byte ranges that could not be read and were set aside.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// One range set aside by recovery.
+#[derive(Debug)]
+pub struct Quarantined {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub reason: String,
+    /// Where the copied bytes are.
+    pub path: PathBuf,
+}
+
+/// Scans every segment under `dir`. Returns the index, the report and the next segment number.
+pub(super) fn recover(dir: &Path, master: &Key) -> Result<(Index, RecoveryReport, u64), SpoolError> {
+    let mut numbers = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name.strip_suffix(".seg").and_then(|s| s.parse::<u64>().ok()) {
+            numbers.push(n);
+        } else if let Some(n) = name.strip_suffix(".key").and_then(|s| s.parse::<u64>().ok()) {
+            // A key whose segment never got created (crash between the two) is harmless;
+            // remember the number so it is not reused.
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable();
+    numbers.dedup();
+    let next = numbers.last().map_or(1, |n| n + 1);
+
+    let mut index = Index::default();
+    let mut report = RecoveryReport::default();
+    let mut states: HashMap<QueueId, (Loc, MessageState)> = HashMap::new();
+    for n in numbers {
+        let seg_path = super::segment_path(dir, n);
+        if !seg_path.exists() {
+            remove_segment_files(dir, n);
+            continue;
+        }
+        report.segments += 1;
+        let data = std::fs::read(&seg_path)?;
+        let key = match master.read_wrapped(&key_path(dir, n), &key_purpose(n)) {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                if data.iter().any(|b| *b != 0) {
+                    quarantine(dir, n, 0, &data, &format!("segment key unusable: {e}"), &mut report);
+                }
+                remove_segment_files(dir, n);
+                continue;
+            }
+        };
+        let file = Arc::new(OpenOptions::new().read(true).write(true).open(&seg_path)?);
+        scan(dir, n, &data, &key, &mut index, &mut states, &mut report);
+        index.segments.insert(n, Segment { file, key, live: 0 });
+    }
+
+    // Attach states to messages; count what each segment still holds.
+    for (id, (loc, state)) in states {
+        if let Some(entry) = index.messages.get_mut(&id) {
+            if state.final_rcpts.len() == entry.current.final_rcpts.len() {
+                entry.state = Some(loc);
+                entry.current = state;
+            }
+        }
+    }
+    let dead: Vec<QueueId> = index
+        .messages
+        .iter()
+        .filter(|(_, e)| e.current.all_final())
+        .map(|(id, _)| *id)
+        .collect();
+    for id in dead {
+        // Final but not yet punched when the previous run stopped: finish the job.
+        if let Some(e) = index.messages.remove(&id) {
+            for loc in std::iter::once(e.message).chain(e.state) {
+                if let Some(seg) = index.segments.get(&loc.segment) {
+                    super::writer::punch_hole(&seg.file, loc.offset + HEADER_LEN as u64, loc.len as u64)?;
+                }
+            }
+        }
+    }
+    let live: Vec<u64> = index
+        .messages
+        .values()
+        .flat_map(|e| std::iter::once(e.message.segment).chain(e.state.map(|s| s.segment)))
+        .collect();
+    for n in live {
+        if let Some(seg) = index.segments.get_mut(&n) {
+            seg.live += 1;
+        }
+    }
+    let empty: Vec<u64> = index
+        .segments
+        .iter()
+        .filter(|(_, s)| s.live == 0)
+        .map(|(n, _)| *n)
+        .collect();
+    for n in empty {
+        index.segments.remove(&n);
+        remove_segment_files(dir, n);
+    }
+    crate::crypto::sync_dir(dir)?;
+    report.recovered = index.messages.len();
+    Ok((index, report, next))
+}
+
+/// Scans one segment's bytes.
+fn scan(
+    dir: &Path,
+    n: u64,
+    data: &[u8],
+    key: &Key,
+    index: &mut Index,
+    states: &mut HashMap<QueueId, (Loc, MessageState)>,
+    report: &mut RecoveryReport,
+) {
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let header = match Header::decode(&data[pos..]) {
+            Ok(h) if pos + HEADER_LEN + h.len as usize <= data.len() => h,
+            Ok(_) | Err(HeaderError::Short) => {
+                quarantine(dir, n, pos, &data[pos..], "truncated record at end of segment", report);
+                return;
+            }
+            Err(HeaderError::Corrupt) => {
+                // Resynchronise on the next position where a valid header starts.
+                let next = (pos + 1..data.len())
+                    .find(|&p| data[p..].starts_with(b"PSTR") && Header::decode(&data[p..]).is_ok())
+                    .unwrap_or(data.len());
+                quarantine(dir, n, pos, &data[pos..next], "corrupt record header", report);
+                pos = next;
+                continue;
+            }
+        };
+        let end = pos + HEADER_LEN + header.len as usize;
+        let payload = &data[pos + HEADER_LEN..end];
+        let loc = Loc {
+            segment: n,
+            offset: pos as u64,
+            len: header.len,
+        };
+        if payload.iter().all(|b| *b == 0) {
+            pos = end; // destroyed
+            continue;
+        }
+        let mut raw = [0u8; HEADER_LEN];
+        raw.copy_from_slice(&data[pos..pos + HEADER_LEN]);
+        let opened = key.open(Header::aad(&raw), payload).ok();
+        match (header.kind, opened) {
+            (Kind::Message, Some(plain)) => match super::envelope::decode_message(&plain) {
+                Some((envelope, _)) => {
+                    index.messages.insert(
+                        header.id,
+                        Entry {
+                            message: loc,
+                            state: None,
+                            current: MessageState {
+                                final_rcpts: vec![false; envelope.recipients.len()],
+                                queue_data: Vec::new(),
+                            },
+                        },
+                    );
+                }
+                None => quarantine(dir, n, pos, &data[pos..end], "message record does not decode", report),
+            },
+            (Kind::State, Some(plain)) => match serde_json::from_slice::<MessageState>(&plain) {
+                Ok(state) => {
+                    states.insert(header.id, (loc, state));
+                }
+                Err(_) => quarantine(dir, n, pos, &data[pos..end], "state record does not decode", report),
+            },
+            (_, None) => quarantine(dir, n, pos, &data[pos..end], "record fails authentication", report),
+        }
+        pos = end;
+    }
+}
+
+/// Copies bytes aside (with the segment key, so that they can be examined) and reports them.
+fn quarantine(dir: &Path, n: u64, offset: usize, bytes: &[u8], reason: &str, report: &mut RecoveryReport) {
+    if bytes.iter().all(|b| *b == 0) {
+        // Zeros carry no message: a filesystem can leave them after a crash past the last sync.
+        tracing::warn!(segment = n, offset, len = bytes.len(), "spool recovery: skipping zero-filled tail");
+        return;
+    }
+    let qdir = dir.join("quarantine");
+    let path = qdir.join(format!("{n:08}-{offset}.rec"));
+    let saved = File::create(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all()));
+    let _ = std::fs::copy(key_path(dir, n), qdir.join(format!("{n:08}.key")));
+    if let Err(e) = saved {
+        tracing::error!(segment = n, offset, error = %e, "spool recovery: cannot write quarantine copy");
+    }
+    tracing::error!(
+        segment = n,
+        offset,
+        len = bytes.len(),
+        reason,
+        path = %path.display(),
+        "spool recovery: record quarantined"
+    );
+    report.quarantined.push(Quarantined {
+        segment: n,
+        offset: offset as u64,
+        len: bytes.len() as u64,
+        reason: reason.to_string(),
+        path,
+    });
+}
