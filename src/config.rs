@@ -301,7 +301,7 @@ impl Config {
             return invalid("listener", "at least one [[listener]] is needed");
         }
         for (i, a) in self.listeners.iter().enumerate() {
-            if self.listeners[..i].iter().any(|b| b.addr == a.addr) {
+            if a.addr.port() != 0 && self.listeners[..i].iter().any(|b| b.addr == a.addr) {
                 return invalid(
                     &format!("listener[{i}].addr"),
                     &format!("{} is used by two listeners", a.addr),

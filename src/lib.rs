@@ -1,4 +1,27 @@
+//! Postern: an outbound mail transfer agent that accepts mail from applications over SMTP,
+//! keeps it durable and sealed on disk, and (in later increments) DKIM-signs and relays it.
+//!
+//! # Layout
+//! - [`config`]: `config.toml`, its defaults and validation.
+//! - [`proto`]: the SMTP wire protocol as pure, I/O-free parsing (fuzzed in `fuzz/`).
+//! - [`server`]: listeners and sessions; drives `proto` over TCP and TLS.
+//! - [`auth`]: SMTP accounts (argon2).
+//! - [`tls`]: the inbound certificate, generated on first start when missing.
+//! - [`spool`]: encrypted append-only segments with group commit; `250` only after fdatasync.
+//! - [`crypto`]: keys, key files and sealing (XChaCha20-Poly1305).
+//! - [`daemon`]: wires the above into a running MTA; the binary adds a CLI and signals.
+//!
+//! # A message's life so far
+//! A session collects the envelope, decodes DATA or BDAT through `proto`'s checks (line length,
+//! bare CR/LF, size), prepends a `Received:` header and hands the message to the spool. The
+//! spool's writer appends it to the active segment with everything else that arrived during the
+//! previous sync, syncs once, and only then does the session say `250`.
+
+pub mod auth;
 pub mod config;
 pub mod crypto;
+pub mod daemon;
 pub mod proto;
+pub mod server;
 pub mod spool;
+pub mod tls;

@@ -52,12 +52,15 @@ impl MessageState {
 }
 
 /// Plaintext of a message record: envelope length (u32 LE), envelope JSON, body.
-pub(crate) fn encode_message(envelope: &Envelope, body: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+pub(crate) fn encode_message(envelope: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
     let env = serde_json::to_vec(envelope)?;
-    let mut out = Vec::with_capacity(4 + env.len() + body.len());
+    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(4 + env.len() + body_len);
     out.extend_from_slice(&(env.len() as u32).to_le_bytes());
     out.extend_from_slice(&env);
-    out.extend_from_slice(body);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     Ok(out)
 }
 

@@ -181,12 +181,16 @@ impl Spool {
         Ok((Spool { shared, tx }, report))
     }
 
-    /// Stores a message durably. Returns only after its record is fsync'd to disk.
-    pub async fn store(&self, envelope: &Envelope, body: &[u8]) -> Result<QueueId, SpoolError> {
-        let plaintext = envelope::encode_message(envelope, body).map_err(|_| SpoolError::Closed)?;
+    /// Stores a message durably under `id` (from [`QueueId::generate`], so that the id can go in
+    /// the `Received:` header first). The body is the concatenation of `parts` (trace and
+    /// signature headers, then the message as received). Returns only after the record is
+    /// fsync'd to disk.
+    pub async fn store(&self, id: QueueId, envelope: &Envelope, parts: &[&[u8]]) -> Result<(), SpoolError> {
+        let plaintext = envelope::encode_message(envelope, parts).map_err(|_| SpoolError::Closed)?;
         let rcpts = envelope.recipients.len();
         let (reply, rx) = oneshot::channel();
         self.send(writer::Request::Store {
+            id,
             plaintext,
             rcpts,
             reply,

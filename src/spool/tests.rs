@@ -15,6 +15,12 @@ fn envelope(rcpts: &[&str]) -> Envelope {
     }
 }
 
+async fn store(spool: &Spool, env: &Envelope, body: &[u8]) -> QueueId {
+    let id = QueueId::generate().unwrap();
+    spool.store(id, env, &[body]).await.expect("stored");
+    id
+}
+
 fn open(dir: &Path, master: &Key) -> (Spool, RecoveryReport) {
     Spool::open(dir, master.clone(), 1 << 20).expect("spool opens")
 }
@@ -57,7 +63,7 @@ async fn store_read_round_trip_and_nothing_in_clear() {
     assert_eq!(report.recovered, 0);
     let env = envelope(&["rcpt-secret@example.test"]);
     let body = b"Subject: hi\r\n\r\nMARKER-7731 body\r\n".to_vec();
-    let id = spool.store(&env, &body).await.unwrap();
+    let id = store(&spool, &env, &body).await;
     let msg = spool.read(id).await.unwrap();
     assert_eq!(msg.envelope, env);
     assert_eq!(msg.body, body);
@@ -79,7 +85,7 @@ async fn concurrent_stores_are_all_durable_and_recovered() {
         let spool = spool.clone();
         tasks.push(tokio::spawn(async move {
             let body = format!("Subject: {i}\r\n\r\n{}\r\n", "x".repeat(4000));
-            (spool.store(&envelope(&["a@b.test"]), body.as_bytes()).await.unwrap(), body)
+            (store(&spool, &envelope(&["a@b.test"]), body.as_bytes()).await, body)
         }));
     }
     let mut stored = Vec::new();
@@ -100,10 +106,7 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
     let dir = tempfile::tempdir().unwrap();
     let master = Key::generate().unwrap();
     let (spool, _) = open(dir.path(), &master);
-    let id = spool
-        .store(&envelope(&["a@x.test", "b@x.test", "c@x.test"]), b"X: y\r\n\r\nbody\r\n")
-        .await
-        .unwrap();
+    let id = store(&spool, &envelope(&["a@x.test", "b@x.test", "c@x.test"]), b"X: y\r\n\r\nbody\r\n").await;
     assert_eq!(spool.update(id, &[1], Some(b"sched-1".to_vec())).await.unwrap(), Liveness::Live);
     assert_eq!(spool.update(id, &[0], Some(b"sched-2".to_vec())).await.unwrap(), Liveness::Live);
     drop(spool);
@@ -132,8 +135,8 @@ async fn destroyed_body_range_reads_back_as_zeros() {
     let dir = tempfile::tempdir().unwrap();
     let master = Key::generate().unwrap();
     let (spool, _) = open(dir.path(), &master);
-    let keep = spool.store(&envelope(&["k@x.test"]), b"keep\r\n").await.unwrap();
-    let gone = spool.store(&envelope(&["g@x.test"]), &vec![b'z'; 10_000]).await.unwrap();
+    let keep = store(&spool, &envelope(&["k@x.test"]), b"keep\r\n").await;
+    let gone = store(&spool, &envelope(&["g@x.test"]), &vec![b'z'; 10_000]).await;
     let loc = spool.shared.index().messages[&gone].message;
     spool.destroy(gone).await.unwrap();
     let bytes = std::fs::read(segment_path(spool.dir(), loc.segment)).unwrap();
@@ -148,9 +151,9 @@ async fn corrupt_and_truncated_records_are_quarantined_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
     let master = Key::generate().unwrap();
     let (spool, _) = open(dir.path(), &master);
-    let a = spool.store(&envelope(&["a@x.test"]), b"first\r\n").await.unwrap();
-    let b = spool.store(&envelope(&["b@x.test"]), b"second\r\n").await.unwrap();
-    let c = spool.store(&envelope(&["c@x.test"]), b"third\r\n").await.unwrap();
+    let a = store(&spool, &envelope(&["a@x.test"]), b"first\r\n").await;
+    let b = store(&spool, &envelope(&["b@x.test"]), b"second\r\n").await;
+    let c = store(&spool, &envelope(&["c@x.test"]), b"third\r\n").await;
     let (loc_b, seg) = {
         let index = spool.shared.index();
         (index.messages[&b].message, index.messages[&b].message.segment)
@@ -182,7 +185,7 @@ async fn segments_rotate_and_empty_ones_are_removed() {
     let big = vec![b'q'; 300_000];
     let mut ids = Vec::new();
     for _ in 0..8 {
-        ids.push(spool.store(&envelope(&["a@x.test"]), &big).await.unwrap());
+        ids.push(store(&spool, &envelope(&["a@x.test"]), &big).await);
     }
     assert!(segment_files(dir.path()).len() >= 2, "{:?}", segment_files(dir.path()));
     for id in ids {

@@ -17,9 +17,10 @@ use crate::crypto::{sync_dir, Key};
 /// Work for the writer. Each carries the channel its answer goes back on.
 pub(super) enum Request {
     Store {
+        id: QueueId,
         plaintext: Vec<u8>,
         rcpts: usize,
-        reply: oneshot::Sender<Result<QueueId, SpoolError>>,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Update {
         id: QueueId,
@@ -55,7 +56,7 @@ enum Pending {
         id: QueueId,
         loc: Loc,
         rcpts: usize,
-        reply: oneshot::Sender<Result<QueueId, SpoolError>>,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Update {
         id: QueueId,
@@ -118,14 +119,12 @@ impl Writer {
         let mut updated: std::collections::HashMap<QueueId, MessageState> = Default::default();
         for request in batch {
             match request {
-                Request::Store { plaintext, rcpts, reply } => {
-                    let id = match QueueId::generate() {
-                        Ok(id) => id,
-                        Err(e) => {
-                            let _ = reply.send(Err(e.into()));
-                            continue;
-                        }
-                    };
+                Request::Store {
+                    id,
+                    plaintext,
+                    rcpts,
+                    reply,
+                } => {
                     let start = buf.len();
                     if let Err(e) = record::append(&mut buf, Kind::Message, id, &self.key, &plaintext) {
                         buf.truncate(start);
@@ -205,7 +204,7 @@ impl Writer {
                                 },
                             },
                         );
-                        let _ = reply.send(Ok(id));
+                        let _ = reply.send(Ok(()));
                     }
                     Pending::Update { id, loc, state, reply } => {
                         let Some(entry) = index.messages.get_mut(&id) else {

@@ -1,0 +1,150 @@
+//! The SMTP server: listeners, connection limits and one task per session.
+//!
+//! [`Server::bind`] binds every configured listener before anything is served, so a port
+//! conflict fails the start instead of leaving a half-running daemon, and tests can bind to
+//! `127.0.0.1:0` and learn the ports. [`Server::run`] accepts until the cancellation token
+//! fires, then waits for sessions to finish their current transaction.
+
+mod received;
+mod session;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Accounts;
+use crate::config::{Config, ListenerMode};
+use crate::spool::Spool;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What every session shares.
+pub(crate) struct Context {
+    pub config: Config,
+    pub spool: Spool,
+    pub accounts: Arc<Accounts>,
+    pub tls: TlsAcceptor,
+    /// Fires on shutdown: sessions between commands say 421 and close.
+    pub shutdown: CancellationToken,
+}
+
+/// A server with its listeners bound.
+pub struct Server {
+    ctx: Arc<Context>,
+    listeners: Vec<(TcpListener, ListenerMode)>,
+}
+
+impl Server {
+    /// Binds every `[[listener]]` of `config`.
+    pub async fn bind(
+        config: Config,
+        spool: Spool,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) -> Result<Server, ServerError> {
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let listener = TcpListener::bind(l.addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr: l.addr, source })?;
+            listeners.push((listener, l.mode));
+        }
+        let accounts = Arc::new(Accounts::from_config(&config.accounts));
+        Ok(Server {
+            ctx: Arc::new(Context {
+                config,
+                spool,
+                accounts,
+                tls: TlsAcceptor::from(tls),
+                shutdown,
+            }),
+            listeners,
+        })
+    }
+
+    /// The bound addresses, in `[[listener]]` order (ports resolved when `:0` was configured).
+    pub fn local_addrs(&self) -> Vec<(SocketAddr, ListenerMode)> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, m)| l.local_addr().ok().map(|a| (a, *m)))
+            .collect()
+    }
+
+    /// Serves until the shutdown token fires, then waits (up to `drain`) for open sessions.
+    pub async fn run(self, drain: Duration) {
+        let sessions = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(self.ctx.config.limits.max_connections));
+        let mut accept_loops = Vec::new();
+        for (listener, mode) in self.listeners {
+            let ctx = self.ctx.clone();
+            let sessions = sessions.clone();
+            let slots = slots.clone();
+            accept_loops.push(tokio::spawn(accept_loop(ctx, listener, mode, sessions, slots)));
+        }
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        sessions.close();
+        if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
+            tracing::warn!(open = sessions.len(), "shutdown: sessions still open after the drain period");
+        }
+    }
+}
+
+async fn accept_loop(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    mode: ListenerMode,
+    sessions: TaskTracker,
+    slots: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                sessions.spawn(async move {
+                    session::run(ctx, socket, peer, mode).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(peer = %peer.ip(), "connection limit reached; refusing");
+                sessions.spawn(async move {
+                    let mut socket = socket;
+                    let refuse = socket.write_all(b"421 4.7.0 Too many connections, try again later\r\n");
+                    let _ = tokio::time::timeout(Duration::from_secs(5), refuse).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! One SMTP session: the state machine that drives [`crate::proto`] over a connection.
+//!
+//! Replies to pipelined commands are collected and flushed only when the input holds no further
+//! complete command (RFC 2920), so a pipelining client costs one write per batch.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::received::{self, Trace};
+use super::stream::Stream;
+use super::Context;
+use crate::config::{LineEndingPolicy, ListenerMode};
+use crate::proto::{
+    self, AuthMechanism, BodyChecker, BodyLimits, BodyType, Command, CommandFramer, DataDecoder, FramedLine,
+    LineEndings, MailParams, Reply, ReversePath,
+};
+use crate::spool::{Envelope, QueueId, SpoolError};
+
+/// Why a session ended early; each case has already been answered (or cannot be).
+enum End {
+    /// The client went away or the transport failed.
+    Disconnected,
+    /// QUIT, a timeout, too many errors or shutdown: a final reply was sent.
+    Closed,
+}
+
+type Flow = Result<(), End>;
+
+/// The envelope being built between MAIL and the end of DATA/BDAT.
+struct Transaction {
+    from: String,
+    params: MailParams,
+    rcpts: Vec<String>,
+    /// Content received so far by BDAT, with the first error (drained, reported at LAST).
+    bdat: Option<BodyChecker>,
+}
+
+struct Session {
+    ctx: Arc<Context>,
+    mode: ListenerMode,
+    peer: SocketAddr,
+    stream: Stream,
+    input: BytesMut,
+    output: Vec<u8>,
+    framer: CommandFramer,
+    helo: Option<String>,
+    esmtp: bool,
+    /// Version and cipher once TLS is up.
+    tls: Option<String>,
+    auth_user: Option<String>,
+    tx: Option<Transaction>,
+    errors: usize,
+}
+
+/// Runs a session to its end. Never panics on client input; errors end in a reply or a close.
+pub(super) async fn run(ctx: Arc<Context>, socket: TcpStream, peer: SocketAddr, mode: ListenerMode) {
+    let mut s = Session {
+        ctx,
+        mode,
+        peer,
+        stream: Stream::Plain(socket),
+        input: BytesMut::with_capacity(4096),
+        output: Vec::with_capacity(1024),
+        framer: CommandFramer::new(proto::MAX_COMMAND_LINE),
+        helo: None,
+        esmtp: false,
+        tls: None,
+        auth_user: None,
+        tx: None,
+        errors: 0,
+    };
+    tracing::debug!(peer = %peer.ip(), ?mode, "connection");
+    if mode == ListenerMode::Submissions && s.start_tls().await.is_err() {
+        return;
+    }
+    let banner = Reply::plain(220, format!("{} ESMTP Postern", s.ctx.config.server.hostname));
+    s.reply(banner);
+    let _ = s.serve().await;
+    // A closing reply (421 after too many errors) may still be queued.
+    let _ = s.flush().await;
+    let _ = s.stream.shutdown().await;
+}
+
+impl Session {
+    async fn serve(&mut self) -> Flow {
+        loop {
+            while let Some(framed) = self.framer.next_line(&mut self.input) {
+                match framed {
+                    FramedLine::TooLong => {
+                        self.error(Reply::new(500, "5.5.2", "Line too long"))?;
+                    }
+                    FramedLine::Line(line) => self.command(&line).await?,
+                }
+            }
+            self.flush().await?;
+            self.read_command_input().await?;
+        }
+    }
+
+    async fn command(&mut self, line: &[u8]) -> Flow {
+        let command = match proto::parse_command(line) {
+            Ok(c) => c,
+            Err(e) => return self.error(e.reply()),
+        };
+        match command {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to } => self.rcpt(to),
+            Command::Data => self.data().await,
+            Command::Bdat { size, last } => self.bdat(size, last).await,
+            Command::Rset => {
+                self.tx = None;
+                self.reply(Reply::new(250, "2.0.0", "OK"));
+                Ok(())
+            }
+            Command::Noop => {
+                self.reply(Reply::new(250, "2.0.0", "OK"));
+                Ok(())
+            }
+            Command::Vrfy => {
+                self.reply(Reply::new(252, "2.5.2", "Cannot VRFY user; send mail and delivery will be attempted"));
+                Ok(())
+            }
+            Command::Help => {
+                self.reply(Reply::new(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"));
+                Ok(())
+            }
+            Command::Quit => {
+                self.reply(Reply::new(221, "2.0.0", "Bye"));
+                let _ = self.flush().await;
+                Err(End::Closed)
+            }
+            Command::StartTls => self.starttls().await,
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial).await,
+        }
+    }
+
+    fn hello(&mut self, name: String, esmtp: bool) -> Flow {
+        self.tx = None;
+        self.helo = Some(name);
+        self.esmtp = esmtp;
+        let host = self.ctx.config.server.hostname.clone();
+        if !esmtp {
+            self.reply(Reply::plain(250, host));
+            return Ok(());
+        }
+        let mut lines = vec![
+            host,
+            "PIPELINING".into(),
+            format!("SIZE {}", self.ctx.config.limits.max_message_size),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "CHUNKING".into(),
+        ];
+        if self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        } else if !self.ctx.accounts.is_empty() && self.auth_user.is_none() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        self.reply(Reply::multiline(250, lines));
+        Ok(())
+    }
+
+    fn mail(&mut self, from: ReversePath, params: MailParams) -> Flow {
+        if self.helo.is_none() {
+            return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
+        }
+        if self.tx.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Nested MAIL command"));
+        }
+        if self.mode != ListenerMode::Relay && self.auth_user.is_none() {
+            return self.error(Reply::new(530, "5.7.0", "Authentication required"));
+        }
+        let limit = self.ctx.config.limits.max_message_size;
+        if params.size.is_some_and(|s| s > limit as u64) {
+            return self.error(Reply::new(552, "5.3.4", format!("Message size exceeds the limit of {limit} bytes")));
+        }
+        if (params.body.is_some() || params.smtputf8) && !self.esmtp {
+            return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
+        }
+        let from = match from {
+            ReversePath::Null => String::new(),
+            ReversePath::Address(a) => {
+                if !a.is_ascii() && !params.smtputf8 {
+                    return self.error(Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"));
+                }
+                a.to_string()
+            }
+        };
+        self.tx = Some(Transaction {
+            from,
+            params,
+            rcpts: Vec::new(),
+            bdat: None,
+        });
+        self.reply(Reply::new(250, "2.1.0", "Sender OK"));
+        Ok(())
+    }
+
+    fn rcpt(&mut self, to: proto::Address) -> Flow {
+        let may_relay = self.auth_user.is_some() || self.ctx.config.relay.allows(self.peer.ip());
+        let max = self.ctx.config.limits.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
+        };
+        if tx.bdat.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "RCPT not allowed during BDAT"));
+        }
+        if !to.is_ascii() && !tx.params.smtputf8 {
+            return self.error(Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"));
+        }
+        if !may_relay {
+            tracing::info!(peer = %self.peer.ip(), "relay denied");
+            return self.error(Reply::new(554, "5.7.1", "Relay access denied"));
+        }
+        if tx.rcpts.len() >= max {
+            // Not counted as an error: a client sending large lists is behaving correctly.
+            self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
+            return Ok(());
+        }
+        tx.rcpts.push(to.to_string());
+        self.reply(Reply::new(250, "2.1.5", "Recipient OK"));
+        Ok(())
+    }
+
+    fn body_limits(&self) -> BodyLimits {
+        let limits = &self.ctx.config.limits;
+        BodyLimits {
+            max_size: limits.max_message_size,
+            max_line: proto::MAX_TEXT_LINE,
+            line_endings: match limits.line_endings {
+                LineEndingPolicy::Reject => LineEndings::Reject,
+                LineEndingPolicy::Normalise => LineEndings::Normalise,
+            },
+        }
+    }
+
+    async fn data(&mut self) -> Flow {
+        match &self.tx {
+            None => return self.error(Reply::new(503, "5.5.1", "Send MAIL first")),
+            Some(tx) if tx.bdat.is_some() => return self.error(Reply::new(503, "5.5.1", "DATA not allowed after BDAT")),
+            Some(tx) if tx.rcpts.is_empty() => return self.error(Reply::new(554, "5.5.1", "No valid recipients")),
+            Some(_) => {}
+        }
+        self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
+        self.flush().await?;
+        let mut decoder = DataDecoder::new(self.body_limits());
+        loop {
+            let (used, done) = decoder.feed(&self.input);
+            self.input.advance(used);
+            if done {
+                break;
+            }
+            self.read_data_input().await?;
+        }
+        let tx = self.tx.take();
+        match decoder.finish() {
+            Ok(body) => self.accept(tx, body).await,
+            Err(e) => {
+                tracing::info!(peer = %self.peer.ip(), error = %e, "message refused");
+                self.error(e.reply())
+            }
+        }
+    }
+
+    async fn bdat(&mut self, size: u64, last: bool) -> Flow {
+        let limits = self.body_limits();
+        let refusal = match &self.tx {
+            None => Some(Reply::new(503, "5.5.1", "Send MAIL first")),
+            Some(tx) if tx.rcpts.is_empty() => Some(Reply::new(554, "5.5.1", "No valid recipients")),
+            Some(_) => None,
+        };
+        // The chunk must be read off the wire whatever happens, or its bytes would be taken
+        // for commands.
+        let mut checker = match (&refusal, self.tx.as_mut()) {
+            (None, Some(tx)) => Some(tx.bdat.take().unwrap_or_else(|| BodyChecker::new(limits))),
+            _ => None,
+        };
+        let mut remaining = size;
+        loop {
+            let take = remaining.min(self.input.len() as u64) as usize;
+            if let Some(c) = checker.as_mut() {
+                c.feed(&self.input[..take]);
+            }
+            self.input.advance(take);
+            remaining -= take as u64;
+            if remaining == 0 {
+                break;
+            }
+            self.read_data_input().await?;
+        }
+        if let Some(reply) = refusal {
+            return self.error(reply);
+        }
+        let Some(checker) = checker else {
+            return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
+        };
+        if !last {
+            let seen = checker.size();
+            if let Some(tx) = self.tx.as_mut() {
+                tx.bdat = Some(checker);
+            }
+            self.reply(Reply::new(250, "2.0.0", format!("{size} octets received ({seen} in all)")));
+            return Ok(());
+        }
+        let tx = self.tx.take();
+        match checker.finish() {
+            Ok(body) => self.accept(tx, body).await,
+            Err(e) => {
+                tracing::info!(peer = %self.peer.ip(), error = %e, "message refused");
+                self.error(e.reply())
+            }
+        }
+    }
+
+    /// The end of a transaction: trace header, durable store, and only then 250.
+    async fn accept(&mut self, tx: Option<Transaction>, body: Vec<u8>) -> Flow {
+        let Some(tx) = tx else {
+            return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
+        };
+        let id = match QueueId::generate() {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make a queue id");
+                self.reply(Reply::new(451, "4.3.0", "Local error; try again later"));
+                return Ok(());
+            }
+        };
+        let queue_id = id.to_string();
+        let now = chrono::Utc::now();
+        let trace = received::header(&Trace {
+            helo: self.helo.as_deref().unwrap_or(""),
+            client_ip: self.peer.ip(),
+            hostname: &self.ctx.config.server.hostname,
+            esmtp: self.esmtp,
+            authenticated: self.auth_user.is_some(),
+            smtputf8: tx.params.smtputf8,
+            tls: self.tls.as_deref(),
+            queue_id: &queue_id,
+            date: now,
+        });
+        let envelope = Envelope {
+            mail_from: tx.from,
+            recipients: tx.rcpts,
+            received_at: now.timestamp(),
+            client_ip: self.peer.ip(),
+            helo: self.helo.clone().unwrap_or_default(),
+            auth_user: self.auth_user.clone(),
+            eight_bit: tx.params.body == Some(BodyType::EightBitMime),
+            smtputf8: tx.params.smtputf8,
+        };
+        let size = trace.len() + body.len();
+        match self.ctx.spool.store(id, &envelope, &[trace.as_bytes(), &body]).await {
+            Ok(()) => {
+                tracing::info!(
+                    peer = %self.peer.ip(),
+                    queue_id = %queue_id,
+                    rcpts = envelope.recipients.len(),
+                    size,
+                    tls = self.tls.is_some(),
+                    "accepted"
+                );
+                self.reply(Reply::new(250, "2.0.0", format!("OK queued as {queue_id}")));
+            }
+            Err(e) => {
+                tracing::error!(peer = %self.peer.ip(), error = %e, "spool write failed; message not accepted");
+                let disk_full = matches!(&e, SpoolError::Io(io) if io.raw_os_error() == Some(28) || io.raw_os_error() == Some(27));
+                self.reply(if disk_full {
+                    Reply::new(452, "4.3.1", "Insufficient system storage; try again later")
+                } else {
+                    Reply::new(451, "4.3.0", "Local error in processing; try again later")
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn starttls(&mut self) -> Flow {
+        if self.tls.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "TLS already active"));
+        }
+        self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.flush().await?;
+        // Anything the client pipelined after STARTTLS was sent in the clear and could have
+        // been injected by an attacker: it must not be executed inside TLS (CVE-2011-0411).
+        self.input.clear();
+        self.start_tls().await?;
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+        self.auth_user = None;
+        Ok(())
+    }
+
+    async fn start_tls(&mut self) -> Flow {
+        let Stream::Plain(socket) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
+            return Err(End::Disconnected);
+        };
+        let handshake = self.ctx.tls.accept(socket);
+        match tokio::time::timeout(self.ctx.config.limits.command_timeout, handshake).await {
+            Ok(Ok(tls)) => {
+                self.tls = crate::tls::describe(tls.get_ref().1);
+                self.stream = Stream::Tls(Box::new(tls));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::info!(peer = %self.peer.ip(), error = %e, "TLS handshake failed");
+                Err(End::Disconnected)
+            }
+            Err(_) => {
+                tracing::info!(peer = %self.peer.ip(), "TLS handshake timed out");
+                Err(End::Disconnected)
+            }
+        }
+    }
+
+    async fn auth(&mut self, mechanism: AuthMechanism, initial: Option<String>) -> Flow {
+        if self.tls.is_none() {
+            return self.error(Reply::new(538, "5.7.11", "Encryption required for requested authentication mechanism"));
+        }
+        if self.ctx.accounts.is_empty() {
+            return self.error(Reply::new(503, "5.5.1", "Authentication not enabled"));
+        }
+        if self.auth_user.is_some() || self.tx.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "AUTH not allowed now"));
+        }
+        let credentials = match mechanism {
+            AuthMechanism::Plain => {
+                let response = match initial {
+                    Some(r) => r,
+                    None => match self.challenge("").await? {
+                        Some(r) => r,
+                        None => return self.auth_cancelled(),
+                    },
+                };
+                // "=" is an empty initial response (RFC 4954 section 4).
+                let response = if response == "=" { String::new() } else { response };
+                proto::decode_plain(&response)
+            }
+            AuthMechanism::Login => {
+                let user = match initial {
+                    Some(r) => r,
+                    None => match self.challenge("VXNlcm5hbWU6").await? {
+                        Some(r) => r,
+                        None => return self.auth_cancelled(),
+                    },
+                };
+                let Some(pass) = self.challenge("UGFzc3dvcmQ6").await? else {
+                    return self.auth_cancelled();
+                };
+                proto::decode_base64_text(&user).and_then(|u| Ok((u, proto::decode_base64_text(&pass)?)))
+            }
+        };
+        let (user, pass) = match credentials {
+            Ok(c) => c,
+            Err(e) => return self.error(e.reply()),
+        };
+        if self.ctx.accounts.verify(&user, &pass).await {
+            tracing::info!(peer = %self.peer.ip(), "authenticated");
+            self.auth_user = Some(user);
+            self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
+            Ok(())
+        } else {
+            tracing::warn!(peer = %self.peer.ip(), "authentication failed");
+            self.error(Reply::new(535, "5.7.8", "Authentication credentials invalid"))
+        }
+    }
+
+    fn auth_cancelled(&mut self) -> Flow {
+        self.error(Reply::new(501, "5.7.0", "Authentication cancelled"))
+    }
+
+    /// Sends a 334 challenge and reads one response line; None when the client sent `*`.
+    async fn challenge(&mut self, text: &str) -> Result<Option<String>, End> {
+        self.reply(Reply::plain(334, text));
+        self.flush().await?;
+        loop {
+            match self.framer.next_line(&mut self.input) {
+                Some(FramedLine::Line(line)) => {
+                    let line = String::from_utf8_lossy(&line).trim().to_string();
+                    return Ok((line != "*").then_some(line));
+                }
+                Some(FramedLine::TooLong) => return Ok(None),
+                None => self.read_command_input().await?,
+            }
+        }
+    }
+
+    /// Queues a reply for the next flush.
+    fn reply(&mut self, reply: Reply) {
+        reply.write_to(&mut self.output);
+    }
+
+    /// Queues an error reply; too many errors end the session.
+    fn error(&mut self, reply: Reply) -> Flow {
+        self.reply(reply);
+        self.errors += 1;
+        if self.errors >= self.ctx.config.limits.max_errors {
+            tracing::info!(peer = %self.peer.ip(), "too many errors; closing");
+            self.reply(Reply::new(421, "4.7.0", "Too many errors; closing connection"));
+            return Err(End::Closed);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Flow {
+        if self.output.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.stream.write_all(&self.output).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(self.ctx.config.limits.command_timeout, write).await {
+            Ok(Ok(())) => {
+                self.output.clear();
+                Ok(())
+            }
+            _ => Err(End::Disconnected),
+        }
+    }
+
+    /// Waits for more command input, or ends the session on timeout or shutdown.
+    async fn read_command_input(&mut self) -> Flow {
+        let timeout = self.ctx.config.limits.command_timeout;
+        let shutdown = self.ctx.shutdown.clone();
+        tokio::select! {
+            r = self.read_input(timeout) => r,
+            _ = shutdown.cancelled() => {
+                self.reply(Reply::new(421, "4.3.2", "Service shutting down"));
+                let _ = self.flush().await;
+                Err(End::Closed)
+            }
+        }
+    }
+
+    /// Waits for more message data; shutdown does not interrupt a transaction in progress.
+    async fn read_data_input(&mut self) -> Flow {
+        self.read_input(self.ctx.config.limits.data_timeout).await
+    }
+
+    async fn read_input(&mut self, timeout: Duration) -> Flow {
+        self.input.reserve(8192);
+        match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.input)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => Err(End::Disconnected),
+            Ok(Ok(_)) => Ok(()),
+            Err(_) => {
+                tracing::info!(peer = %self.peer.ip(), "timeout");
+                self.reply(Reply::new(421, "4.4.2", "Timeout exceeded; closing connection"));
+                let _ = self.flush().await;
+                Err(End::Closed)
+            }
+        }
+    }
+}

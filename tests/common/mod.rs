@@ -1,0 +1,283 @@
+//! Shared test harness: a real Postern on 127.0.0.1:0 with a temporary data directory, and a
+//! raw SMTP client for the byte-exact cases no library client would send.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use postern::config::{Config, ListenerMode};
+use postern::daemon::Daemon;
+use postern::spool::{Spool, StoredMessage};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+pub const USER: &str = "app";
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// One argon2 hash for the whole test binary: hashing is slow on purpose.
+fn password_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| postern::auth::hash_password(PASSWORD).expect("hash"))
+}
+
+/// A running in-process server.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub relay: SocketAddr,
+    pub submission: SocketAddr,
+    pub submissions: SocketAddr,
+    pub spool: Spool,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// The configuration text the tests start from; `extra` is appended (TOML tables).
+pub fn config_text(dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+hostname = "postern.example.test"
+data_dir = "{data}"
+
+[[listener]]
+addr = "127.0.0.1:0"
+mode = "relay"
+[[listener]]
+addr = "127.0.0.1:0"
+mode = "submission"
+[[listener]]
+addr = "127.0.0.1:0"
+mode = "submissions"
+
+[tls]
+cert = "{dir}/certs/server.crt"
+key = "{dir}/certs/server.key"
+
+[[account]]
+username = "{USER}"
+password_hash = "{hash}"
+{extra}
+"#,
+        data = dir.join("data").display(),
+        dir = dir.display(),
+        hash = password_hash(),
+    )
+}
+
+impl TestServer {
+    /// Starts a server; `extra` adds or overrides TOML tables (e.g. `[limits]`).
+    pub async fn start(extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = config_text(dir.path(), extra);
+        let config = Config::parse(&text, "test", dir.path()).expect("test config is valid");
+        let daemon = Daemon::start(config).await.expect("daemon starts");
+        let addr = |mode| {
+            daemon
+                .local_addrs()
+                .into_iter()
+                .find(|(_, m)| *m == mode)
+                .map(|(a, _)| a)
+                .expect("listener")
+        };
+        let (relay, submission, submissions) = (
+            addr(ListenerMode::Relay),
+            addr(ListenerMode::Submission),
+            addr(ListenerMode::Submissions),
+        );
+        let spool = daemon.spool.clone();
+        let shutdown = daemon.shutdown.clone();
+        let task = tokio::spawn(daemon.run(Duration::from_secs(5)));
+        TestServer {
+            dir,
+            relay,
+            submission,
+            submissions,
+            spool,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("certs/server.crt")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Every message in the spool, oldest first.
+    pub async fn messages(&self) -> Vec<StoredMessage> {
+        let mut out = Vec::new();
+        for id in self.spool.live() {
+            out.push(self.spool.read(id).await.expect("readable"));
+        }
+        out
+    }
+
+    /// A rustls client config that trusts this server's generated certificate.
+    pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        postern::tls::install_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(self.cert_path()).expect("cert");
+        for cert in rustls_pemfile_certs(&pem) {
+            roots.add(cert).expect("add root");
+        }
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .expect("pem")
+}
+
+/// True when `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// All bytes of all files under `dir`.
+pub fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(all_bytes(&path));
+            } else if let Ok(b) = std::fs::read(&path) {
+                out.extend(b);
+            }
+        }
+    }
+    out
+}
+
+/// True when the bytes hold a CR not followed by LF, or an LF not preceded by CR.
+pub fn has_bare_cr_or_lf(b: &[u8]) -> bool {
+    b.iter().enumerate().any(|(i, &c)| {
+        (c == b'\r' && b.get(i + 1) != Some(&b'\n')) || (c == b'\n' && (i == 0 || b[i - 1] != b'\r'))
+    })
+}
+
+/// A byte-level SMTP client.
+pub struct Raw<S> {
+    pub io: BufReader<S>,
+}
+
+/// A parsed reply: code and the text of all its lines joined by '\n'.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    /// The enhanced status code of the first line ("5.5.2"), if any.
+    pub fn enhanced(&self) -> &str {
+        self.text.split_whitespace().next().unwrap_or("")
+    }
+}
+
+impl Raw<TcpStream> {
+    /// Connects and reads the greeting.
+    pub async fn connect(addr: SocketAddr) -> (Raw<TcpStream>, Reply) {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let mut raw = Raw {
+            io: BufReader::new(stream),
+        };
+        let greeting = raw.reply().await;
+        (raw, greeting)
+    }
+
+    /// Upgrades to TLS after a `220` to STARTTLS (or right away for implicit TLS).
+    pub async fn tls(
+        self,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Raw<tokio_rustls::client::TlsStream<TcpStream>> {
+        assert!(self.io.buffer().is_empty(), "unread bytes before TLS");
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, self.io.into_inner()).await.expect("TLS handshake");
+        Raw {
+            io: BufReader::new(tls),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.io.get_mut().write_all(bytes.as_ref()).await.expect("write");
+        self.io.get_mut().flush().await.expect("flush");
+    }
+
+    /// Reads one (possibly multi-line) reply; panics after 10 s so no test hangs.
+    pub async fn reply(&mut self) -> Reply {
+        tokio::time::timeout(Duration::from_secs(10), self.try_reply())
+            .await
+            .expect("reply within 10 s")
+            .expect("a reply, not EOF")
+    }
+
+    /// Reads one reply, or None at EOF.
+    pub async fn try_reply(&mut self) -> Option<Reply> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.io.read_line(&mut line).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            assert!(line.len() >= 3, "short reply line {line:?}");
+            let code: u16 = line[..3].parse().expect("numeric code");
+            lines.push(line.get(4..).unwrap_or("").to_string());
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Some(Reply {
+                    code,
+                    text: lines.join("\n"),
+                });
+            }
+        }
+    }
+    #[allow(dead_code)]
+    fn _unused(code: u16, lines: Vec<String>) -> Option<Reply> {
+        Some(Reply {
+            code,
+            text: lines.join("\n"),
+        })
+    }
+
+    /// Sends a command line and returns its reply.
+    pub async fn cmd(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n")).await;
+        self.reply().await
+    }
+
+    /// Sends and asserts the reply code, returning the reply.
+    pub async fn expect(&mut self, line: &str, code: u16) -> Reply {
+        let r = self.cmd(line).await;
+        assert_eq!(r.code, code, "{line} -> {r:?}");
+        r
+    }
+
+    /// EHLO, MAIL, one RCPT per recipient, DATA, body (already dot-stuffed, ending CRLF), end.
+    pub async fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> Reply {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250).await;
+        for rcpt in to {
+            self.expect(&format!("RCPT TO:<{rcpt}>"), 250).await;
+        }
+        self.expect("DATA", 354).await;
+        self.send(format!("{body}.\r\n")).await;
+        self.reply().await
+    }
+}
