@@ -59,7 +59,9 @@ impl Accounts {
         let Ok(parsed) = PasswordHash::new(hash) else {
             return false;
         };
-        let ok = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
+        let ok = Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
         ok && known
     }
 }

@@ -318,7 +318,9 @@ impl Config {
         if limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
         }
-        if limits.command_timeout < Duration::from_secs(1) || limits.data_timeout < Duration::from_secs(1) {
+        if limits.command_timeout < Duration::from_secs(1)
+            || limits.data_timeout < Duration::from_secs(1)
+        {
             return invalid("limits", "timeouts must be at least one second");
         }
         if self.spool.segment_size < 1 << 20 {
@@ -383,7 +385,10 @@ mod tests {
         let c = parse(MINIMAL).expect("valid");
         assert_eq!(c.limits.max_recipients, 1000);
         assert_eq!(c.data_dir(), PathBuf::from("/etc/postern/data"));
-        assert_eq!(c.master_key_path(), PathBuf::from("/etc/postern/data/master.key"));
+        assert_eq!(
+            c.master_key_path(),
+            PathBuf::from("/etc/postern/data/master.key")
+        );
         assert!(c.relay.allows("127.0.0.9".parse().unwrap()));
         assert!(c.relay.allows("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!c.relay.allows("192.0.2.1".parse().unwrap()));
@@ -399,8 +404,14 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             ("[limits]\nmax_recipients = 0\n", "limits.max_recipients"),
-            ("[limits]\ncommand_timeout = \"5 parsecs\"\n", "command_timeout"),
-            ("[[account]]\nusername = \"app\"\npassword_hash = \"hunter2\"\n", "account[0].password_hash"),
+            (
+                "[limits]\ncommand_timeout = \"5 parsecs\"\n",
+                "command_timeout",
+            ),
+            (
+                "[[account]]\nusername = \"app\"\npassword_hash = \"hunter2\"\n",
+                "account[0].password_hash",
+            ),
             ("[relay]\nnetworks = [\"10.0.0.0/33\"]\n", "networks"),
         ];
         for (extra, key) in cases {

@@ -79,12 +79,23 @@ impl Key {
     }
 
     /// Like [`Key::seal`], appending to `out`.
-    pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), CryptoError> {
+    pub fn seal_into(
+        &self,
+        aad: &[u8],
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
         let mut nonce = [0u8; NONCE_LEN];
         random_bytes(&mut nonce)?;
         let cipher = XChaCha20Poly1305::new((&self.0).into());
         let sealed = cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .map_err(|_| CryptoError::Open)?;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
@@ -168,7 +179,8 @@ pub fn write_new_private(path: &Path, data: &[u8]) -> Result<(), CryptoError> {
         .mode(0o600)
         .open(path)
         .map_err(|source| io_err(path, source))?;
-    file.write_all(data).map_err(|source| io_err(path, source))?;
+    file.write_all(data)
+        .map_err(|source| io_err(path, source))?;
     file.sync_all().map_err(|source| io_err(path, source))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir).map_err(|source| io_err(dir, source))?;
@@ -178,7 +190,11 @@ pub fn write_new_private(path: &Path, data: &[u8]) -> Result<(), CryptoError> {
 
 /// Makes a directory's entries (created or removed files) durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)?.sync_all()
 }
 
@@ -204,7 +220,10 @@ mod tests {
         bad[30] ^= 1;
         assert!(matches!(k.open(b"ctx", &bad), Err(CryptoError::Open)));
         let other = Key::generate().unwrap();
-        assert!(matches!(other.open(b"ctx", &sealed), Err(CryptoError::Open)));
+        assert!(matches!(
+            other.open(b"ctx", &sealed),
+            Err(CryptoError::Open)
+        ));
         assert!(matches!(k.open(b"ctx", &[0u8; 10]), Err(CryptoError::Open)));
     }
 
@@ -237,6 +256,9 @@ mod tests {
             inner.as_bytes()
         );
         assert!(master.read_wrapped(&path, "segment 2").is_err());
-        assert!(master.write_wrapped(&path, "segment 1", &inner).is_err(), "never overwrites");
+        assert!(
+            master.write_wrapped(&path, "segment 1", &inner).is_err(),
+            "never overwrites"
+        );
     }
 }

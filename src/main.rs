@@ -11,7 +11,11 @@ use postern::config::Config;
 use postern::daemon::Daemon;
 
 #[derive(Parser)]
-#[command(name = "postern", version, about = "Postern: an outbound mail transfer agent")]
+#[command(
+    name = "postern",
+    version,
+    about = "Postern: an outbound mail transfer agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,6 +99,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
@@ -115,7 +120,10 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         let shutdown = daemon.shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 return;
             };
             tokio::select! {

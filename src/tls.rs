@@ -23,7 +23,10 @@ pub enum TlsError {
     #[error("generating a self-signed certificate: {0}")]
     Generate(String),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     /// rustls refused the pair (key does not match certificate, unsupported key type).
     #[error("certificate and key rejected: {0}")]
     Rustls(#[from] rustls::Error),
@@ -43,7 +46,11 @@ pub enum CertSource {
 
 /// Loads the server certificate and key, generating a self-signed pair for `hostname` when
 /// neither file exists.
-pub fn server_config(cert: &Path, key: &Path, hostname: &str) -> Result<(Arc<rustls::ServerConfig>, CertSource), TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    hostname: &str,
+) -> Result<(Arc<rustls::ServerConfig>, CertSource), TlsError> {
     install_provider();
     let source = match (cert.exists(), key.exists()) {
         (false, false) => {
@@ -54,7 +61,10 @@ pub fn server_config(cert: &Path, key: &Path, hostname: &str) -> Result<(Arc<rus
         (false, true) => return Err(half(cert, key)),
         (true, true) => CertSource::Loaded,
     };
-    let mode = std::fs::metadata(key).map_err(|e| io(key, e))?.permissions().mode();
+    let mode = std::fs::metadata(key)
+        .map_err(|e| io(key, e))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(TlsError::Exposed {
             path: key.display().to_string(),
@@ -76,21 +86,26 @@ pub fn server_config(cert: &Path, key: &Path, hostname: &str) -> Result<(Arc<rus
         });
     }
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e))?;
-    let config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .with_no_client_auth()
-        .with_single_cert(chain, private)?;
+    let config = rustls::ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_single_cert(chain, private)?;
     Ok((Arc::new(config), source))
 }
 
 fn generate_self_signed(cert: &Path, key: &Path, hostname: &str) -> Result<(), TlsError> {
     let names = vec![hostname.to_string(), "localhost".to_string()];
-    let generated = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let generated =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
     for path in [cert, key] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         }
     }
-    crate::crypto::write_new_private(key, generated.signing_key.serialize_pem().as_bytes()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    crate::crypto::write_new_private(key, generated.signing_key.serialize_pem().as_bytes())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
     std::fs::write(cert, generated.cert.pem()).map_err(|e| io(cert, e))?;
     Ok(())
 }
@@ -131,13 +146,22 @@ mod tests {
         let key = dir.path().join("certs/server.key");
         let (_, source) = server_config(&cert, &key, "mx.example.test").unwrap();
         assert_eq!(source, CertSource::Generated);
-        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let (_, source) = server_config(&cert, &key, "mx.example.test").unwrap();
         assert_eq!(source, CertSource::Loaded);
 
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(server_config(&cert, &key, "x.test"), Err(TlsError::Exposed { .. })));
+        assert!(matches!(
+            server_config(&cert, &key, "x.test"),
+            Err(TlsError::Exposed { .. })
+        ));
         std::fs::remove_file(&key).unwrap();
-        assert!(matches!(server_config(&cert, &key, "x.test"), Err(TlsError::HalfPair { .. })));
+        assert!(matches!(
+            server_config(&cert, &key, "x.test"),
+            Err(TlsError::HalfPair { .. })
+        ));
     }
 }

@@ -43,7 +43,10 @@ async fn lettre_plain_relay_is_spooled_with_trace_header() {
     assert!(m.envelope.auth_user.is_none());
     let body = String::from_utf8_lossy(&m.body);
     assert!(body.starts_with("Received: from "), "{body}");
-    assert!(body.contains("by postern.example.test (Postern) with ESMTP\r\n"), "{body}");
+    assert!(
+        body.contains("by postern.example.test (Postern) with ESMTP\r\n"),
+        "{body}"
+    );
     assert!(body.contains(&format!("id {};", m.id)));
     assert!(body.contains("Subject: hello\r\n"));
     assert!(body.contains("\r\n\r\nbody M-plain\r\n"), "{body:?}");
@@ -103,7 +106,10 @@ async fn submission_requires_tls_for_auth_and_auth_for_mail() {
     assert_eq!(greeting.code, 220);
     let ehlo = c.expect("EHLO client.test", 250).await;
     assert!(ehlo.text.contains("STARTTLS"));
-    assert!(!ehlo.text.contains("AUTH"), "AUTH is not offered in the clear");
+    assert!(
+        !ehlo.text.contains("AUTH"),
+        "AUTH is not offered in the clear"
+    );
     let r = c.expect("AUTH PLAIN AGFwcABwdw==", 538).await;
     assert_eq!(r.enhanced(), "5.7.11");
     let r = c.expect("MAIL FROM:<a@example.test>", 530).await;
@@ -120,7 +126,11 @@ async fn submission_requires_tls_for_auth_and_auth_for_mail() {
     assert_eq!(r.enhanced(), "2.7.0");
     c.expect("AUTH PLAIN AGFwcABwdw==", 503).await;
     let r = c
-        .send_mail("a@example.test", &["b@dest.test"], "Subject: x\r\n\r\nauthed\r\n")
+        .send_mail(
+            "a@example.test",
+            &["b@dest.test"],
+            "Subject: x\r\n\r\nauthed\r\n",
+        )
         .await;
     assert_eq!(r.code, 250, "{r:?}");
 }
@@ -129,7 +139,9 @@ async fn submission_requires_tls_for_auth_and_auth_for_mail() {
 async fn auth_login_challenge_and_cancel() {
     let server = TestServer::start("").await;
     // Implicit TLS: the greeting only comes after the handshake.
-    let stream = tokio::net::TcpStream::connect(server.submissions).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(server.submissions)
+        .await
+        .unwrap();
     let connector = tokio_rustls::TlsConnector::from(server.client_tls());
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, stream).await.unwrap();
@@ -147,7 +159,8 @@ async fn auth_login_challenge_and_cancel() {
     assert_eq!(r.enhanced(), "5.7.8");
     c.expect("AUTH LOGIN", 334).await;
     c.expect(&postern::proto::encode_base64(USER), 334).await;
-    c.expect(&postern::proto::encode_base64(PASSWORD), 235).await;
+    c.expect(&postern::proto::encode_base64(PASSWORD), 235)
+        .await;
 }
 
 #[tokio::test]
@@ -155,18 +168,37 @@ async fn pipelined_commands_get_replies_in_order() {
     let server = TestServer::start("").await;
     let (mut c, _) = Raw::connect(server.relay).await;
     let ehlo = c.expect("EHLO client.test", 250).await;
-    for kw in ["PIPELINING", "SIZE 36700160", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "STARTTLS"] {
-        assert!(ehlo.text.lines().any(|l| l == kw), "{kw} missing from {ehlo:?}");
+    for kw in [
+        "PIPELINING",
+        "SIZE 36700160",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "STARTTLS",
+    ] {
+        assert!(
+            ehlo.text.lines().any(|l| l == kw),
+            "{kw} missing from {ehlo:?}"
+        );
     }
-    c.send("MAIL FROM:<a@example.test>\r\nRCPT TO:<b@dest.test>\r\nRCPT TO:<c@dest.test>\r\nDATA\r\n")
-        .await;
-    let codes: Vec<u16> = [c.reply().await, c.reply().await, c.reply().await, c.reply().await]
-        .iter()
-        .map(|r| r.code)
-        .collect();
+    c.send(
+        "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@dest.test>\r\nRCPT TO:<c@dest.test>\r\nDATA\r\n",
+    )
+    .await;
+    let codes: Vec<u16> = [
+        c.reply().await,
+        c.reply().await,
+        c.reply().await,
+        c.reply().await,
+    ]
+    .iter()
+    .map(|r| r.code)
+    .collect();
     assert_eq!(codes, vec![250, 250, 250, 354]);
     // Body, end of data and the next transaction's commands in one write.
-    c.send("Subject: p\r\n\r\n..dot\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n").await;
+    c.send("Subject: p\r\n\r\n..dot\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        .await;
     let r = c.reply().await;
     assert_eq!((r.code, r.enhanced()), (250, "2.0.0"));
     assert_eq!(c.reply().await.code, 250);
@@ -189,7 +221,8 @@ async fn bdat_chunks_are_joined() {
     c.send(format!("BDAT {}\r\n{part1}", part1.len())).await;
     let r = c.reply().await;
     assert_eq!((r.code, r.enhanced()), (250, "2.0.0"));
-    c.send(format!("BDAT {} LAST\r\n{part2}", part2.len())).await;
+    c.send(format!("BDAT {} LAST\r\n{part2}", part2.len()))
+        .await;
     let r = c.reply().await;
     assert_eq!(r.code, 250, "{r:?}");
     assert!(r.text.contains("queued as"));
@@ -219,7 +252,8 @@ async fn smtputf8_and_8bitmime() {
     let r = c.expect("RCPT TO:<用户@例子.test>", 553).await;
     assert_eq!(r.enhanced(), "5.6.7");
     c.expect("RSET", 250).await;
-    c.expect("MAIL FROM:<jörg@example.test> SMTPUTF8 BODY=8BITMIME", 250).await;
+    c.expect("MAIL FROM:<jörg@example.test> SMTPUTF8 BODY=8BITMIME", 250)
+        .await;
     c.expect("RCPT TO:<用户@例子.test>", 250).await;
     c.expect("DATA", 354).await;
     c.send("Subject: Grüße\r\n\r\nKäse €\r\n.\r\n").await;
@@ -250,11 +284,20 @@ async fn text_line_over_1000_octets_is_refused_and_not_queued() {
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
     let ok = format!("Subject: x\r\n\r\n{}\r\n", "a".repeat(998));
-    assert_eq!(c.send_mail("a@example.test", &["b@dest.test"], &ok).await.code, 250);
+    assert_eq!(
+        c.send_mail("a@example.test", &["b@dest.test"], &ok)
+            .await
+            .code,
+        250
+    );
     let long = format!("Subject: x\r\n\r\n{}\r\n", "a".repeat(999));
     let r = c.send_mail("a@example.test", &["b@dest.test"], &long).await;
     assert_eq!((r.code, r.enhanced()), (500, "5.5.2"));
-    assert_eq!(server.messages().await.len(), 1, "only the 998-octet message is queued");
+    assert_eq!(
+        server.messages().await.len(),
+        1,
+        "only the 998-octet message is queued"
+    );
     c.expect("NOOP", 250).await;
 }
 
@@ -336,7 +379,12 @@ async fn sequence_errors_and_misc_commands() {
     assert_eq!(c.expect("MAIL FROM:<>", 503).await.code, 503);
     c.expect("RSET", 250).await;
     c.expect("MAIL FROM:<>", 250).await;
-    assert_eq!(c.expect("RCPT TO:<b@dest.test> NOTIFY=NEVER", 555).await.enhanced(), "5.5.4");
+    assert_eq!(
+        c.expect("RCPT TO:<b@dest.test> NOTIFY=NEVER", 555)
+            .await
+            .enhanced(),
+        "5.5.4"
+    );
     assert_eq!(c.expect("QUIT", 221).await.enhanced(), "2.0.0");
 }
 
@@ -369,7 +417,11 @@ async fn no_open_relay_for_outside_clients() {
         let r = c.expect(&format!("RCPT TO:{rcpt}"), 554).await;
         assert_eq!(r.enhanced(), "5.7.1", "{rcpt}");
     }
-    for rcpt in ["<dest.test!victim>", "<@relay.test:victim@dest.test>", "<victim>"] {
+    for rcpt in [
+        "<dest.test!victim>",
+        "<@relay.test:victim@dest.test>",
+        "<victim>",
+    ] {
         let r = c.expect(&format!("RCPT TO:{rcpt}"), 553).await;
         assert_eq!(r.enhanced(), "5.1.3", "{rcpt}");
     }
@@ -404,7 +456,15 @@ async fn smuggle(server: &TestServer, seq: &[u8]) -> (Vec<u16>, usize) {
 }
 
 const SMUGGLING: &[&[u8]] = &[
-    b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n\x00.\r\n",
+    b"\n.\n",
+    b"\r.\r",
+    b"\r.\n",
+    b"\n.\r",
+    b"\r\n.\n",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
 ];
 
 #[tokio::test]
@@ -412,7 +472,11 @@ async fn smtp_smuggling_is_impossible_with_reject() {
     for seq in SMUGGLING {
         let server = TestServer::start("").await;
         let (codes, queued) = smuggle(&server, seq).await;
-        assert_eq!(codes.len(), 1, "{seq:?}: one reply to the whole data, got {codes:?}");
+        assert_eq!(
+            codes.len(),
+            1,
+            "{seq:?}: one reply to the whole data, got {codes:?}"
+        );
         assert!(queued <= 1, "{seq:?}");
         for m in server.messages().await {
             assert!(!has_bare_cr_or_lf(&m.body), "{seq:?}");
@@ -434,9 +498,16 @@ async fn smtp_smuggling_is_impossible_with_normalise() {
         assert_eq!(codes, vec![250], "{seq:?}");
         assert_eq!(queued, 1, "{seq:?}");
         let m = &server.messages().await[0];
-        assert!(!has_bare_cr_or_lf(&m.body), "{seq:?}: {:?}", String::from_utf8_lossy(&m.body));
+        assert!(
+            !has_bare_cr_or_lf(&m.body),
+            "{seq:?}: {:?}",
+            String::from_utf8_lossy(&m.body)
+        );
         assert_eq!(m.envelope.recipients, vec!["b@dest.test"], "{seq:?}");
-        assert!(contains(&m.body, b"MAIL FROM:<evil@example.test>"), "kept as content");
+        assert!(
+            contains(&m.body, b"MAIL FROM:<evil@example.test>"),
+            "kept as content"
+        );
     }
 }
 
@@ -450,7 +521,10 @@ async fn starttls_discards_pipelined_plaintext() {
     let mut c = c.tls(server.client_tls()).await;
     // Had the injected RSET run inside TLS, its 250 would be waiting here.
     let early = tokio::time::timeout(std::time::Duration::from_millis(500), c.try_reply()).await;
-    assert!(early.is_err(), "no reply may precede our first TLS command: {early:?}");
+    assert!(
+        early.is_err(),
+        "no reply may precede our first TLS command: {early:?}"
+    );
     let ehlo = c.expect("EHLO client.test", 250).await;
     assert!(!ehlo.text.contains("STARTTLS"));
     // The session was reset: MAIL is accepted as a fresh transaction.
@@ -470,11 +544,24 @@ async fn data_directory_holds_no_address_or_body_in_clear() {
         )
         .await;
     assert_eq!(r.code, 250);
-    assert_eq!(server.messages().await.len(), 1, "the message is there, sealed");
+    assert_eq!(
+        server.messages().await.len(),
+        1,
+        "the message is there, sealed"
+    );
     let raw = common::all_bytes(&server.data_dir());
     assert!(raw.len() > 100);
-    for needle in ["secret-rcpt", "secret-sender", "dest.test", "BODY-MARKER-4417", "private"] {
-        assert!(!contains(&raw, needle.as_bytes()), "{needle} found in clear");
+    for needle in [
+        "secret-rcpt",
+        "secret-sender",
+        "dest.test",
+        "BODY-MARKER-4417",
+        "private",
+    ] {
+        assert!(
+            !contains(&raw, needle.as_bytes()),
+            "{needle} found in clear"
+        );
     }
 }
 

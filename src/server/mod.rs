@@ -62,7 +62,10 @@ impl Server {
         for l in &config.listeners {
             let listener = TcpListener::bind(l.addr)
                 .await
-                .map_err(|source| ServerError::Bind { addr: l.addr, source })?;
+                .map_err(|source| ServerError::Bind {
+                    addr: l.addr,
+                    source,
+                })?;
             listeners.push((listener, l.mode));
         }
         let accounts = Arc::new(Accounts::from_config(&config.accounts));
@@ -95,14 +98,19 @@ impl Server {
             let ctx = self.ctx.clone();
             let sessions = sessions.clone();
             let slots = slots.clone();
-            accept_loops.push(tokio::spawn(accept_loop(ctx, listener, mode, sessions, slots)));
+            accept_loops.push(tokio::spawn(accept_loop(
+                ctx, listener, mode, sessions, slots,
+            )));
         }
         for l in accept_loops {
             let _ = l.await;
         }
         sessions.close();
         if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
-            tracing::warn!(open = sessions.len(), "shutdown: sessions still open after the drain period");
+            tracing::warn!(
+                open = sessions.len(),
+                "shutdown: sessions still open after the drain period"
+            );
         }
     }
 }
@@ -141,7 +149,8 @@ async fn accept_loop(
                 tracing::warn!(peer = %peer.ip(), "connection limit reached; refusing");
                 sessions.spawn(async move {
                     let mut socket = socket;
-                    let refuse = socket.write_all(b"421 4.7.0 Too many connections, try again later\r\n");
+                    let refuse =
+                        socket.write_all(b"421 4.7.0 Too many connections, try again later\r\n");
                     let _ = tokio::time::timeout(Duration::from_secs(5), refuse).await;
                 });
             }

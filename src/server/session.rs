@@ -16,8 +16,8 @@ use super::stream::Stream;
 use super::Context;
 use crate::config::{LineEndingPolicy, ListenerMode};
 use crate::proto::{
-    self, AuthMechanism, BodyChecker, BodyLimits, BodyType, Command, CommandFramer, DataDecoder, FramedLine,
-    LineEndings, MailParams, Reply, ReversePath,
+    self, AuthMechanism, BodyChecker, BodyLimits, BodyType, Command, CommandFramer, DataDecoder,
+    FramedLine, LineEndings, MailParams, Reply, ReversePath,
 };
 use crate::spool::{Envelope, QueueId, SpoolError};
 
@@ -58,7 +58,12 @@ struct Session {
 }
 
 /// Runs a session to its end. Never panics on client input; errors end in a reply or a close.
-pub(super) async fn run(ctx: Arc<Context>, socket: TcpStream, peer: SocketAddr, mode: ListenerMode) {
+pub(super) async fn run(
+    ctx: Arc<Context>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    mode: ListenerMode,
+) {
     let mut s = Session {
         ctx,
         mode,
@@ -78,7 +83,10 @@ pub(super) async fn run(ctx: Arc<Context>, socket: TcpStream, peer: SocketAddr, 
     if mode == ListenerMode::Submissions && s.start_tls().await.is_err() {
         return;
     }
-    let banner = Reply::plain(220, format!("{} ESMTP Postern", s.ctx.config.server.hostname));
+    let banner = Reply::plain(
+        220,
+        format!("{} ESMTP Postern", s.ctx.config.server.hostname),
+    );
     s.reply(banner);
     let _ = s.serve().await;
     // A closing reply (421 after too many errors) may still be queued.
@@ -124,7 +132,11 @@ impl Session {
                 Ok(())
             }
             Command::Vrfy => {
-                self.reply(Reply::new(252, "2.5.2", "Cannot VRFY user; send mail and delivery will be attempted"));
+                self.reply(Reply::new(
+                    252,
+                    "2.5.2",
+                    "Cannot VRFY user; send mail and delivery will be attempted",
+                ));
                 Ok(())
             }
             Command::Help => {
@@ -180,7 +192,11 @@ impl Session {
         }
         let limit = self.ctx.config.limits.max_message_size;
         if params.size.is_some_and(|s| s > limit as u64) {
-            return self.error(Reply::new(552, "5.3.4", format!("Message size exceeds the limit of {limit} bytes")));
+            return self.error(Reply::new(
+                552,
+                "5.3.4",
+                format!("Message size exceeds the limit of {limit} bytes"),
+            ));
         }
         if (params.body.is_some() || params.smtputf8) && !self.esmtp {
             return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
@@ -189,7 +205,11 @@ impl Session {
             ReversePath::Null => String::new(),
             ReversePath::Address(a) => {
                 if !a.is_ascii() && !params.smtputf8 {
-                    return self.error(Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"));
+                    return self.error(Reply::new(
+                        553,
+                        "5.6.7",
+                        "Non-ASCII address requires SMTPUTF8",
+                    ));
                 }
                 a.to_string()
             }
@@ -214,7 +234,11 @@ impl Session {
             return self.error(Reply::new(503, "5.5.1", "RCPT not allowed during BDAT"));
         }
         if !to.is_ascii() && !tx.params.smtputf8 {
-            return self.error(Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"));
+            return self.error(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII address requires SMTPUTF8",
+            ));
         }
         if !may_relay {
             tracing::info!(peer = %self.peer.ip(), "relay denied");
@@ -245,8 +269,12 @@ impl Session {
     async fn data(&mut self) -> Flow {
         match &self.tx {
             None => return self.error(Reply::new(503, "5.5.1", "Send MAIL first")),
-            Some(tx) if tx.bdat.is_some() => return self.error(Reply::new(503, "5.5.1", "DATA not allowed after BDAT")),
-            Some(tx) if tx.rcpts.is_empty() => return self.error(Reply::new(554, "5.5.1", "No valid recipients")),
+            Some(tx) if tx.bdat.is_some() => {
+                return self.error(Reply::new(503, "5.5.1", "DATA not allowed after BDAT"))
+            }
+            Some(tx) if tx.rcpts.is_empty() => {
+                return self.error(Reply::new(554, "5.5.1", "No valid recipients"))
+            }
             Some(_) => {}
         }
         self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
@@ -274,7 +302,9 @@ impl Session {
         let limits = self.body_limits();
         let refusal = match &self.tx {
             None => Some(Reply::new(503, "5.5.1", "Send MAIL first")),
-            Some(tx) if tx.rcpts.is_empty() => Some(Reply::new(554, "5.5.1", "No valid recipients")),
+            Some(tx) if tx.rcpts.is_empty() => {
+                Some(Reply::new(554, "5.5.1", "No valid recipients"))
+            }
             Some(_) => None,
         };
         // The chunk must be read off the wire whatever happens, or its bytes would be taken
@@ -307,7 +337,11 @@ impl Session {
             if let Some(tx) = self.tx.as_mut() {
                 tx.bdat = Some(checker);
             }
-            self.reply(Reply::new(250, "2.0.0", format!("{size} octets received ({seen} in all)")));
+            self.reply(Reply::new(
+                250,
+                "2.0.0",
+                format!("{size} octets received ({seen} in all)"),
+            ));
             return Ok(());
         }
         let tx = self.tx.take();
@@ -357,7 +391,12 @@ impl Session {
             smtputf8: tx.params.smtputf8,
         };
         let size = trace.len() + body.len();
-        match self.ctx.spool.store(id, &envelope, &[trace.as_bytes(), &body]).await {
+        match self
+            .ctx
+            .spool
+            .store(id, &envelope, &[trace.as_bytes(), &body])
+            .await
+        {
             Ok(()) => {
                 tracing::info!(
                     peer = %self.peer.ip(),
@@ -371,7 +410,8 @@ impl Session {
             }
             Err(e) => {
                 tracing::error!(peer = %self.peer.ip(), error = %e, "spool write failed; message not accepted");
-                let disk_full = matches!(&e, SpoolError::Io(io) if io.raw_os_error() == Some(28) || io.raw_os_error() == Some(27));
+                let disk_full = matches!(&e, SpoolError::Io(io)
+                    if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::QuotaExceeded));
                 self.reply(if disk_full {
                     Reply::new(452, "4.3.1", "Insufficient system storage; try again later")
                 } else {
@@ -423,7 +463,11 @@ impl Session {
 
     async fn auth(&mut self, mechanism: AuthMechanism, initial: Option<String>) -> Flow {
         if self.tls.is_none() {
-            return self.error(Reply::new(538, "5.7.11", "Encryption required for requested authentication mechanism"));
+            return self.error(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
         }
         if self.ctx.accounts.is_empty() {
             return self.error(Reply::new(503, "5.5.1", "Authentication not enabled"));
@@ -441,7 +485,11 @@ impl Session {
                     },
                 };
                 // "=" is an empty initial response (RFC 4954 section 4).
-                let response = if response == "=" { String::new() } else { response };
+                let response = if response == "=" {
+                    String::new()
+                } else {
+                    response
+                };
                 proto::decode_plain(&response)
             }
             AuthMechanism::Login => {
@@ -455,7 +503,8 @@ impl Session {
                 let Some(pass) = self.challenge("UGFzc3dvcmQ6").await? else {
                     return self.auth_cancelled();
                 };
-                proto::decode_base64_text(&user).and_then(|u| Ok((u, proto::decode_base64_text(&pass)?)))
+                proto::decode_base64_text(&user)
+                    .and_then(|u| Ok((u, proto::decode_base64_text(&pass)?)))
             }
         };
         let (user, pass) = match credentials {
@@ -469,7 +518,11 @@ impl Session {
             Ok(())
         } else {
             tracing::warn!(peer = %self.peer.ip(), "authentication failed");
-            self.error(Reply::new(535, "5.7.8", "Authentication credentials invalid"))
+            self.error(Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            ))
         }
     }
 
@@ -504,7 +557,11 @@ impl Session {
         self.errors += 1;
         if self.errors >= self.ctx.config.limits.max_errors {
             tracing::info!(peer = %self.peer.ip(), "too many errors; closing");
-            self.reply(Reply::new(421, "4.7.0", "Too many errors; closing connection"));
+            self.reply(Reply::new(
+                421,
+                "4.7.0",
+                "Too many errors; closing connection",
+            ));
             return Err(End::Closed);
         }
         Ok(())
@@ -553,7 +610,11 @@ impl Session {
             Ok(Ok(_)) => Ok(()),
             Err(_) => {
                 tracing::info!(peer = %self.peer.ip(), "timeout");
-                self.reply(Reply::new(421, "4.4.2", "Timeout exceeded; closing connection"));
+                self.reply(Reply::new(
+                    421,
+                    "4.4.2",
+                    "Timeout exceeded; closing connection",
+                ));
                 let _ = self.flush().await;
                 Err(End::Closed)
             }

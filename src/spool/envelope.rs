@@ -52,7 +52,10 @@ impl MessageState {
 }
 
 /// Plaintext of a message record: envelope length (u32 LE), envelope JSON, body.
-pub(crate) fn encode_message(envelope: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
+pub(crate) fn encode_message(
+    envelope: &Envelope,
+    parts: &[&[u8]],
+) -> Result<Vec<u8>, serde_json::Error> {
     let env = serde_json::to_vec(envelope)?;
     let body_len: usize = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(4 + env.len() + body_len);

@@ -164,7 +164,11 @@ pub struct StoredMessage {
 impl Spool {
     /// Opens (creating if needed) the spool under `data_dir`, recovers what a previous run left
     /// and starts the writer. `segment_size` bounds a segment file before the next is started.
-    pub fn open(data_dir: &Path, master: Key, segment_size: u64) -> Result<(Spool, RecoveryReport), SpoolError> {
+    pub fn open(
+        data_dir: &Path,
+        master: Key,
+        segment_size: u64,
+    ) -> Result<(Spool, RecoveryReport), SpoolError> {
         let dir = data_dir.join("spool");
         create_private_dir(&dir)?;
         create_private_dir(&dir.join("quarantine"))?;
@@ -185,8 +189,14 @@ impl Spool {
     /// the `Received:` header first). The body is the concatenation of `parts` (trace and
     /// signature headers, then the message as received). Returns only after the record is
     /// fsync'd to disk.
-    pub async fn store(&self, id: QueueId, envelope: &Envelope, parts: &[&[u8]]) -> Result<(), SpoolError> {
-        let plaintext = envelope::encode_message(envelope, parts).map_err(|_| SpoolError::Closed)?;
+    pub async fn store(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        parts: &[&[u8]],
+    ) -> Result<(), SpoolError> {
+        let plaintext =
+            envelope::encode_message(envelope, parts).map_err(|_| SpoolError::Closed)?;
         let rcpts = envelope.recipients.len();
         let (reply, rx) = oneshot::channel();
         self.send(writer::Request::Store {
@@ -233,7 +243,11 @@ impl Spool {
 
     /// The current delivery state of a live message.
     pub fn state(&self, id: QueueId) -> Option<MessageState> {
-        self.shared.index().messages.get(&id).map(|e| e.current.clone())
+        self.shared
+            .index()
+            .messages
+            .get(&id)
+            .map(|e| e.current.clone())
     }
 
     /// Reads and opens a live message.
@@ -245,11 +259,17 @@ impl Spool {
                 .segments
                 .get(&entry.message.segment)
                 .ok_or(SpoolError::NotFound)?;
-            (entry.message, segment.file.clone(), segment.key.clone(), entry.current.clone())
+            (
+                entry.message,
+                segment.file.clone(),
+                segment.key.clone(),
+                entry.current.clone(),
+            )
         };
-        let plain = tokio::task::spawn_blocking(move || read_record(&file, &key, loc, id, Kind::Message))
-            .await
-            .map_err(|_| SpoolError::Closed)??;
+        let plain =
+            tokio::task::spawn_blocking(move || read_record(&file, &key, loc, id, Kind::Message))
+                .await
+                .map_err(|_| SpoolError::Closed)??;
         let (envelope, body) = envelope::decode_message(&plain).ok_or(SpoolError::Corrupt(id))?;
         Ok(StoredMessage {
             id,
@@ -270,7 +290,13 @@ impl Spool {
 }
 
 /// Reads one record's payload and opens it, checking that the header still names `id`.
-fn read_record(file: &File, key: &Key, loc: Loc, id: QueueId, kind: Kind) -> Result<Vec<u8>, SpoolError> {
+fn read_record(
+    file: &File,
+    key: &Key,
+    loc: Loc,
+    id: QueueId,
+    kind: Kind,
+) -> Result<Vec<u8>, SpoolError> {
     let mut buf = vec![0u8; HEADER_LEN + loc.len as usize];
     file.read_exact_at(&mut buf, loc.offset)?;
     let header = Header::decode(&buf).map_err(|_| SpoolError::Corrupt(id))?;
@@ -284,7 +310,10 @@ fn read_record(file: &File, key: &Key, loc: Loc, id: QueueId, kind: Kind) -> Res
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {

@@ -130,7 +130,10 @@ mod tests {
             b[i] ^= 0x10;
             assert_eq!(Header::decode(&b), Err(HeaderError::Corrupt), "byte {i}");
         }
-        assert_eq!(Header::decode(&[0u8; HEADER_LEN]), Err(HeaderError::Corrupt));
+        assert_eq!(
+            Header::decode(&[0u8; HEADER_LEN]),
+            Err(HeaderError::Corrupt)
+        );
     }
 
     #[test]
@@ -141,7 +144,10 @@ mod tests {
         let h = Header::decode(&out).unwrap();
         assert_eq!(h.len as usize, out.len() - HEADER_LEN);
         let header: [u8; HEADER_LEN] = out[..HEADER_LEN].try_into().unwrap();
-        assert_eq!(key.open(Header::aad(&header), &out[HEADER_LEN..]).unwrap(), b"body");
+        assert_eq!(
+            key.open(Header::aad(&header), &out[HEADER_LEN..]).unwrap(),
+            b"body"
+        );
         let mut moved = header;
         moved[8] ^= 1;
         assert!(key.open(Header::aad(&moved), &out[HEADER_LEN..]).is_err());

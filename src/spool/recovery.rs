@@ -40,14 +40,23 @@ pub struct Quarantined {
 }
 
 /// Scans every segment under `dir`. Returns the index, the report and the next segment number.
-pub(super) fn recover(dir: &Path, master: &Key) -> Result<(Index, RecoveryReport, u64), SpoolError> {
+pub(super) fn recover(
+    dir: &Path,
+    master: &Key,
+) -> Result<(Index, RecoveryReport, u64), SpoolError> {
     let mut numbers = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if let Some(n) = name.strip_suffix(".seg").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_suffix(".seg")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             numbers.push(n);
-        } else if let Some(n) = name.strip_suffix(".key").and_then(|s| s.parse::<u64>().ok()) {
+        } else if let Some(n) = name
+            .strip_suffix(".key")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             // A key whose segment never got created (crash between the two) is harmless;
             // remember the number so it is not reused.
             numbers.push(n);
@@ -72,7 +81,14 @@ pub(super) fn recover(dir: &Path, master: &Key) -> Result<(Index, RecoveryReport
             Ok(k) => Arc::new(k),
             Err(e) => {
                 if data.iter().any(|b| *b != 0) {
-                    quarantine(dir, n, 0, &data, &format!("segment key unusable: {e}"), &mut report);
+                    quarantine(
+                        dir,
+                        n,
+                        0,
+                        &data,
+                        &format!("segment key unusable: {e}"),
+                        &mut report,
+                    );
                 }
                 remove_segment_files(dir, n);
                 continue;
@@ -103,7 +119,11 @@ pub(super) fn recover(dir: &Path, master: &Key) -> Result<(Index, RecoveryReport
         if let Some(e) = index.messages.remove(&id) {
             for loc in std::iter::once(e.message).chain(e.state) {
                 if let Some(seg) = index.segments.get(&loc.segment) {
-                    super::writer::punch_hole(&seg.file, loc.offset + HEADER_LEN as u64, loc.len as u64)?;
+                    super::writer::punch_hole(
+                        &seg.file,
+                        loc.offset + HEADER_LEN as u64,
+                        loc.len as u64,
+                    )?;
                 }
             }
         }
@@ -148,7 +168,14 @@ fn scan(
         let header = match Header::decode(&data[pos..]) {
             Ok(h) if pos + HEADER_LEN + h.len as usize <= data.len() => h,
             Ok(_) | Err(HeaderError::Short) => {
-                quarantine(dir, n, pos, &data[pos..], "truncated record at end of segment", report);
+                quarantine(
+                    dir,
+                    n,
+                    pos,
+                    &data[pos..],
+                    "truncated record at end of segment",
+                    report,
+                );
                 return;
             }
             Err(HeaderError::Corrupt) => {
@@ -156,7 +183,14 @@ fn scan(
                 let next = (pos + 1..data.len())
                     .find(|&p| data[p..].starts_with(b"PSTR") && Header::decode(&data[p..]).is_ok())
                     .unwrap_or(data.len());
-                quarantine(dir, n, pos, &data[pos..next], "corrupt record header", report);
+                quarantine(
+                    dir,
+                    n,
+                    pos,
+                    &data[pos..next],
+                    "corrupt record header",
+                    report,
+                );
                 pos = next;
                 continue;
             }
@@ -190,25 +224,58 @@ fn scan(
                         },
                     );
                 }
-                None => quarantine(dir, n, pos, &data[pos..end], "message record does not decode", report),
+                None => quarantine(
+                    dir,
+                    n,
+                    pos,
+                    &data[pos..end],
+                    "message record does not decode",
+                    report,
+                ),
             },
             (Kind::State, Some(plain)) => match serde_json::from_slice::<MessageState>(&plain) {
                 Ok(state) => {
                     states.insert(header.id, (loc, state));
                 }
-                Err(_) => quarantine(dir, n, pos, &data[pos..end], "state record does not decode", report),
+                Err(_) => quarantine(
+                    dir,
+                    n,
+                    pos,
+                    &data[pos..end],
+                    "state record does not decode",
+                    report,
+                ),
             },
-            (_, None) => quarantine(dir, n, pos, &data[pos..end], "record fails authentication", report),
+            (_, None) => quarantine(
+                dir,
+                n,
+                pos,
+                &data[pos..end],
+                "record fails authentication",
+                report,
+            ),
         }
         pos = end;
     }
 }
 
 /// Copies bytes aside (with the segment key, so that they can be examined) and reports them.
-fn quarantine(dir: &Path, n: u64, offset: usize, bytes: &[u8], reason: &str, report: &mut RecoveryReport) {
+fn quarantine(
+    dir: &Path,
+    n: u64,
+    offset: usize,
+    bytes: &[u8],
+    reason: &str,
+    report: &mut RecoveryReport,
+) {
     if bytes.iter().all(|b| *b == 0) {
         // Zeros carry no message: a filesystem can leave them after a crash past the last sync.
-        tracing::warn!(segment = n, offset, len = bytes.len(), "spool recovery: skipping zero-filled tail");
+        tracing::warn!(
+            segment = n,
+            offset,
+            len = bytes.len(),
+            "spool recovery: skipping zero-filled tail"
+        );
         return;
     }
     let qdir = dir.join("quarantine");

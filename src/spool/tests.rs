@@ -85,7 +85,10 @@ async fn concurrent_stores_are_all_durable_and_recovered() {
         let spool = spool.clone();
         tasks.push(tokio::spawn(async move {
             let body = format!("Subject: {i}\r\n\r\n{}\r\n", "x".repeat(4000));
-            (store(&spool, &envelope(&["a@b.test"]), body.as_bytes()).await, body)
+            (
+                store(&spool, &envelope(&["a@b.test"]), body.as_bytes()).await,
+                body,
+            )
         }));
     }
     let mut stored = Vec::new();
@@ -106,9 +109,26 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
     let dir = tempfile::tempdir().unwrap();
     let master = Key::generate().unwrap();
     let (spool, _) = open(dir.path(), &master);
-    let id = store(&spool, &envelope(&["a@x.test", "b@x.test", "c@x.test"]), b"X: y\r\n\r\nbody\r\n").await;
-    assert_eq!(spool.update(id, &[1], Some(b"sched-1".to_vec())).await.unwrap(), Liveness::Live);
-    assert_eq!(spool.update(id, &[0], Some(b"sched-2".to_vec())).await.unwrap(), Liveness::Live);
+    let id = store(
+        &spool,
+        &envelope(&["a@x.test", "b@x.test", "c@x.test"]),
+        b"X: y\r\n\r\nbody\r\n",
+    )
+    .await;
+    assert_eq!(
+        spool
+            .update(id, &[1], Some(b"sched-1".to_vec()))
+            .await
+            .unwrap(),
+        Liveness::Live
+    );
+    assert_eq!(
+        spool
+            .update(id, &[0], Some(b"sched-2".to_vec()))
+            .await
+            .unwrap(),
+        Liveness::Live
+    );
     drop(spool);
 
     let (spool, report) = open(dir.path(), &master);
@@ -119,7 +139,10 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
 
     let loc = spool.shared.index().messages[&id].message;
     let seg = segment_path(spool.dir(), loc.segment);
-    assert_eq!(spool.update(id, &[2], None).await.unwrap(), Liveness::Destroyed);
+    assert_eq!(
+        spool.update(id, &[2], None).await.unwrap(),
+        Liveness::Destroyed
+    );
     assert!(spool.live().is_empty());
     assert!(matches!(spool.read(id).await, Err(SpoolError::NotFound)));
     // The old segment held nothing else and is not the active one: gone, key and all.
@@ -142,7 +165,10 @@ async fn destroyed_body_range_reads_back_as_zeros() {
     let bytes = std::fs::read(segment_path(spool.dir(), loc.segment)).unwrap();
     let payload = &bytes[loc.offset as usize + HEADER_LEN..][..loc.len as usize];
     assert!(payload.iter().all(|b| *b == 0));
-    assert!(matches!(spool.destroy(gone).await, Err(SpoolError::NotFound)));
+    assert!(matches!(
+        spool.destroy(gone).await,
+        Err(SpoolError::NotFound)
+    ));
     assert_eq!(spool.read(keep).await.unwrap().body, b"keep\r\n");
 }
 
@@ -156,13 +182,16 @@ async fn corrupt_and_truncated_records_are_quarantined_not_fatal() {
     let c = store(&spool, &envelope(&["c@x.test"]), b"third\r\n").await;
     let (loc_b, seg) = {
         let index = spool.shared.index();
-        (index.messages[&b].message, index.messages[&b].message.segment)
+        (
+            index.messages[&b].message,
+            index.messages[&b].message.segment,
+        )
     };
     drop(spool);
     let path = segment_path(&dir.path().join("spool"), seg);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[loc_b.offset as usize + HEADER_LEN + 30] ^= 0xff; // flip a ciphertext bit in b
-    bytes.extend_from_slice(&bytes[..40].to_vec()); // a torn record at the tail
+    bytes.extend_from_within(..40); // a torn record at the tail
     std::fs::write(&path, &bytes).unwrap();
 
     let (spool, report) = open(dir.path(), &master);
@@ -173,8 +202,14 @@ async fn corrupt_and_truncated_records_are_quarantined_not_fatal() {
     });
     assert_eq!(report.quarantined.len(), 2, "{:?}", report.quarantined);
     assert!(report.quarantined.iter().all(|q| q.path.exists()));
-    assert!(report.quarantined.iter().any(|q| q.reason.contains("authentication")));
-    assert!(report.quarantined.iter().any(|q| q.reason.contains("truncated")));
+    assert!(report
+        .quarantined
+        .iter()
+        .any(|q| q.reason.contains("authentication")));
+    assert!(report
+        .quarantined
+        .iter()
+        .any(|q| q.reason.contains("truncated")));
 }
 
 #[tokio::test]
@@ -187,9 +222,17 @@ async fn segments_rotate_and_empty_ones_are_removed() {
     for _ in 0..8 {
         ids.push(store(&spool, &envelope(&["a@x.test"]), &big).await);
     }
-    assert!(segment_files(dir.path()).len() >= 2, "{:?}", segment_files(dir.path()));
+    assert!(
+        segment_files(dir.path()).len() >= 2,
+        "{:?}",
+        segment_files(dir.path())
+    );
     for id in ids {
         spool.destroy(id).await.unwrap();
     }
-    assert_eq!(segment_files(dir.path()).len(), 1, "only the active segment remains");
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        1,
+        "only the active segment remains"
+    );
 }

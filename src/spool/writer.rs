@@ -9,8 +9,8 @@ use tokio::sync::oneshot;
 
 use super::record::{self, Kind, HEADER_LEN};
 use super::{
-    key_path, key_purpose, segment_path, Entry, Index, Liveness, Loc, MessageState, QueueId, Segment, Shared,
-    SpoolError,
+    key_path, key_purpose, segment_path, Entry, Index, Liveness, Loc, MessageState, QueueId,
+    Segment, Shared, SpoolError,
 };
 use crate::crypto::{sync_dir, Key};
 
@@ -72,7 +72,12 @@ enum Pending {
 }
 
 impl Writer {
-    pub(super) fn start(shared: Arc<Shared>, master: Key, first: u64, segment_size: u64) -> Result<Writer, SpoolError> {
+    pub(super) fn start(
+        shared: Arc<Shared>,
+        master: Key,
+        first: u64,
+        segment_size: u64,
+    ) -> Result<Writer, SpoolError> {
         let (file, key) = create_segment(&shared, &master, first)?;
         Ok(Writer {
             shared,
@@ -126,13 +131,20 @@ impl Writer {
                     reply,
                 } => {
                     let start = buf.len();
-                    if let Err(e) = record::append(&mut buf, Kind::Message, id, &self.key, &plaintext) {
+                    if let Err(e) =
+                        record::append(&mut buf, Kind::Message, id, &self.key, &plaintext)
+                    {
                         buf.truncate(start);
                         let _ = reply.send(Err(e.into()));
                         continue;
                     }
                     let loc = self.loc(start, buf.len());
-                    pending.push(Pending::Store { id, loc, rcpts, reply });
+                    pending.push(Pending::Store {
+                        id,
+                        loc,
+                        rcpts,
+                        reply,
+                    });
                 }
                 Request::Update {
                     id,
@@ -142,7 +154,12 @@ impl Writer {
                 } => {
                     let current = match updated.get(&id) {
                         Some(s) => Some(s.clone()),
-                        None => self.shared.index().messages.get(&id).map(|e| e.current.clone()),
+                        None => self
+                            .shared
+                            .index()
+                            .messages
+                            .get(&id)
+                            .map(|e| e.current.clone()),
                     };
                     let Some(mut state) = current else {
                         let _ = reply.send(Err(SpoolError::NotFound));
@@ -162,14 +179,20 @@ impl Writer {
                     } else {
                         let start = buf.len();
                         let plain = serde_json::to_vec(&state).unwrap_or_default();
-                        if let Err(e) = record::append(&mut buf, Kind::State, id, &self.key, &plain) {
+                        if let Err(e) = record::append(&mut buf, Kind::State, id, &self.key, &plain)
+                        {
                             buf.truncate(start);
                             let _ = reply.send(Err(e.into()));
                             continue;
                         }
                         Some(self.loc(start, buf.len()))
                     };
-                    pending.push(Pending::Update { id, loc, state, reply });
+                    pending.push(Pending::Update {
+                        id,
+                        loc,
+                        state,
+                        reply,
+                    });
                 }
                 Request::Destroy { id, reply } => pending.push(Pending::Destroy { id, reply }),
             }
@@ -178,7 +201,6 @@ impl Writer {
         if !buf.is_empty() {
             if let Err(e) = self.append_and_sync(&buf) {
                 tracing::error!(error = %e, "spool: write or sync failed; nothing in this batch is acknowledged");
-                let e = std::io::Error::new(e.kind(), e.to_string());
                 fail_pending(pending, &e);
                 return;
             }
@@ -191,7 +213,12 @@ impl Writer {
             let mut index = self.shared.index();
             for p in pending {
                 match p {
-                    Pending::Store { id, loc, rcpts, reply } => {
+                    Pending::Store {
+                        id,
+                        loc,
+                        rcpts,
+                        reply,
+                    } => {
                         index.add_live(loc.segment);
                         index.messages.insert(
                             id,
@@ -206,7 +233,12 @@ impl Writer {
                         );
                         let _ = reply.send(Ok(()));
                     }
-                    Pending::Update { id, loc, state, reply } => {
+                    Pending::Update {
+                        id,
+                        loc,
+                        state,
+                        reply,
+                    } => {
                         let Some(entry) = index.messages.get_mut(&id) else {
                             // Destroyed earlier in this same batch.
                             let _ = reply.send(Ok(Liveness::Destroyed));
@@ -230,7 +262,11 @@ impl Writer {
                     }
                     Pending::Destroy { id, reply } => {
                         let found = index.remove(id);
-                        let result = if found.is_empty() { Err(SpoolError::NotFound) } else { Ok(()) };
+                        let result = if found.is_empty() {
+                            Err(SpoolError::NotFound)
+                        } else {
+                            Ok(())
+                        };
                         dead.extend(found);
                         finished.push(Finished::Destroy(reply, result));
                     }
@@ -244,12 +280,12 @@ impl Writer {
                 Finished::Update(reply, liveness) => {
                     let _ = reply.send(match &result {
                         Ok(()) => Ok(liveness),
-                        Err(e) => Err(SpoolError::Io(std::io::Error::new(e.kind(), e.to_string()))),
+                        Err(e) => Err(SpoolError::Io(clone_io(e))),
                     });
                 }
                 Finished::Destroy(reply, r) => {
                     let _ = reply.send(match (&result, r) {
-                        (Err(e), _) => Err(SpoolError::Io(std::io::Error::new(e.kind(), e.to_string()))),
+                        (Err(e), _) => Err(SpoolError::Io(clone_io(e))),
                         (Ok(()), r) => r,
                     });
                 }
@@ -371,7 +407,10 @@ impl Writer {
 
 enum Finished {
     Update(oneshot::Sender<Result<Liveness, SpoolError>>, Liveness),
-    Destroy(oneshot::Sender<Result<(), SpoolError>>, Result<(), SpoolError>),
+    Destroy(
+        oneshot::Sender<Result<(), SpoolError>>,
+        Result<(), SpoolError>,
+    ),
 }
 
 impl Index {
@@ -391,7 +430,11 @@ impl Index {
 }
 
 /// Creates a segment: key file first (fsync'd), then the empty segment, then the directory sync.
-fn create_segment(shared: &Shared, master: &Key, n: u64) -> Result<(Arc<File>, Arc<Key>), SpoolError> {
+fn create_segment(
+    shared: &Shared,
+    master: &Key,
+    n: u64,
+) -> Result<(Arc<File>, Arc<Key>), SpoolError> {
     let key = Key::generate()?;
     master.write_wrapped(&key_path(&shared.dir, n), &key_purpose(n), &key)?;
     let file = OpenOptions::new()
@@ -430,7 +473,12 @@ pub(super) fn remove_segment_files(dir: &std::path::Path, n: u64) {
 /// where the filesystem cannot punch holes.
 pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use rustix::fs::{fallocate, FallocateFlags};
-    match fallocate(file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+    match fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    ) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
             let zeros = vec![0u8; len.min(1 << 20) as usize];
@@ -458,12 +506,20 @@ fn fail_all(batch: Vec<Request>, e: &SpoolError) {
 }
 
 fn fail_pending(pending: Vec<Pending>, e: &std::io::Error) {
-    let err = || SpoolError::Io(std::io::Error::new(e.kind(), e.to_string()));
+    let err = || SpoolError::Io(clone_io(e));
     for p in pending {
         match p {
             Pending::Store { reply, .. } => drop(reply.send(Err(err()))),
             Pending::Update { reply, .. } => drop(reply.send(Err(err()))),
             Pending::Destroy { reply, .. } => drop(reply.send(Err(err()))),
         }
+    }
+}
+
+/// One I/O error answers many requests; keep its errno so callers can tell "disk full".
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
     }
 }

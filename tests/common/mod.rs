@@ -165,7 +165,8 @@ pub fn all_bytes(dir: &Path) -> Vec<u8> {
 /// True when the bytes hold a CR not followed by LF, or an LF not preceded by CR.
 pub fn has_bare_cr_or_lf(b: &[u8]) -> bool {
     b.iter().enumerate().any(|(i, &c)| {
-        (c == b'\r' && b.get(i + 1) != Some(&b'\n')) || (c == b'\n' && (i == 0 || b[i - 1] != b'\r'))
+        (c == b'\r' && b.get(i + 1) != Some(&b'\n'))
+            || (c == b'\n' && (i == 0 || b[i - 1] != b'\r'))
     })
 }
 
@@ -207,7 +208,10 @@ impl Raw<TcpStream> {
         assert!(self.io.buffer().is_empty(), "unread bytes before TLS");
         let connector = tokio_rustls::TlsConnector::from(config);
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let tls = connector.connect(name, self.io.into_inner()).await.expect("TLS handshake");
+        let tls = connector
+            .connect(name, self.io.into_inner())
+            .await
+            .expect("TLS handshake");
         Raw {
             io: BufReader::new(tls),
         }
@@ -216,7 +220,11 @@ impl Raw<TcpStream> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        self.io.get_mut().write_all(bytes.as_ref()).await.expect("write");
+        self.io
+            .get_mut()
+            .write_all(bytes.as_ref())
+            .await
+            .expect("write");
         self.io.get_mut().flush().await.expect("flush");
     }
 
@@ -280,4 +288,116 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
         self.send(format!("{body}.\r\n")).await;
         self.reply().await
     }
+}
+
+/// The `postern` binary running as a child process, for crash and resource-limit tests.
+pub struct Child {
+    pub child: std::process::Child,
+    pub relay: SocketAddr,
+    /// Everything the daemon logged so far (stderr), filled by a reader thread.
+    pub log: Arc<std::sync::Mutex<String>>,
+}
+
+impl Child {
+    /// Starts `postern serve --config <dir>/config.toml`, optionally under `ulimit -f <kib>`,
+    /// and waits until its listeners are up.
+    pub fn spawn(dir: &Path, file_size_limit_kib: Option<u64>) -> Child {
+        use std::io::BufRead;
+        let config = dir.join("config.toml");
+        let bin = env!("CARGO_BIN_EXE_postern");
+        let mut cmd = match file_size_limit_kib {
+            Some(kib) => {
+                let mut c = std::process::Command::new("bash");
+                c.arg("-c")
+                    .arg(format!(
+                        "ulimit -f {kib}; exec \"$0\" serve --config \"$1\""
+                    ))
+                    .arg(bin)
+                    .arg(&config);
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new(bin);
+                c.arg("serve").arg("--config").arg(&config);
+                c
+            }
+        };
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn postern");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("listening") && line.contains("mode=Relay") {
+                    if let Some(addr) = line
+                        .split("addr=")
+                        .nth(1)
+                        .and_then(|s| s.split_whitespace().next())
+                    {
+                        let _ = tx.send(addr.to_string());
+                    }
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("postern did not start: {}", log.lock().unwrap()));
+        Child {
+            child,
+            relay: addr.parse().expect("addr"),
+            log,
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait")
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `<dir>/config.toml` for [`Child`]: fixed test config with one relay listener on :0.
+pub fn write_child_config(dir: &Path, extra: &str) {
+    let text = config_text(dir, extra);
+    std::fs::write(dir.join("config.toml"), text).expect("write config");
+}
+
+/// Opens the spool a (dead) child left behind, as recovery at the next start would.
+pub fn open_spool(dir: &Path) -> (Spool, postern::spool::RecoveryReport) {
+    let data = dir.join("data");
+    let key =
+        postern::crypto::load_or_create_master_key(&data.join("master.key")).expect("master key");
+    Spool::open(&data, key, 64 << 20).expect("spool")
 }

@@ -1,0 +1,167 @@
+//! Durability against the real binary: SIGKILL under load, and a write limit that makes the
+//! spool fail. A `250` must mean "on disk"; anything else must not be a `250`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{contains, open_spool, write_child_config, Child, Raw};
+
+/// Sends messages on one connection until the server goes away; records every acknowledged id.
+async fn sender(
+    addr: std::net::SocketAddr,
+    worker: usize,
+    acked: Arc<Mutex<HashMap<String, String>>>,
+) {
+    let stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("worker {worker}: connect {addr}: {e}");
+            return;
+        }
+    };
+    let mut c = Raw {
+        io: tokio::io::BufReader::new(stream),
+    };
+    let greeting = c.try_reply().await;
+    c.send("EHLO load.test\r\n").await;
+    let ehlo = c.try_reply().await;
+    if greeting.is_none() || ehlo.is_none() {
+        eprintln!("worker {worker}: greeting {greeting:?}, EHLO {ehlo:?}");
+        return;
+    }
+    // 2 KB of 100-octet lines: well under the 1000-octet line limit.
+    let filler = format!("{}\r\n", "y".repeat(98)).repeat(20);
+    for n in 0.. {
+        let marker = format!("W{worker}-N{n}-MARK");
+        let body = format!(
+            "MAIL FROM:<load@example.test>\r\nRCPT TO:<crash-rcpt@dest.test>\r\nDATA\r\nSubject: {marker}\r\n\r\n{}{marker}\r\n.\r\n",
+            filler
+        );
+        use tokio::io::AsyncWriteExt;
+        if c.io.get_mut().write_all(body.as_bytes()).await.is_err() {
+            return;
+        }
+        for expected in [250, 250, 354] {
+            match c.try_reply().await {
+                Some(r) if r.code == expected => {}
+                other => {
+                    eprintln!("worker {worker}: expected {expected}, got {other:?}");
+                    return;
+                }
+            }
+        }
+        match c.try_reply().await {
+            Some(r) if r.code == 250 => {
+                let id = r.text.rsplit(' ').next().unwrap_or_default().to_string();
+                acked.lock().unwrap().insert(id, marker);
+            }
+            other => {
+                eprintln!("worker {worker}: end of data answered {other:?}");
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    write_child_config(dir.path(), "");
+    let mut child = Child::spawn(dir.path(), None);
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let senders: Vec<_> = (0..8)
+        .map(|w| tokio::spawn(sender(child.relay, w, acked.clone())))
+        .collect();
+    // Kill once a good number of messages is acknowledged (bounded in time either way).
+    let start = Instant::now();
+    while acked.lock().unwrap().len() < 300 && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill9();
+    for s in senders {
+        let _ = s.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 300,
+        "load too small to mean anything: {}",
+        acked.len()
+    );
+    let log = child.log();
+
+    // Restart the real daemon on the same directory: it must recover at least what was acked.
+    let mut restarted = Child::spawn(dir.path(), None);
+    let recovered: usize = restarted
+        .log()
+        .split("recovered=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("recovery count in the log");
+    assert!(
+        recovered >= acked.len(),
+        "recovered {recovered} < acknowledged {}",
+        acked.len()
+    );
+    assert!(restarted.terminate().success());
+
+    let (spool, report) = open_spool(dir.path());
+    assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
+    let live: std::collections::HashSet<String> =
+        spool.live().iter().map(|id| id.to_string()).collect();
+    for (id, marker) in &acked {
+        assert!(live.contains(id), "acknowledged {id} lost");
+        let id = id.parse().unwrap();
+        let m = spool.read(id).await.unwrap();
+        assert!(
+            contains(&m.body, marker.as_bytes()),
+            "{marker} body mismatch"
+        );
+    }
+    // The log under load names no address.
+    for needle in ["crash-rcpt", "load@example", "dest.test"] {
+        assert!(!log.contains(needle), "{needle} in the log");
+    }
+}
+
+#[tokio::test]
+async fn storage_failure_is_a_4xx_never_a_250() {
+    let dir = tempfile::tempdir().unwrap();
+    write_child_config(dir.path(), "");
+    // Files may not grow past 256 KiB: the segment write of a larger message fails (EFBIG).
+    let mut child = Child::spawn(dir.path(), Some(256));
+    let (mut c, _) = Raw::connect(child.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "z".repeat(998)).repeat(300)
+    );
+    let r = c.send_mail("a@example.test", &["b@dest.test"], &big).await;
+    assert_eq!((r.code, r.enhanced()), (452, "4.3.1"), "{r:?}");
+    // The spool recovers (a fresh segment) and small mail flows again.
+    let r = c
+        .send_mail(
+            "a@example.test",
+            &["b@dest.test"],
+            "Subject: small\r\n\r\nSMALL-ONE\r\n",
+        )
+        .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    child.kill9();
+
+    let (spool, report) = open_spool(dir.path());
+    assert!(
+        report.quarantined.is_empty(),
+        "no half-written record: {:?}",
+        report.quarantined
+    );
+    let live = spool.live();
+    assert_eq!(live.len(), 1);
+    assert!(contains(
+        &spool.read(live[0]).await.unwrap().body,
+        b"SMALL-ONE"
+    ));
+}
