@@ -49,6 +49,10 @@ pub struct Config {
     pub spool: SpoolConfig,
     #[serde(default, rename = "account")]
     pub accounts: Vec<AccountConfig>,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
     /// Directory that relative paths are resolved against; not a TOML key.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -250,6 +254,181 @@ pub struct AccountConfig {
     pub password_hash: String,
 }
 
+/// How hard outbound delivery insists on TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// STARTTLS when offered, any certificate accepted (whether it verified is recorded).
+    Opportunistic,
+    /// STARTTLS with a certificate that verifies for the host name, or defer.
+    Require,
+    /// Never STARTTLS.
+    None,
+}
+
+/// One string or a list of them (`smarthost = "a:25"` or `smarthost = ["a:25", "b:25"]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The non-empty entries.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(s) => vec![s.clone()].into_iter().filter(|s| !s.is_empty()).collect(),
+            OneOrMany::Many(v) => v.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        }
+    }
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Relay everything through these hosts ("host:port", tried in order); empty: deliver by MX.
+    #[serde(default)]
+    pub smarthost: OneOrMany,
+    /// Credentials for the smarthost (AUTH PLAIN or LOGIN, only over TLS).
+    #[serde(default)]
+    pub smarthost_auth: Option<SmarthostAuth>,
+    /// Remote port for MX delivery (tests point it at a loopback sink).
+    #[serde(default = "default_delivery_port")]
+    pub port: u16,
+    #[serde(default = "default_tls_policy")]
+    pub tls: TlsPolicy,
+    /// Extra trust anchors (PEM) for verifying remote certificates, besides the Mozilla roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default = "default_max_conns")]
+    pub max_connections_per_destination: usize,
+    /// Messages carried by one connection before it is closed.
+    #[serde(default = "default_messages_per_connection")]
+    pub messages_per_connection: usize,
+    /// An unused pooled connection is closed after this long.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Waiting for a reply from the remote server (RFC 5321 4.5.3.2 suggests 5 to 10 minutes).
+    #[serde(default = "default_reply_timeout", with = "humantime_serde")]
+    pub reply_timeout: Duration,
+    /// Delays between attempts; the last one repeats.
+    #[serde(default = "default_retry_schedule", deserialize_with = "durations")]
+    pub retry_schedule: Vec<Duration>,
+    /// After this long a recipient still not delivered expires (bounced with 4.4.7).
+    #[serde(default = "default_max_queue_lifetime", with = "humantime_serde")]
+    pub max_queue_lifetime: Duration,
+    /// Send one "delayed" notice to the sender after this long; unset: never.
+    #[serde(default, with = "humantime_serde")]
+    pub delay_warning: Option<Duration>,
+    /// Messages being delivered at once, over all destinations.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Per-destination overrides.
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<DestinationConfig>,
+}
+
+/// `[delivery.smarthost_auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmarthostAuth {
+    pub username: String,
+    pub password: String,
+}
+
+/// `[[delivery.destination]]`: limits and TLS for one recipient domain, or for every domain whose
+/// MX host ends in `mx_suffix` (so that all domains hosted by one provider share the limits).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub mx_suffix: Option<String>,
+    #[serde(default)]
+    pub tls: Option<TlsPolicy>,
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub messages_per_minute: Option<u32>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("all delivery keys have defaults"))
+    }
+}
+
+fn default_delivery_port() -> u16 {
+    25
+}
+fn default_tls_policy() -> TlsPolicy {
+    TlsPolicy::Opportunistic
+}
+fn default_max_conns() -> usize {
+    20
+}
+fn default_messages_per_connection() -> usize {
+    100
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_reply_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let v: Vec<humantime_serde::Serde<Duration>> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|s| s.into_inner()).collect())
+}
+
+fn default_retry_schedule() -> Vec<Duration> {
+    [60, 300, 900, 1800, 3600, 7200, 14400]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+fn default_max_queue_lifetime() -> Duration {
+    Duration::from_secs(5 * 86400)
+}
+fn default_max_in_flight() -> usize {
+    1000
+}
+
+/// `[dns]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// "ip:port" of the resolvers to ask; empty: the system's (/etc/resolv.conf).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    #[serde(default = "default_dns_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: default_dns_timeout(),
+        }
+    }
+}
+
+fn default_dns_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -326,6 +505,31 @@ impl Config {
         if self.spool.segment_size < 1 << 20 {
             return invalid("spool.segment_size", "must be at least 1 MiB");
         }
+        let d = &self.delivery;
+        if d.retry_schedule.is_empty() || d.retry_schedule.iter().any(|r| r.is_zero()) {
+            return invalid("delivery.retry_schedule", "needs at least one non-zero delay");
+        }
+        if d.max_connections_per_destination == 0 || d.messages_per_connection == 0 || d.max_in_flight == 0 {
+            return invalid("delivery", "connection and message limits must be at least 1");
+        }
+        for (i, host) in d.smarthost.to_vec().iter().enumerate() {
+            if crate::delivery::parse_host_port(host, 25).is_none() {
+                return invalid(&format!("delivery.smarthost[{i}]"), &format!("{host:?} is not host or host:port"));
+            }
+        }
+        for (i, dest) in d.destinations.iter().enumerate() {
+            if dest.domain.is_some() == dest.mx_suffix.is_some() {
+                return invalid(&format!("delivery.destination[{i}]"), "set exactly one of domain and mx_suffix");
+            }
+            if dest.max_connections == Some(0) || dest.messages_per_minute == Some(0) {
+                return invalid(&format!("delivery.destination[{i}]"), "limits must be at least 1");
+            }
+        }
+        for (i, ns) in self.dns.nameservers.iter().enumerate() {
+            if ns.parse::<SocketAddr>().is_err() && ns.parse::<IpAddr>().is_err() {
+                return invalid(&format!("dns.nameservers[{i}]"), &format!("{ns:?} is not ip or ip:port"));
+            }
+        }
         for (i, account) in self.accounts.iter().enumerate() {
             if account.username.is_empty() {
                 return invalid(&format!("account[{i}].username"), "must not be empty");
@@ -384,6 +588,10 @@ mod tests {
     fn minimal_file_gets_defaults_and_resolves_paths() {
         let c = parse(MINIMAL).expect("valid");
         assert_eq!(c.limits.max_recipients, 1000);
+        assert_eq!(c.delivery.port, 25);
+        assert_eq!(c.delivery.retry_schedule.len(), 7);
+        assert_eq!(c.delivery.max_queue_lifetime, Duration::from_secs(432_000));
+        assert!(c.delivery.smarthost.to_vec().is_empty());
         assert_eq!(c.data_dir(), PathBuf::from("/etc/postern/data"));
         assert_eq!(
             c.master_key_path(),
@@ -413,6 +621,11 @@ mod tests {
                 "account[0].password_hash",
             ),
             ("[relay]\nnetworks = [\"10.0.0.0/33\"]\n", "networks"),
+            ("[delivery]\nretry_schedule = []\n", "delivery.retry_schedule"),
+            ("[delivery]\nsmarthost = [\"relay.test:99999\"]\n", "delivery.smarthost[0]"),
+            ("[delivery]\ntls = \"maybe\"\n", "tls"),
+            ("[[delivery.destination]]\nmax_connections = 2\n", "delivery.destination[0]"),
+            ("[dns]\nnameservers = [\"localhost\"]\n", "dns.nameservers[0]"),
         ];
         for (extra, key) in cases {
             let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err();

@@ -20,7 +20,9 @@
 pub mod auth;
 pub mod config;
 pub mod crypto;
+pub mod delivery;
 pub mod daemon;
+pub mod dns;
 pub mod proto;
 pub mod server;
 pub mod spool;

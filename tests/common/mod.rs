@@ -2,6 +2,8 @@
 //! raw SMTP client for the byte-exact cases no library client would send.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
