@@ -281,7 +281,10 @@ impl OneOrMany {
     pub fn to_vec(&self) -> Vec<String> {
         match self {
             OneOrMany::None => Vec::new(),
-            OneOrMany::One(s) => vec![s.clone()].into_iter().filter(|s| !s.is_empty()).collect(),
+            OneOrMany::One(s) => vec![s.clone()]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
             OneOrMany::Many(v) => v.iter().filter(|s| !s.is_empty()).cloned().collect(),
         }
     }
@@ -507,27 +510,48 @@ impl Config {
         }
         let d = &self.delivery;
         if d.retry_schedule.is_empty() || d.retry_schedule.iter().any(|r| r.is_zero()) {
-            return invalid("delivery.retry_schedule", "needs at least one non-zero delay");
+            return invalid(
+                "delivery.retry_schedule",
+                "needs at least one non-zero delay",
+            );
         }
-        if d.max_connections_per_destination == 0 || d.messages_per_connection == 0 || d.max_in_flight == 0 {
-            return invalid("delivery", "connection and message limits must be at least 1");
+        if d.max_connections_per_destination == 0
+            || d.messages_per_connection == 0
+            || d.max_in_flight == 0
+        {
+            return invalid(
+                "delivery",
+                "connection and message limits must be at least 1",
+            );
         }
         for (i, host) in d.smarthost.to_vec().iter().enumerate() {
             if crate::delivery::parse_host_port(host, 25).is_none() {
-                return invalid(&format!("delivery.smarthost[{i}]"), &format!("{host:?} is not host or host:port"));
+                return invalid(
+                    &format!("delivery.smarthost[{i}]"),
+                    &format!("{host:?} is not host or host:port"),
+                );
             }
         }
         for (i, dest) in d.destinations.iter().enumerate() {
             if dest.domain.is_some() == dest.mx_suffix.is_some() {
-                return invalid(&format!("delivery.destination[{i}]"), "set exactly one of domain and mx_suffix");
+                return invalid(
+                    &format!("delivery.destination[{i}]"),
+                    "set exactly one of domain and mx_suffix",
+                );
             }
             if dest.max_connections == Some(0) || dest.messages_per_minute == Some(0) {
-                return invalid(&format!("delivery.destination[{i}]"), "limits must be at least 1");
+                return invalid(
+                    &format!("delivery.destination[{i}]"),
+                    "limits must be at least 1",
+                );
             }
         }
         for (i, ns) in self.dns.nameservers.iter().enumerate() {
             if ns.parse::<SocketAddr>().is_err() && ns.parse::<IpAddr>().is_err() {
-                return invalid(&format!("dns.nameservers[{i}]"), &format!("{ns:?} is not ip or ip:port"));
+                return invalid(
+                    &format!("dns.nameservers[{i}]"),
+                    &format!("{ns:?} is not ip or ip:port"),
+                );
             }
         }
         for (i, account) in self.accounts.iter().enumerate() {
@@ -621,11 +645,23 @@ mod tests {
                 "account[0].password_hash",
             ),
             ("[relay]\nnetworks = [\"10.0.0.0/33\"]\n", "networks"),
-            ("[delivery]\nretry_schedule = []\n", "delivery.retry_schedule"),
-            ("[delivery]\nsmarthost = [\"relay.test:99999\"]\n", "delivery.smarthost[0]"),
+            (
+                "[delivery]\nretry_schedule = []\n",
+                "delivery.retry_schedule",
+            ),
+            (
+                "[delivery]\nsmarthost = [\"relay.test:99999\"]\n",
+                "delivery.smarthost[0]",
+            ),
             ("[delivery]\ntls = \"maybe\"\n", "tls"),
-            ("[[delivery.destination]]\nmax_connections = 2\n", "delivery.destination[0]"),
-            ("[dns]\nnameservers = [\"localhost\"]\n", "dns.nameservers[0]"),
+            (
+                "[[delivery.destination]]\nmax_connections = 2\n",
+                "delivery.destination[0]",
+            ),
+            (
+                "[dns]\nnameservers = [\"localhost\"]\n",
+                "dns.nameservers[0]",
+            ),
         ];
         for (extra, key) in cases {
             let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err();

@@ -9,8 +9,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ListenerMode};
 use crate::crypto::{load_or_create_master_key, CryptoError};
+use crate::delivery::{Deliverer, DeliveryError};
+use crate::queue::Queue;
 use crate::server::{Server, ServerError};
 use crate::spool::{RecoveryReport, Spool, SpoolError};
 use crate::tls::{CertSource, TlsError};
@@ -26,6 +31,24 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error("delivery: {0}")]
+    Delivery(#[from] DeliveryError),
+}
+
+/// How to run: the clock, and whether the queue runs by itself.
+pub struct Options {
+    pub clock: Arc<dyn Clock>,
+    /// False for tests that drive the queue with [`Queue::run_due`] and a manual clock.
+    pub run_queue: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            clock: Arc::new(SystemClock),
+            run_queue: true,
+        }
+    }
 }
 
 /// A started daemon: listeners bound, spool recovered, not yet serving.
@@ -35,13 +58,21 @@ pub struct Daemon {
     pub spool: Spool,
     /// What recovery found in the spool at start.
     pub recovery: RecoveryReport,
+    /// The delivery queue.
+    pub queue: Arc<Queue>,
     /// Cancelling it starts a graceful shutdown.
     pub shutdown: CancellationToken,
+    run_queue: bool,
 }
 
 impl Daemon {
     /// Opens keys and spool, loads (or generates) the certificate and binds every listener.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        Daemon::start_with(config, Options::default()).await
+    }
+
+    /// [`Daemon::start`] with a chosen clock and queue mode.
+    pub async fn start_with(config: Config, options: Options) -> Result<Daemon, StartError> {
         let data_dir = config.data_dir();
         // Private: nothing under it is for other local users, sealed or not.
         std::fs::DirBuilder::new()
@@ -57,12 +88,18 @@ impl Daemon {
             tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; install a real one for production");
         }
         let shutdown = CancellationToken::new();
-        let server = Server::bind(config, spool.clone(), tls, shutdown.clone()).await?;
+        let config = Arc::new(config);
+        let deliverer = Arc::new(Deliverer::new(&config)?);
+        let queue = Queue::new(spool.clone(), deliverer, options.clock, config.clone());
+        let server =
+            Server::bind(config, spool.clone(), queue.clone(), tls, shutdown.clone()).await?;
         Ok(Daemon {
             server,
             spool,
             recovery,
+            queue,
             shutdown,
+            run_queue: options.run_queue,
         })
     }
 
@@ -73,6 +110,12 @@ impl Daemon {
 
     /// Serves until [`Daemon::shutdown`] is cancelled, then drains open sessions.
     pub async fn run(self, drain: Duration) {
-        self.server.run(drain).await
+        let queue = self
+            .run_queue
+            .then(|| tokio::spawn(self.queue.clone().run(self.shutdown.clone(), drain)));
+        self.server.run(drain).await;
+        if let Some(q) = queue {
+            let _ = q.await;
+        }
     }
 }

@@ -66,7 +66,9 @@ impl Resolver {
                 let addr: SocketAddr = ns
                     .parse()
                     .or_else(|_| ns.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                    .map_err(|_| DnsError::Config(format!("dns.nameservers: {ns:?} is not an address")))?;
+                    .map_err(|_| {
+                        DnsError::Config(format!("dns.nameservers: {ns:?} is not an address"))
+                    })?;
                 let mut udp = ConnectionConfig::udp();
                 udp.port = addr.port();
                 let mut tcp = ConnectionConfig::tcp();
@@ -80,7 +82,9 @@ impl Resolver {
         opts.attempts = 2;
         // Mail domains are absolute: never try search suffixes.
         opts.ndots = 0;
-        let inner = builder.build().map_err(|e| DnsError::Config(e.to_string()))?;
+        let inner = builder
+            .build()
+            .map_err(|e| DnsError::Config(e.to_string()))?;
         Ok(Resolver { inner })
     }
 
@@ -96,7 +100,11 @@ impl Resolver {
                     .filter_map(|r| match &r.data {
                         RData::MX(mx) => Some(MxHost {
                             preference: mx.preference,
-                            name: mx.exchange.to_ascii().trim_end_matches('.').to_ascii_lowercase(),
+                            name: mx
+                                .exchange
+                                .to_ascii()
+                                .trim_end_matches('.')
+                                .to_ascii_lowercase(),
                         }),
                         _ => None,
                     })
@@ -128,7 +136,10 @@ impl Resolver {
             return Ok(vec![ip]);
         }
         let fqdn = absolute(host);
-        let (v6, v4) = tokio::join!(self.inner.ipv6_lookup(fqdn.as_str()), self.inner.ipv4_lookup(fqdn.as_str()));
+        let (v6, v4) = tokio::join!(
+            self.inner.ipv6_lookup(fqdn.as_str()),
+            self.inner.ipv4_lookup(fqdn.as_str())
+        );
         let mut out = Vec::new();
         let mut temporary = None;
         let mut nxdomain = false;
@@ -175,7 +186,10 @@ fn absolute(name: &str) -> String {
 
 /// An address literal domain (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) or a bare IP.
 pub fn literal(domain: &str) -> Option<IpAddr> {
-    let inner = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')).unwrap_or(domain);
+    let inner = domain
+        .strip_prefix('[')
+        .and_then(|d| d.strip_suffix(']'))
+        .unwrap_or(domain);
     let inner = inner
         .strip_prefix("IPv6:")
         .or_else(|| inner.strip_prefix("ipv6:"))
@@ -190,7 +204,10 @@ mod tests {
     #[test]
     fn address_literals() {
         assert_eq!(literal("[192.0.2.1]"), Some("192.0.2.1".parse().unwrap()));
-        assert_eq!(literal("[IPv6:2001:db8::1]"), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            literal("[IPv6:2001:db8::1]"),
+            Some("2001:db8::1".parse().unwrap())
+        );
         assert_eq!(literal("example.test"), None);
     }
 }

@@ -18,12 +18,15 @@
 //! previous sync, syncs once, and only then does the session say `250`.
 
 pub mod auth;
+pub mod bounce;
+pub mod clock;
 pub mod config;
 pub mod crypto;
-pub mod delivery;
 pub mod daemon;
+pub mod delivery;
 pub mod dns;
 pub mod proto;
+pub mod queue;
 pub mod server;
 pub mod spool;
 pub mod tls;

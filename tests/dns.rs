@@ -25,22 +25,50 @@ async fn mx_implicit_null_nxdomain_servfail() {
         let hosts = r.mx("example.test").await.unwrap();
         assert_eq!(hosts.len(), 3);
         assert_eq!(hosts[0].preference, 10);
-        assert_eq!(hosts[2], MxHost { preference: 20, name: "mx2.example.test".into() });
+        assert_eq!(
+            hosts[2],
+            MxHost {
+                preference: 20,
+                name: "mx2.example.test".into()
+            }
+        );
         seen_first.insert(hosts[0].name.clone());
     }
-    assert_eq!(seen_first.len(), 2, "equal preferences are chosen at random");
+    assert_eq!(
+        seen_first.len(),
+        2,
+        "equal preferences are chosen at random"
+    );
 
     let mut ips = r.addresses("mx1a.example.test").await.unwrap();
     ips.sort();
-    assert_eq!(ips, vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap(), "::1".parse().unwrap()]);
+    assert_eq!(
+        ips,
+        vec![
+            "127.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+            "::1".parse().unwrap()
+        ]
+    );
 
     assert_eq!(
         r.mx("implicit.test").await.unwrap(),
-        vec![MxHost { preference: 0, name: "implicit.test".into() }]
+        vec![MxHost {
+            preference: 0,
+            name: "implicit.test".into()
+        }]
     );
-    assert_eq!(r.mx("nullmx.test").await, Err(DnsError::NullMx("nullmx.test".into())));
-    assert_eq!(r.mx("nope.test").await, Err(DnsError::NoSuchDomain("nope.test".into())));
+    assert_eq!(
+        r.mx("nullmx.test").await,
+        Err(DnsError::NullMx("nullmx.test".into()))
+    );
+    assert_eq!(
+        r.mx("nope.test").await,
+        Err(DnsError::NoSuchDomain("nope.test".into()))
+    );
     let e = r.mx("broken.test").await.unwrap_err();
     assert!(e.is_temporary(), "{e:?}");
-    assert_eq!(r.addresses("mx2.example.test").await, Err(DnsError::NoSuchDomain("mx2.example.test".into())));
+    assert_eq!(
+        r.addresses("mx2.example.test").await,
+        Err(DnsError::NoSuchDomain("mx2.example.test".into()))
+    );
 }

@@ -32,7 +32,9 @@ impl RemoteReply {
         let parts: Vec<&str> = first.split('.').collect();
         let valid = parts.len() == 3
             && matches!(parts[0], "2" | "4" | "5")
-            && parts[1..].iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+            && parts[1..]
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
         valid.then_some(first)
     }
 
@@ -55,13 +57,19 @@ pub enum ClientError {
     Protocol(String),
     /// The server answered a whole-session command (greeting, EHLO, MAIL, DATA) negatively.
     #[error("{stage}: {}", reply.to_line())]
-    Rejected { stage: &'static str, reply: RemoteReply },
+    Rejected {
+        stage: &'static str,
+        reply: RemoteReply,
+    },
     /// TLS was required and could not be had, or the handshake failed.
     #[error("TLS: {0}")]
     Tls(String),
     /// The message needs an extension the server lacks (SMTPUTF8) or exceeds its SIZE.
     #[error("{reason}")]
-    Unsupported { status: &'static str, reason: String },
+    Unsupported {
+        status: &'static str,
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -196,13 +204,17 @@ impl Connection {
     }
 
     async fn hello(&mut self) -> Result<(), ClientError> {
-        let ehlo = self.command(&format!("EHLO {}", self.opts.helo), "EHLO").await?;
+        let ehlo = self
+            .command(&format!("EHLO {}", self.opts.helo), "EHLO")
+            .await?;
         if ehlo.code == 250 {
             self.ext = parse_extensions(&ehlo);
             return Ok(());
         }
         // A server without ESMTP: HELO, and no extensions.
-        let helo = self.command(&format!("HELO {}", self.opts.helo), "HELO").await?;
+        let helo = self
+            .command(&format!("HELO {}", self.opts.helo), "HELO")
+            .await?;
         if helo.code != 250 {
             return Err(ClientError::Rejected {
                 stage: "HELO",
@@ -228,7 +240,9 @@ impl Connection {
         let Stream::Plain(socket) = std::mem::replace(&mut self.stream, Stream::Closed) else {
             return Err(ClientError::Protocol("STARTTLS on a TLS connection".into()));
         };
-        let (stream, info) = tls.connect(socket, &self.host, policy, self.opts.reply_timeout).await?;
+        let (stream, info) = tls
+            .connect(socket, &self.host, policy, self.opts.reply_timeout)
+            .await?;
         self.stream = Stream::Tls(Box::new(stream));
         self.tls = Some(info);
         Ok(())
@@ -237,7 +251,9 @@ impl Connection {
     /// Authenticates (smarthost): PLAIN when offered, else LOGIN. Only over TLS.
     pub async fn auth(&mut self, username: &str, password: &str) -> Result<(), ClientError> {
         if self.tls.is_none() {
-            return Err(ClientError::Tls("refusing to send credentials without TLS".into()));
+            return Err(ClientError::Tls(
+                "refusing to send credentials without TLS".into(),
+            ));
         }
         let reply = if self.ext.auth_plain {
             let token = crate::proto::encode_base64(&format!("\0{username}\0{password}"));
@@ -245,18 +261,33 @@ impl Connection {
         } else if self.ext.auth_login {
             let r = self.command("AUTH LOGIN", "AUTH").await?;
             if r.code != 334 {
-                return Err(ClientError::Rejected { stage: "AUTH", reply: r });
+                return Err(ClientError::Rejected {
+                    stage: "AUTH",
+                    reply: r,
+                });
             }
-            let r = self.command(&crate::proto::encode_base64(username), "AUTH").await?;
+            let r = self
+                .command(&crate::proto::encode_base64(username), "AUTH")
+                .await?;
             if r.code != 334 {
-                return Err(ClientError::Rejected { stage: "AUTH", reply: r });
+                return Err(ClientError::Rejected {
+                    stage: "AUTH",
+                    reply: r,
+                });
             }
-            self.command(&crate::proto::encode_base64(password), "AUTH").await?
+            self.command(&crate::proto::encode_base64(password), "AUTH")
+                .await?
         } else {
-            return Err(ClientError::Protocol(format!("{} offers no AUTH PLAIN or LOGIN", self.host)));
+            return Err(ClientError::Protocol(format!(
+                "{} offers no AUTH PLAIN or LOGIN",
+                self.host
+            )));
         };
         if reply.code != 235 {
-            return Err(ClientError::Rejected { stage: "AUTH", reply });
+            return Err(ClientError::Rejected {
+                stage: "AUTH",
+                reply,
+            });
         }
         Ok(())
     }
@@ -272,14 +303,21 @@ impl Connection {
         if needs.smtputf8 && !self.ext.smtputf8 {
             return Err(ClientError::Unsupported {
                 status: "5.6.7",
-                reason: format!("{} does not support SMTPUTF8, which this message requires", self.host),
+                reason: format!(
+                    "{} does not support SMTPUTF8, which this message requires",
+                    self.host
+                ),
             });
         }
         if let Some(limit) = self.ext.size.filter(|l| *l > 0) {
             if body.len() as u64 > limit {
                 return Err(ClientError::Unsupported {
                     status: "5.3.4",
-                    reason: format!("message size {} exceeds {}'s limit of {limit}", body.len(), self.host),
+                    reason: format!(
+                        "message size {} exceeds {}'s limit of {limit}",
+                        body.len(),
+                        self.host
+                    ),
                 });
             }
         }
@@ -309,7 +347,8 @@ impl Connection {
             }
             data_reply = self.read_reply("DATA").await?;
             if mail_reply.code != 250 {
-                self.after_failed_transaction(data_reply.code == 354).await?;
+                self.after_failed_transaction(data_reply.code == 354)
+                    .await?;
                 return Err(ClientError::Rejected {
                     stage: "MAIL",
                     reply: mail_reply,
@@ -383,7 +422,10 @@ impl Connection {
     pub async fn reset(&mut self) -> Result<(), ClientError> {
         let reply = self.command("RSET", "RSET").await?;
         if reply.code != 250 {
-            return Err(ClientError::Rejected { stage: "RSET", reply });
+            return Err(ClientError::Rejected {
+                stage: "RSET",
+                reply,
+            });
         }
         Ok(())
     }
@@ -398,7 +440,11 @@ impl Connection {
         Ok(())
     }
 
-    async fn command(&mut self, line: &str, stage: &'static str) -> Result<RemoteReply, ClientError> {
+    async fn command(
+        &mut self,
+        line: &str,
+        stage: &'static str,
+    ) -> Result<RemoteReply, ClientError> {
         self.write(format!("{line}\r\n").as_bytes(), stage).await?;
         self.read_reply(stage).await
     }
@@ -448,7 +494,10 @@ impl Connection {
     }
 }
 
-async fn write_all<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_all<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     s.write_all(bytes).await?;
     s.flush().await
 }
@@ -470,9 +519,12 @@ pub fn parse_reply(buf: &mut BytesMut) -> Result<Option<RemoteReply>, ClientErro
                 String::from_utf8_lossy(&line[..line.len().min(80)])
             )));
         }
-        let this: u16 = (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
+        let this: u16 =
+            (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
         if *code.get_or_insert(this) != this {
-            return Err(ClientError::Protocol("reply lines with different codes".into()));
+            return Err(ClientError::Protocol(
+                "reply lines with different codes".into(),
+            ));
         }
         text.push(String::from_utf8_lossy(line.get(4..).unwrap_or(b"")).into_owned());
         pos += nl + 1;
@@ -534,7 +586,8 @@ mod tests {
 
     #[test]
     fn replies_parse_across_lines_and_reject_garbage() {
-        let mut buf = BytesMut::from(&b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n354 go"[..]);
+        let mut buf =
+            BytesMut::from(&b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n354 go"[..]);
         let r = parse_reply(&mut buf).unwrap().unwrap();
         assert_eq!(r.code, 250);
         let ext = parse_extensions(&r);
@@ -563,7 +616,10 @@ mod tests {
 
     #[test]
     fn stuffing() {
-        assert_eq!(dot_stuff(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n.\r\n");
+        assert_eq!(
+            dot_stuff(b".a\r\nb\r\n..c\r\n"),
+            b"..a\r\nb\r\n...c\r\n.\r\n"
+        );
         assert_eq!(dot_stuff(b"x"), b"x\r\n.\r\n");
         assert_eq!(dot_stuff(b""), b".\r\n");
     }

@@ -19,14 +19,19 @@ impl Limits {
     pub(super) async fn slot(&self, key: &str, max: usize) -> Option<OwnedSemaphorePermit> {
         let sem = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry(key.to_string()).or_insert_with(|| Arc::new(Semaphore::new(max))).clone()
+            slots
+                .entry(key.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(max)))
+                .clone()
         };
         sem.acquire_owned().await.ok()
     }
 
     /// Waits until a message to `key` may start under `per_minute` (evenly spaced, no burst).
     pub(super) async fn pace(&self, key: &str, per_minute: Option<u32>) {
-        let Some(rate) = per_minute.filter(|r| *r > 0) else { return };
+        let Some(rate) = per_minute.filter(|r| *r > 0) else {
+            return;
+        };
         let interval = Duration::from_secs(60) / rate;
         let start = {
             let mut next = self.next_start.lock().unwrap_or_else(|p| p.into_inner());

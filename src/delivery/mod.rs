@@ -100,7 +100,9 @@ pub fn parse_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
         None => (s, default_port),
     };
     let valid = !host.is_empty()
-        && host.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     valid.then(|| (host.to_ascii_lowercase(), port))
 }
 
@@ -144,7 +146,12 @@ impl Deliverer {
                 (vec![(ip.to_string(), self.config.port)], Vec::new())
             } else {
                 match self.resolver.mx(job.domain).await {
-                    Ok(mx) => (mx.iter().map(|h| (h.name.clone(), self.config.port)).collect(), mx),
+                    Ok(mx) => (
+                        mx.iter()
+                            .map(|h| (h.name.clone(), self.config.port))
+                            .collect(),
+                        mx,
+                    ),
                     Err(e) => return all(&job, dns_failure(&e)),
                 }
             }
@@ -153,7 +160,14 @@ impl Deliverer {
         };
         let dest = self.destination(job.domain, &mx);
         let Some(_slot) = self.limits.slot(&dest.key, dest.max_connections).await else {
-            return all(&job, failure(Status::Temporary, "4.3.0", "x-postern; shutting down".into()));
+            return all(
+                &job,
+                failure(
+                    Status::Temporary,
+                    "4.3.0",
+                    "x-postern; shutting down".into(),
+                ),
+            );
         };
         self.limits.pace(&dest.key, dest.per_minute).await;
 
@@ -182,13 +196,21 @@ impl Deliverer {
                 .collect(),
             Err(e) => {
                 let o = client_failure(&e);
-                job.rcpts.iter().map(|(i, _)| RcptOutcome { index: *i, ..o.clone() }).collect()
+                job.rcpts
+                    .iter()
+                    .map(|(i, _)| RcptOutcome {
+                        index: *i,
+                        ..o.clone()
+                    })
+                    .collect()
             }
         };
         // Reuse only a connection that just completed a transaction cleanly.
-        let reusable = result_ok(&outcomes) && conn.transactions < self.config.messages_per_connection;
+        let reusable =
+            result_ok(&outcomes) && conn.transactions < self.config.messages_per_connection;
         if reusable {
-            self.pool.put(pool_key(&conn.host, conn.addr.port(), dest.policy), conn);
+            self.pool
+                .put(pool_key(&conn.host, conn.addr.port(), dest.policy), conn);
         } else {
             tokio::spawn(conn.quit());
         }
@@ -204,7 +226,11 @@ impl Deliverer {
     }
 
     /// An idle connection to one of `hosts`, or a new one to the first that answers.
-    async fn connection(&self, hosts: &[(String, u16)], policy: TlsPolicy) -> Result<Connection, RcptOutcome> {
+    async fn connection(
+        &self,
+        hosts: &[(String, u16)],
+        policy: TlsPolicy,
+    ) -> Result<Connection, RcptOutcome> {
         for (host, port) in hosts {
             if let Some(mut conn) = self.pool.take(&pool_key(host, *port, policy)) {
                 if conn.reset().await.is_ok() {
@@ -240,7 +266,13 @@ impl Deliverer {
                 }
             }
         }
-        let mut outcome = last.unwrap_or_else(|| failure(Status::Temporary, "4.4.1", "x-postern; no host to try".into()));
+        let mut outcome = last.unwrap_or_else(|| {
+            failure(
+                Status::Temporary,
+                "4.4.1",
+                "x-postern; no host to try".into(),
+            )
+        });
         // One unreachable host among several is no reason to give up on the others later.
         if tries > 0 || any_temporary_dns {
             outcome.status = Status::Temporary;
@@ -249,7 +281,12 @@ impl Deliverer {
         Err(outcome)
     }
 
-    async fn open(&self, addr: SocketAddr, host: &str, policy: TlsPolicy) -> Result<Connection, ClientError> {
+    async fn open(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        policy: TlsPolicy,
+    ) -> Result<Connection, ClientError> {
         let mut conn = match Connection::open(addr, host, policy, &self.tls, &self.opts).await {
             // Opportunistic TLS that fails the handshake falls back to plain text, as peers do:
             // refusing would make delivery to that host impossible, not safer.
@@ -269,10 +306,13 @@ impl Deliverer {
 
     fn destination(&self, domain: &str, mx: &[MxHost]) -> Destination {
         let matched = self.config.destinations.iter().find(|d| {
-            d.domain.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(domain))
-                || d.mx_suffix
-                    .as_deref()
-                    .is_some_and(|suffix| mx.iter().any(|h| h.name.ends_with(&suffix.to_ascii_lowercase())))
+            d.domain
+                .as_deref()
+                .is_some_and(|x| x.eq_ignore_ascii_case(domain))
+                || d.mx_suffix.as_deref().is_some_and(|suffix| {
+                    mx.iter()
+                        .any(|h| h.name.ends_with(&suffix.to_ascii_lowercase()))
+                })
         });
         let key = match matched {
             Some(d) => match (&d.domain, &d.mx_suffix) {
@@ -336,15 +376,29 @@ fn from_reply(reply: &RemoteReply) -> RcptOutcome {
         .enhanced()
         .filter(|c| c.as_bytes()[0] == default.as_bytes()[0])
         .unwrap_or(default);
-    failure(status, code, format!("smtp; {}", one_line(&reply.to_line())))
+    failure(
+        status,
+        code,
+        format!("smtp; {}", one_line(&reply.to_line())),
+    )
 }
 
 fn client_failure(e: &ClientError) -> RcptOutcome {
     match e {
         ClientError::Rejected { reply, .. } => from_reply(reply),
-        ClientError::Unsupported { status, reason } => failure(Status::Permanent, status, format!("x-postern; {reason}")),
-        ClientError::Tls(reason) => failure(Status::Temporary, "4.7.5", format!("x-postern; {}", one_line(reason))),
-        other => failure(Status::Temporary, "4.4.1", format!("x-postern; {}", one_line(&other.to_string()))),
+        ClientError::Unsupported { status, reason } => {
+            failure(Status::Permanent, status, format!("x-postern; {reason}"))
+        }
+        ClientError::Tls(reason) => failure(
+            Status::Temporary,
+            "4.7.5",
+            format!("x-postern; {}", one_line(reason)),
+        ),
+        other => failure(
+            Status::Temporary,
+            "4.4.1",
+            format!("x-postern; {}", one_line(&other.to_string())),
+        ),
     }
 }
 
@@ -360,7 +414,10 @@ fn dns_failure(e: &DnsError) -> RcptOutcome {
 
 /// Diagnostics go into DSN header fields: one line, bounded.
 fn one_line(s: &str) -> String {
-    let flat: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     flat.chars().take(900).collect()
 }
 
@@ -370,10 +427,22 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(parse_host_port("relay.test", 25), Some(("relay.test".into(), 25)));
-        assert_eq!(parse_host_port("Relay.test:587", 25), Some(("relay.test".into(), 587)));
-        assert_eq!(parse_host_port("[::1]:2525", 25), Some(("::1".into(), 2525)));
-        assert_eq!(parse_host_port("127.0.0.1:26", 25), Some(("127.0.0.1".into(), 26)));
+        assert_eq!(
+            parse_host_port("relay.test", 25),
+            Some(("relay.test".into(), 25))
+        );
+        assert_eq!(
+            parse_host_port("Relay.test:587", 25),
+            Some(("relay.test".into(), 587))
+        );
+        assert_eq!(
+            parse_host_port("[::1]:2525", 25),
+            Some(("::1".into(), 2525))
+        );
+        assert_eq!(
+            parse_host_port("127.0.0.1:26", 25),
+            Some(("127.0.0.1".into(), 26))
+        );
         assert_eq!(parse_host_port("relay.test:99999", 25), None);
         assert_eq!(parse_host_port("bad host", 25), None);
     }

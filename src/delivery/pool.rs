@@ -55,7 +55,9 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let mut expired = Vec::new();
         for list in idle.values_mut() {
-            let (keep, old): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, t)| t.elapsed() < self.idle_timeout);
+            let (keep, old): (Vec<_>, Vec<_>) = list
+                .drain(..)
+                .partition(|(_, t)| t.elapsed() < self.idle_timeout);
             *list = keep;
             expired.extend(old.into_iter().map(|(c, _)| c));
         }

@@ -63,7 +63,9 @@ impl TlsClient {
                 reason,
             };
             for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
-                roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+                roots
+                    .add(cert.map_err(|e| bad(e.to_string()))?)
+                    .map_err(|e| bad(e.to_string()))?;
             }
         }
         let roots = Arc::new(roots);
@@ -101,11 +103,16 @@ impl TlsClient {
             TlsPolicy::Require => &self.verifying,
             _ => &self.any_cert,
         };
-        let stream = match tokio::time::timeout(timeout, connector.connect(name.clone(), socket)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ClientError::Tls(format!("handshake with {host} failed: {e}"))),
-            Err(_) => return Err(ClientError::Tls(format!("handshake with {host} timed out"))),
-        };
+        let stream =
+            match tokio::time::timeout(timeout, connector.connect(name.clone(), socket)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(ClientError::Tls(format!(
+                        "handshake with {host} failed: {e}"
+                    )))
+                }
+                Err(_) => return Err(ClientError::Tls(format!("handshake with {host} timed out"))),
+            };
         let conn = stream.get_ref().1;
         let verified = policy == TlsPolicy::Require
             || match conn.peer_certificates() {
@@ -150,7 +157,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -159,10 +171,17 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

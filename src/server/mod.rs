@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Accounts;
 use crate::config::{Config, ListenerMode};
+use crate::queue::Queue;
 use crate::spool::Spool;
 
 /// Why the server could not start.
@@ -36,8 +37,10 @@ pub enum ServerError {
 
 /// What every session shares.
 pub(crate) struct Context {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub spool: Spool,
+    /// Told about each accepted message, so delivery starts at once.
+    pub queue: Arc<Queue>,
     pub accounts: Arc<Accounts>,
     pub tls: TlsAcceptor,
     /// Fires on shutdown: sessions between commands say 421 and close.
@@ -53,8 +56,9 @@ pub struct Server {
 impl Server {
     /// Binds every `[[listener]]` of `config`.
     pub async fn bind(
-        config: Config,
+        config: Arc<Config>,
         spool: Spool,
+        queue: Arc<Queue>,
         tls: Arc<rustls::ServerConfig>,
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
@@ -73,6 +77,7 @@ impl Server {
             ctx: Arc::new(Context {
                 config,
                 spool,
+                queue,
                 accounts,
                 tls: TlsAcceptor::from(tls),
                 shutdown,

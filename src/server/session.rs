@@ -398,6 +398,7 @@ impl Session {
             .await
         {
             Ok(()) => {
+                self.ctx.queue.submitted(id);
                 tracing::info!(
                     peer = %self.peer.ip(),
                     queue_id = %queue_id,

@@ -27,7 +27,9 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub async fn start() -> DnsServer {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind dns");
         let addr = socket.local_addr().unwrap();
         let zone = Arc::new(Mutex::new(Zone::default()));
         let queries = Arc::new(Mutex::new(Vec::new()));
@@ -35,23 +37,43 @@ impl DnsServer {
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
-                let Ok((n, peer)) = socket.recv_from(&mut buf).await else { return };
-                let Ok(request) = Message::from_vec(&buf[..n]) else { continue };
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(request) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
                 let response = answer(&request, &z.lock().unwrap(), &q);
                 if let Ok(bytes) = response.to_vec() {
                     let _ = socket.send_to(&bytes, peer).await;
                 }
             }
         });
-        DnsServer { addr, zone, queries }
+        DnsServer {
+            addr,
+            zone,
+            queries,
+        }
     }
 
     pub fn mx(&self, domain: &str, pref: u16, host: &str) {
-        self.zone.lock().unwrap().mx.entry(domain.into()).or_default().push((pref, host.into()));
+        self.zone
+            .lock()
+            .unwrap()
+            .mx
+            .entry(domain.into())
+            .or_default()
+            .push((pref, host.into()));
     }
 
     pub fn addr(&self, host: &str, ip: &str) {
-        self.zone.lock().unwrap().addrs.entry(host.into()).or_default().push(ip.parse().unwrap());
+        self.zone
+            .lock()
+            .unwrap()
+            .addrs
+            .entry(host.into())
+            .or_default()
+            .push(ip.parse().unwrap());
     }
 
     pub fn servfail(&self, name: &str) {
@@ -74,7 +96,11 @@ fn answer(request: &Message, zone: &Zone, log: &Mutex<Vec<(String, RecordType)>>
         return response;
     };
     response.add_query(query.clone());
-    let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let name = query
+        .name
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     log.lock().unwrap().push((name.clone(), query.query_type));
     if zone.servfail.contains(&name) {
         response.metadata.response_code = ResponseCode::ServFail;
@@ -94,7 +120,11 @@ fn answer(request: &Message, zone: &Zone, log: &Mutex<Vec<(String, RecordType)>>
                 } else {
                     Name::from_ascii(format!("{host}.")).unwrap()
                 };
-                response.add_answer(Record::from_rdata(owner.clone(), 60, RData::MX(MX::new(*pref, exchange))));
+                response.add_answer(Record::from_rdata(
+                    owner.clone(),
+                    60,
+                    RData::MX(MX::new(*pref, exchange)),
+                ));
             }
         }
         RecordType::A | RecordType::AAAA => {

@@ -71,11 +71,27 @@ password_hash = "{hash}"
 
 impl TestServer {
     /// Starts a server; `extra` adds or overrides TOML tables (e.g. `[limits]`).
+    /// The queue does not run: messages stay in the spool for inspection.
     pub async fn start(extra: &str) -> TestServer {
+        let options = postern::daemon::Options {
+            run_queue: false,
+            ..Default::default()
+        };
+        TestServer::start_with(extra, options).await.0
+    }
+
+    /// Starts with explicit daemon options; also returns the queue.
+    pub async fn start_with(
+        extra: &str,
+        options: postern::daemon::Options,
+    ) -> (TestServer, Arc<postern::queue::Queue>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = config_text(dir.path(), extra);
         let config = Config::parse(&text, "test", dir.path()).expect("test config is valid");
-        let daemon = Daemon::start(config).await.expect("daemon starts");
+        let daemon = Daemon::start_with(config, options)
+            .await
+            .expect("daemon starts");
+        let queue = daemon.queue.clone();
         let addr = |mode| {
             daemon
                 .local_addrs()
@@ -92,7 +108,7 @@ impl TestServer {
         let spool = daemon.spool.clone();
         let shutdown = daemon.shutdown.clone();
         let task = tokio::spawn(daemon.run(Duration::from_secs(5)));
-        TestServer {
+        let server = TestServer {
             dir,
             relay,
             submission,
@@ -100,7 +116,8 @@ impl TestServer {
             spool,
             shutdown,
             task,
-        }
+        };
+        (server, queue)
     }
 
     pub fn cert_path(&self) -> PathBuf {
@@ -392,7 +409,12 @@ impl Drop for Child {
 
 /// Writes `<dir>/config.toml` for [`Child`]: fixed test config with one relay listener on :0.
 pub fn write_child_config(dir: &Path, extra: &str) {
-    let text = config_text(dir, extra);
+    // A resolver that never answers (the discard port): deliveries defer, nothing leaves the
+    // machine, and the messages stay in the spool for the test to inspect.
+    let text = config_text(
+        dir,
+        &format!("[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n{extra}"),
+    );
     std::fs::write(dir.join("config.toml"), text).expect("write config");
 }
 

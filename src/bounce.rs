@@ -1,0 +1,142 @@
+//! Delivery status notifications (RFC 3464): "your message could not be delivered" and
+//! "your message is delayed", sent to the envelope sender with the null reverse path.
+//!
+//! A DSN carries the original's headers (text/rfc822-headers), never its body: the body may
+//! hold personal data the sender's mailbox should not receive back in bulk, and it is being
+//! destroyed anyway.
+
+use chrono::{DateTime, Utc};
+
+use crate::spool::Envelope;
+
+/// What the notice reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Recipients failed permanently or expired (Action: failed).
+    Failure,
+    /// Recipients still being retried (Action: delayed).
+    Delay,
+}
+
+/// One recipient in a notice.
+#[derive(Debug, Clone)]
+pub struct Entry<'a> {
+    pub rcpt: &'a str,
+    /// "5.1.1", "4.4.7"...
+    pub status: &'a str,
+    /// "smtp; 550 5.1.1 No such user"
+    pub diagnostic: &'a str,
+    pub remote: Option<&'a str>,
+}
+
+/// Builds the DSN message (CRLF line endings). `original` is the spooled message as received.
+pub fn build(
+    kind: Kind,
+    hostname: &str,
+    queue_id: &str,
+    envelope: &Envelope,
+    original: &[u8],
+    entries: &[Entry<'_>],
+    now: DateTime<Utc>,
+    boundary_seed: u64,
+) -> Vec<u8> {
+    let boundary = format!("{queue_id}/{boundary_seed:016x}/{hostname}");
+    let date = now.format("%a, %d %b %Y %H:%M:%S +0000");
+    let arrival = DateTime::from_timestamp(envelope.received_at, 0)
+        .unwrap_or(now)
+        .format("%a, %d %b %Y %H:%M:%S +0000");
+    let (subject, intro, action) = match kind {
+        Kind::Failure => (
+            "Undelivered Mail Returned to Sender",
+            "Your message could not be delivered to one or more recipients.\r\nThis is a permanent failure; it will not be retried.",
+            "failed",
+        ),
+        Kind::Delay => (
+            "Delayed Mail (still being retried)",
+            "Your message has not been delivered yet to one or more recipients.\r\nIt is still being retried; no action is needed now.",
+            "delayed",
+        ),
+    };
+    let mut m = String::new();
+    m.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
+    ));
+    m.push_str(&format!("To: <{}>\r\n", envelope.mail_from));
+    m.push_str(&format!("Subject: {subject}\r\n"));
+    m.push_str(&format!("Date: {date}\r\n"));
+    m.push_str(&format!(
+        "Message-ID: <{queue_id}.{boundary_seed:x}.dsn@{hostname}>\r\n"
+    ));
+    m.push_str("Auto-Submitted: auto-replied\r\n");
+    m.push_str("MIME-Version: 1.0\r\n");
+    m.push_str(&format!(
+        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\n"
+    ));
+    m.push_str("This is a MIME-encapsulated message.\r\n\r\n");
+
+    m.push_str(&format!("--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"));
+    m.push_str(&format!(
+        "This is the mail system at {hostname}.\r\n\r\n{intro}\r\n\r\n"
+    ));
+    for e in entries {
+        m.push_str(&format!("<{}>: {}\r\n", e.rcpt, e.diagnostic));
+    }
+    m.push_str("\r\n");
+
+    m.push_str(&format!(
+        "--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+    ));
+    m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
+    m.push_str(&format!("X-Postern-Queue-ID: {queue_id}\r\n"));
+    m.push_str(&format!("Arrival-Date: {arrival}\r\n"));
+    for e in entries {
+        // RFC 6533: a non-ASCII address is typed utf-8 rather than rfc822.
+        let addr_type = if e.rcpt.is_ascii() { "rfc822" } else { "utf-8" };
+        m.push_str(&format!("\r\nFinal-Recipient: {addr_type}; {}\r\n", e.rcpt));
+        m.push_str(&format!("Action: {action}\r\n"));
+        m.push_str(&format!("Status: {}\r\n", e.status));
+        if let Some(remote) = e.remote {
+            m.push_str(&format!("Remote-MTA: dns; {remote}\r\n"));
+        }
+        m.push_str(&format!("Diagnostic-Code: {}\r\n", e.diagnostic));
+        m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
+    }
+    m.push_str("\r\n");
+
+    m.push_str(&format!(
+        "--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+    ));
+    let mut out = m.into_bytes();
+    out.extend_from_slice(headers(original));
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
+
+/// The header section of a message: everything before the first empty line.
+pub fn headers(message: &[u8]) -> &[u8] {
+    if message.starts_with(b"\r\n") {
+        return &[];
+    }
+    match message.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &message[..i + 2],
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_only_never_the_body() {
+        assert_eq!(
+            headers(b"A: 1\r\nB: 2\r\n\r\nsecret body\r\n"),
+            b"A: 1\r\nB: 2\r\n"
+        );
+        assert_eq!(headers(b"\r\nbody"), b"");
+        assert_eq!(headers(b"A: 1\r\n"), b"A: 1\r\n");
+    }
+}
