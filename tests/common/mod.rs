@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod sink;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -424,4 +425,57 @@ pub fn open_spool(dir: &Path) -> (Spool, postern::spool::RecoveryReport) {
     let key =
         postern::crypto::load_or_create_master_key(&data.join("master.key")).expect("master key");
     Spool::open(&data, key, 64 << 20).expect("spool")
+}
+
+/// A test certificate authority and a server certificate it issued.
+pub struct TestCa {
+    /// The CA certificate (PEM), to trust via `delivery.tls_ca_file`.
+    pub ca_file: PathBuf,
+    /// Server config presenting the issued certificate.
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+/// Makes a CA in `dir` and a server certificate for `names` signed by it.
+pub fn test_ca(dir: &Path, names: &[&str]) -> TestCa {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    postern::tls::install_provider();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Postern Test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let leaf = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let ca_file = dir.join("test-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let server = server_config(leaf.der().clone(), leaf_key.serialize_der());
+    TestCa { ca_file, server }
+}
+
+/// A self-signed certificate no one trusts (for opportunistic TLS).
+pub fn self_signed_server(names: &[&str]) -> Arc<rustls::ServerConfig> {
+    postern::tls::install_provider();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let c = rcgen::generate_simple_self_signed(names).unwrap();
+    server_config(c.cert.der().clone(), c.signing_key.serialize_der())
+}
+
+fn server_config(
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: Vec<u8>,
+) -> Arc<rustls::ServerConfig> {
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.into());
+    Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap(),
+    )
 }
