@@ -29,17 +29,34 @@ pub struct Entry<'a> {
     pub remote: Option<&'a str>,
 }
 
+/// Everything a notice is made from.
+#[derive(Clone, Copy)]
+pub struct Notice<'a> {
+    pub kind: Kind,
+    /// Our name (Reporting-MTA, From: MAILER-DAEMON@).
+    pub hostname: &'a str,
+    pub queue_id: &'a str,
+    pub envelope: &'a Envelope,
+    /// The spooled message as received; only its headers are used.
+    pub original: &'a [u8],
+    pub entries: &'a [Entry<'a>],
+    pub now: DateTime<Utc>,
+    /// Random, for the MIME boundary and Message-ID.
+    pub boundary_seed: u64,
+}
+
 /// Builds the DSN message (CRLF line endings). `original` is the spooled message as received.
-pub fn build(
-    kind: Kind,
-    hostname: &str,
-    queue_id: &str,
-    envelope: &Envelope,
-    original: &[u8],
-    entries: &[Entry<'_>],
-    now: DateTime<Utc>,
-    boundary_seed: u64,
-) -> Vec<u8> {
+pub fn build(n: &Notice<'_>) -> Vec<u8> {
+    let Notice {
+        kind,
+        hostname,
+        queue_id,
+        envelope,
+        original,
+        entries,
+        now,
+        boundary_seed,
+    } = *n;
     let boundary = format!("{queue_id}/{boundary_seed:016x}/{hostname}");
     let date = now.format("%a, %d %b %Y %H:%M:%S +0000");
     let arrival = DateTime::from_timestamp(envelope.received_at, 0)

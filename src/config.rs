@@ -53,6 +53,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub dns: DnsConfig,
+    #[serde(default)]
+    pub dkim: DkimConfig,
     /// Directory that relative paths are resolved against; not a TOML key.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -70,6 +72,9 @@ pub struct ServerConfig {
     /// Defaults to `<data_dir>/master.key`.
     #[serde(default)]
     pub master_key: Option<PathBuf>,
+    /// Addresses this host sends from, for the SPF record `postern dns-records` suggests.
+    #[serde(default)]
+    pub public_addresses: Vec<IpAddr>,
 }
 
 /// How a listener treats its clients.
@@ -432,6 +437,37 @@ fn default_dns_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
+/// `[dkim]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimConfig {
+    /// Refuse mail from a sending domain that has no key, instead of relaying it unsigned.
+    #[serde(default)]
+    pub require: bool,
+    /// Sign for the envelope sender's domain when the message has no usable `From:`.
+    #[serde(default)]
+    pub fallback_to_envelope: bool,
+    /// Adds `x=` (signature expiry) this long after signing.
+    #[serde(default, with = "humantime_serde")]
+    pub expire_after: Option<Duration>,
+    #[serde(default, rename = "key")]
+    pub keys: Vec<DkimKeyConfig>,
+}
+
+/// `[[dkim.key]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKeyConfig {
+    pub domain: String,
+    pub selector: String,
+    /// "ed25519" or "rsa-sha256".
+    pub algorithm: String,
+    pub private_key: PathBuf,
+    /// Also sign for subdomains of `domain` (with `d=` this domain).
+    #[serde(default)]
+    pub subdomains: bool,
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -551,6 +587,29 @@ impl Config {
                 return invalid(
                     &format!("dns.nameservers[{i}]"),
                     &format!("{ns:?} is not ip or ip:port"),
+                );
+            }
+        }
+        for (i, k) in self.dkim.keys.iter().enumerate() {
+            if crate::dkim::Algorithm::parse(&k.algorithm).is_none() {
+                return invalid(
+                    &format!("dkim.key[{i}].algorithm"),
+                    "must be \"ed25519\" or \"rsa-sha256\"",
+                );
+            }
+            let label_ok = |s: &str| {
+                !s.is_empty()
+                    && s.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
+            };
+            if !label_ok(&k.domain) {
+                return invalid(&format!("dkim.key[{i}].domain"), "must be a domain name");
+            }
+            if !label_ok(&k.selector) {
+                return invalid(
+                    &format!("dkim.key[{i}].selector"),
+                    "must be letters, digits, '-' and '.'",
                 );
             }
         }

@@ -33,6 +33,8 @@ pub enum StartError {
     Server(#[from] ServerError),
     #[error("delivery: {0}")]
     Delivery(#[from] DeliveryError),
+    #[error("DKIM: {0}")]
+    Dkim(#[from] crate::dkim::DkimError),
 }
 
 /// How to run: the clock, and whether the queue runs by itself.
@@ -87,12 +89,20 @@ impl Daemon {
         if source == CertSource::Generated {
             tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; install a real one for production");
         }
+        let dkim = Arc::new(crate::dkim::Keys::load(&config)?);
         let shutdown = CancellationToken::new();
         let config = Arc::new(config);
         let deliverer = Arc::new(Deliverer::new(&config)?);
         let queue = Queue::new(spool.clone(), deliverer, options.clock, config.clone());
-        let server =
-            Server::bind(config, spool.clone(), queue.clone(), tls, shutdown.clone()).await?;
+        let server = Server::bind(
+            config,
+            spool.clone(),
+            queue.clone(),
+            dkim,
+            tls,
+            shutdown.clone(),
+        )
+        .await?;
         Ok(Daemon {
             server,
             spool,

@@ -24,6 +24,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod proto;
 pub mod queue;

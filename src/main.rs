@@ -38,6 +38,35 @@ enum Command {
         #[command(subcommand)]
         command: AccountCommand,
     },
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
+    /// Prints the DNS records to publish for a sending domain: DKIM, SPF, DMARC.
+    DnsRecords {
+        #[arg(long)]
+        domain: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Generates a signing key (mode 0600) and prints the TXT record to publish.
+    Keygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        /// ed25519 or rsa (2048 bits).
+        #[arg(long, default_value = "ed25519")]
+        algorithm: String,
+        /// Where to write the key; default keys/DOMAIN.SELECTOR.pem.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -54,6 +83,16 @@ fn main() -> ExitCode {
         Command::Account {
             command: AccountCommand::Hash,
         } => hash_password(),
+        Command::Dkim {
+            command:
+                DkimCommand::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    out,
+                },
+        } => keygen(&domain, &selector, &algorithm, out),
+        Command::DnsRecords { domain, config } => dns_records(config, &domain),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,6 +127,41 @@ fn hash_password() -> anyhow::Result<()> {
     let password = line.trim_end_matches(['\r', '\n']);
     anyhow::ensure!(!password.is_empty(), "no password on standard input");
     println!("{}", postern::auth::hash_password(password)?);
+    Ok(())
+}
+
+fn dns_records(config: Option<PathBuf>, domain: &str) -> anyhow::Result<()> {
+    let config = load(config)?;
+    print!("{}", postern::dkim::dns_records(&config, domain)?);
+    Ok(())
+}
+
+fn keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use postern::dkim::{generate, public_key_record, txt_chunks, Algorithm};
+    let alg = Algorithm::parse(algorithm)
+        .ok_or_else(|| anyhow::anyhow!("--algorithm must be ed25519 or rsa"))?;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("keys/{domain}.{selector}.pem")));
+    let key = generate(alg, &path)?;
+    println!(
+        "; private key written to {} (mode 0600); add to config.toml:",
+        path.display()
+    );
+    println!(";   [[dkim.key]]");
+    println!(";   domain = \"{domain}\"");
+    println!(";   selector = \"{selector}\"");
+    println!(";   algorithm = \"{}\"", alg.config_name());
+    println!(";   private_key = \"{}\"", path.display());
+    println!("; and publish:");
+    println!(
+        "{selector}._domainkey.{domain}. IN TXT {}",
+        txt_chunks(&public_key_record(alg, &key.public_b64))
+    );
     Ok(())
 }
 

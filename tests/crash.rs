@@ -165,3 +165,66 @@ async fn storage_failure_is_a_4xx_never_a_250() {
         b"SMALL-ONE"
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_delivery_still_delivers_everything_after_restart() {
+    let dns = common::dns::DnsServer::start().await;
+    let sink = common::sink::Sink::start("127.0.0.1").await;
+    dns.mx("dest.test", 10, "mx.sink.test");
+    dns.addr("mx.sink.test", "127.0.0.1");
+    // A slow receiver, so that the kill lands while deliveries are in progress.
+    sink.behaviour.lock().unwrap().data_delay = Some(Duration::from_millis(150));
+    let dir = tempfile::tempdir().unwrap();
+    let text = common::config_text(
+        dir.path(),
+        &format!(
+            "[delivery]\nport = {}\nmax_connections_per_destination = 2\n[dns]\nnameservers = [\"{}\"]\n",
+            sink.addr.port(),
+            dns.nameserver()
+        ),
+    );
+    std::fs::write(dir.path().join("config.toml"), text).unwrap();
+    let mut child = Child::spawn(dir.path(), None);
+
+    let (mut c, _) = Raw::connect(child.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let mut markers = Vec::new();
+    for i in 0..40 {
+        let marker = format!("DELIVERY-CRASH-{i}-MARK");
+        let r = c
+            .send_mail(
+                "app@sender.test",
+                &["r@dest.test"],
+                &format!("Subject: {i}\r\n\r\n{marker}\r\n"),
+            )
+            .await;
+        assert_eq!(r.code, 250);
+        markers.push(marker);
+    }
+    // Some delivered, most not: kill now.
+    let start = Instant::now();
+    while sink.received().is_empty() && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill9();
+    let before = sink.received().len();
+    assert!(
+        before < markers.len(),
+        "the kill came too late to test anything ({before})"
+    );
+
+    let _restarted = Child::spawn(dir.path(), None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = sink.received();
+        let missing: Vec<&String> = markers
+            .iter()
+            .filter(|m| !got.iter().any(|r| contains(&r.data, m.as_bytes())))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {missing:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -240,9 +240,11 @@ impl Queue {
                     now,
                     &self.config.delivery.retry_schedule,
                     expires_at,
-                    &o.code,
-                    &o.diagnostic,
-                    o.remote.as_deref(),
+                    schedule::Failure {
+                        status: &o.code,
+                        diagnostic: &o.diagnostic,
+                        remote: o.remote.as_deref(),
+                    },
                 ),
             }
         }
@@ -348,16 +350,16 @@ impl Queue {
         let date = chrono::DateTime::from_timestamp(now, 0).unwrap_or_else(chrono::Utc::now);
         let seed = rand::random::<u64>();
         let host = &self.config.server.hostname;
-        let body = bounce::build(
+        let body = bounce::build(&bounce::Notice {
             kind,
-            host,
-            &msg.id.to_string(),
-            &msg.envelope,
-            &msg.body,
-            &entries,
-            date,
-            seed,
-        );
+            hostname: host,
+            queue_id: &msg.id.to_string(),
+            envelope: &msg.envelope,
+            original: &msg.body,
+            entries: &entries,
+            now: date,
+            boundary_seed: seed,
+        });
         let envelope = Envelope {
             mail_from: String::new(),
             recipients: vec![msg.envelope.mail_from.clone()],

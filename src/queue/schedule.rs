@@ -17,6 +17,14 @@ pub struct RcptSchedule {
     pub last_remote: Option<String>,
 }
 
+/// What went wrong in a temporary failure, kept for the expiry notice.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    pub status: &'a str,
+    pub diagnostic: &'a str,
+    pub remote: Option<&'a str>,
+}
+
 /// Retry state of a message.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Schedule {
@@ -66,9 +74,7 @@ impl Schedule {
         now: i64,
         retry: &[Duration],
         expires_at: i64,
-        status: &str,
-        diagnostic: &str,
-        remote: Option<&str>,
+        last: Failure<'_>,
     ) {
         let Some(r) = self.rcpts.get_mut(i) else {
             return;
@@ -79,9 +85,9 @@ impl Schedule {
             .or(retry.last())
             .map_or(60, |d| d.as_secs() as i64);
         r.next_attempt = (now + step).min(expires_at).max(now + 1);
-        r.last_status = status.to_string();
-        r.last_diagnostic = diagnostic.to_string();
-        r.last_remote = remote.map(str::to_string);
+        r.last_status = last.status.to_string();
+        r.last_diagnostic = last.diagnostic.to_string();
+        r.last_remote = last.remote.map(str::to_string);
     }
 }
 
@@ -93,21 +99,18 @@ mod tests {
     fn retry_steps_repeat_the_last_and_stop_at_expiry() {
         let retry = [Duration::from_secs(60), Duration::from_secs(300)];
         let mut s = Schedule::new(2);
-        s.deferred(
-            0,
-            1000,
-            &retry,
-            10_000,
-            "4.0.0",
-            "smtp; 451 later",
-            Some("mx.test"),
-        );
+        let f = Failure {
+            status: "4.0.0",
+            diagnostic: "smtp; 451 later",
+            remote: Some("mx.test"),
+        };
+        s.deferred(0, 1000, &retry, 10_000, f);
         assert_eq!(s.rcpts[0].next_attempt, 1060);
-        s.deferred(0, 1060, &retry, 10_000, "4.0.0", "x", None);
+        s.deferred(0, 1060, &retry, 10_000, f);
         assert_eq!(s.rcpts[0].next_attempt, 1360);
-        s.deferred(0, 1360, &retry, 10_000, "4.0.0", "x", None);
+        s.deferred(0, 1360, &retry, 10_000, f);
         assert_eq!(s.rcpts[0].next_attempt, 1660, "last step repeats");
-        s.deferred(0, 9900, &retry, 10_000, "4.0.0", "x", None);
+        s.deferred(0, 9900, &retry, 10_000, f);
         assert_eq!(s.rcpts[0].next_attempt, 10_000, "capped at expiry");
         assert_eq!(s.rcpts[0].attempts, 4);
         assert_eq!(

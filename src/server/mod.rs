@@ -42,6 +42,8 @@ pub(crate) struct Context {
     /// Told about each accepted message, so delivery starts at once.
     pub queue: Arc<Queue>,
     pub accounts: Arc<Accounts>,
+    /// DKIM keys; every accepted message is signed before it is spooled.
+    pub dkim: Arc<crate::dkim::Keys>,
     pub tls: TlsAcceptor,
     /// Fires on shutdown: sessions between commands say 421 and close.
     pub shutdown: CancellationToken,
@@ -59,6 +61,7 @@ impl Server {
         config: Arc<Config>,
         spool: Spool,
         queue: Arc<Queue>,
+        dkim: Arc<crate::dkim::Keys>,
         tls: Arc<rustls::ServerConfig>,
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
@@ -79,6 +82,7 @@ impl Server {
                 spool,
                 queue,
                 accounts,
+                dkim,
                 tls: TlsAcceptor::from(tls),
                 shutdown,
             }),

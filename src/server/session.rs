@@ -390,13 +390,16 @@ impl Session {
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
         };
-        let size = trace.len() + body.len();
-        match self
-            .ctx
-            .spool
-            .store(id, &envelope, &[trace.as_bytes(), &body])
-            .await
-        {
+        let (signature, body) = match self.sign(&envelope, body).await {
+            Ok(signed) => signed,
+            Err(reply) => {
+                self.reply(reply);
+                return Ok(());
+            }
+        };
+        let size = signature.len() + trace.len() + body.len();
+        let parts: [&[u8]; 3] = [signature.as_bytes(), trace.as_bytes(), &body];
+        match self.ctx.spool.store(id, &envelope, &parts).await {
             Ok(()) => {
                 self.ctx.queue.submitted(id);
                 tracing::info!(
@@ -421,6 +424,48 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// DKIM-signs the message on a blocking thread (RSA costs ~0.3 ms of CPU). Returns the
+    /// signature headers to prepend (empty when the domain has no key) and the body back.
+    async fn sign(&self, envelope: &Envelope, body: Vec<u8>) -> Result<(String, Vec<u8>), Reply> {
+        let keys = self.ctx.dkim.clone();
+        if keys.is_empty() && !keys.require {
+            return Ok((String::new(), body));
+        }
+        let from = envelope.mail_from.clone();
+        let (result, body) =
+            tokio::task::spawn_blocking(move || (keys.sign(&[&body], &from), body))
+                .await
+                .map_err(|_| {
+                    Reply::new(451, "4.3.0", "Local error in processing; try again later")
+                })?;
+        match result {
+            Ok(signed) if signed.domain.is_some() => {
+                tracing::debug!(domain = ?signed.domain, selectors = ?signed.selectors, "signed");
+                Ok((signed.headers, body))
+            }
+            Ok(_) if self.ctx.dkim.require => {
+                tracing::info!(peer = %self.peer.ip(), "refused: no DKIM key for the sending domain");
+                Err(Reply::new(
+                    550,
+                    "5.7.1",
+                    "No DKIM key for the sending domain; message not accepted",
+                ))
+            }
+            Ok(_) => {
+                tracing::info!(peer = %self.peer.ip(), "no DKIM key for the sending domain; relaying unsigned");
+                Ok((String::new(), body))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "DKIM signing failed");
+                Err(Reply::new(
+                    451,
+                    "4.3.0",
+                    "Local error in processing; try again later",
+                ))
+            }
+        }
     }
 
     async fn starttls(&mut self) -> Flow {
