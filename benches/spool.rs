@@ -109,6 +109,7 @@ fn envelope() -> Envelope {
         auth_user: Some("app".into()),
         eight_bit: false,
         smtputf8: false,
+        sending_domain: String::new(),
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Config {
     pub dns: DnsConfig,
     #[serde(default)]
     pub dkim: DkimConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
     /// Directory that relative paths are resolved against; not a TOML key.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -437,6 +439,72 @@ fn default_dns_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
+/// How addresses appear in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogAddresses {
+    /// `3f9a1c0b7d2e@example.org`: stable per address, not reversible without the key.
+    Pseudonym,
+    /// The address itself (only where the operator's processing terms allow it).
+    Clear,
+    /// No recipient in logs at all.
+    None,
+}
+
+/// How the local part of an address is normalised before it is pseudonymised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalPart {
+    /// `Bob` and `bob` are one subject (what nearly every mailbox provider does).
+    Lowercase,
+    /// Case-sensitive, as RFC 5321 allows.
+    Preserve,
+}
+
+/// `[privacy]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Delivery metadata is purged this many days after the message was received.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    #[serde(default = "default_log_addresses")]
+    pub log_addresses: LogAddresses,
+    /// Sending domains whose ledger records keep no recipient and no pseudonym.
+    #[serde(default)]
+    pub strict_domains: Vec<String>,
+    #[serde(default = "default_local_part")]
+    pub local_part: LocalPart,
+    /// Consecutive hard bounces that put an address on the suppression list.
+    #[serde(default = "default_bounce_threshold")]
+    pub bounce_threshold: u32,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            retention_days: default_retention_days(),
+            log_addresses: default_log_addresses(),
+            strict_domains: Vec::new(),
+            local_part: default_local_part(),
+            bounce_threshold: default_bounce_threshold(),
+        }
+    }
+}
+
+fn default_retention_days() -> u32 {
+    30
+}
+fn default_log_addresses() -> LogAddresses {
+    LogAddresses::Pseudonym
+}
+fn default_local_part() -> LocalPart {
+    LocalPart::Lowercase
+}
+fn default_bounce_threshold() -> u32 {
+    3
+}
+
 /// `[dkim]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -589,6 +657,12 @@ impl Config {
                     &format!("{ns:?} is not ip or ip:port"),
                 );
             }
+        }
+        if self.privacy.retention_days == 0 {
+            return invalid("privacy.retention_days", "must be at least 1");
+        }
+        if self.privacy.bounce_threshold == 0 {
+            return invalid("privacy.bounce_threshold", "must be at least 1");
         }
         for (i, k) in self.dkim.keys.iter().enumerate() {
             if crate::dkim::Algorithm::parse(&k.algorithm).is_none() {

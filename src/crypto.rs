@@ -132,6 +132,64 @@ impl Key {
     }
 }
 
+/// A stable, keyed, one-way name for an address: HMAC-SHA256 over the normalised address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pseudonym(pub [u8; 32]);
+
+impl Pseudonym {
+    /// The first 12 hex digits: plenty to tell subjects apart in a log.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
+}
+
+impl std::fmt::Display for Pseudonym {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// Computes pseudonyms. Stable (suppression, export and erase find a subject again) but not
+/// reversible without its key, which is kept apart from the data it names.
+#[derive(Clone)]
+pub struct Pseudonymizer {
+    key: [u8; 32],
+    lowercase_local: bool,
+}
+
+impl Pseudonymizer {
+    pub fn new(key: &Key, lowercase_local: bool) -> Pseudonymizer {
+        Pseudonymizer {
+            key: key.0,
+            lowercase_local,
+        }
+    }
+
+    /// The address as the subject's identity: domain lower-cased, local part as configured.
+    pub fn normalise(&self, address: &str) -> String {
+        let address = address.trim().trim_start_matches('<').trim_end_matches('>');
+        match address.rsplit_once('@') {
+            Some((local, domain)) => {
+                let local = if self.lowercase_local {
+                    local.to_lowercase()
+                } else {
+                    local.to_string()
+                };
+                format!("{local}@{}", domain.to_lowercase())
+            }
+            None => address.to_lowercase(),
+        }
+    }
+
+    pub fn of(&self, address: &str) -> Pseudonym {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(self.normalise(address).as_bytes());
+        Pseudonym(mac.finalize().into_bytes().into())
+    }
+}
+
 /// Loads the master key, or creates it (mode 0600) when the file does not exist yet.
 /// The file holds 64 hex digits, so an operator can back it up or move it as text.
 pub fn load_or_create_master_key(path: &Path) -> Result<Key, CryptoError> {
@@ -242,6 +300,26 @@ mod tests {
             load_or_create_master_key(&path),
             Err(CryptoError::Exposed { mode: 0o644, .. })
         ));
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_normalised_and_keyed() {
+        let k1 = Key::generate().unwrap();
+        let p = Pseudonymizer::new(&k1, true);
+        assert_eq!(p.of("Bob@Example.ORG"), p.of("bob@example.org"));
+        assert_ne!(p.of("bob@example.org"), p.of("bob2@example.org"));
+        let preserve = Pseudonymizer::new(&k1, false);
+        assert_ne!(
+            preserve.of("Bob@example.org"),
+            preserve.of("bob@example.org")
+        );
+        assert_eq!(
+            preserve.of("Bob@EXAMPLE.org"),
+            preserve.of("Bob@example.org")
+        );
+        let other = Pseudonymizer::new(&Key::generate().unwrap(), true);
+        assert_ne!(other.of("bob@example.org"), p.of("bob@example.org"));
+        assert_eq!(p.of("a@b.test").short().len(), 12);
     }
 
     #[test]

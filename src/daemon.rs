@@ -15,7 +15,9 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ListenerMode};
 use crate::crypto::{load_or_create_master_key, CryptoError};
 use crate::delivery::{Deliverer, DeliveryError};
+use crate::ledger::Ledger;
 use crate::queue::Queue;
+use crate::server::Parts;
 use crate::server::{Server, ServerError};
 use crate::spool::{RecoveryReport, Spool, SpoolError};
 use crate::tls::{CertSource, TlsError};
@@ -35,6 +37,10 @@ pub enum StartError {
     Delivery(#[from] DeliveryError),
     #[error("DKIM: {0}")]
     Dkim(#[from] crate::dkim::DkimError),
+    #[error("{0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error("admin socket: {0}")]
+    Admin(std::io::Error),
 }
 
 /// How to run: the clock, and whether the queue runs by itself.
@@ -62,6 +68,10 @@ pub struct Daemon {
     pub recovery: RecoveryReport,
     /// The delivery queue.
     pub queue: Arc<Queue>,
+    /// Delivery metadata and suppression list.
+    pub ledger: Arc<Ledger>,
+    admin: tokio::net::UnixListener,
+    clock: Arc<dyn Clock>,
     /// Cancelling it starts a graceful shutdown.
     pub shutdown: CancellationToken,
     run_queue: bool,
@@ -83,7 +93,12 @@ impl Daemon {
             .create(&data_dir)
             .map_err(SpoolError::Io)?;
         let master = load_or_create_master_key(&config.master_key_path())?;
-        let (spool, recovery) = Spool::open(&data_dir, master, config.spool.segment_size)?;
+        let (spool, recovery) = Spool::open(&data_dir, master.clone(), config.spool.segment_size)?;
+        let ledger = Arc::new(Ledger::open(&data_dir, &master, &config.privacy)?);
+        let purged = ledger.purge(options.clock.now())?;
+        if purged.records > 0 {
+            tracing::info!(records = purged.records, days = ?purged.days, "ledger: purged records past retention");
+        }
         let (cert, key) = (config.path(&config.tls.cert), config.path(&config.tls.key));
         let (tls, source) = crate::tls::server_config(&cert, &key, &config.server.hostname)?;
         if source == CertSource::Generated {
@@ -93,21 +108,32 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let config = Arc::new(config);
         let deliverer = Arc::new(Deliverer::new(&config)?);
-        let queue = Queue::new(spool.clone(), deliverer, options.clock, config.clone());
-        let server = Server::bind(
-            config,
+        let clock = options.clock.clone();
+        let queue = Queue::new(
             spool.clone(),
-            queue.clone(),
+            deliverer,
+            ledger.clone(),
+            options.clock,
+            config.clone(),
+        );
+        let admin = crate::admin::bind(&data_dir.join("admin.sock")).map_err(StartError::Admin)?;
+        let parts = Parts {
+            config,
+            spool: spool.clone(),
+            queue: queue.clone(),
             dkim,
+            ledger: ledger.clone(),
             tls,
-            shutdown.clone(),
-        )
-        .await?;
+        };
+        let server = Server::bind(parts, shutdown.clone()).await?;
         Ok(Daemon {
             server,
             spool,
             recovery,
             queue,
+            ledger,
+            admin,
+            clock,
             shutdown,
             run_queue: options.run_queue,
         })
@@ -123,9 +149,42 @@ impl Daemon {
         let queue = self
             .run_queue
             .then(|| tokio::spawn(self.queue.clone().run(self.shutdown.clone(), drain)));
+        let admin = crate::admin::Admin {
+            ledger: self.ledger.clone(),
+            spool: self.spool.clone(),
+            clock: self.clock.clone(),
+        };
+        tokio::spawn(admin.serve(self.admin, self.shutdown.clone()));
+        tokio::spawn(purge_loop(
+            self.ledger.clone(),
+            self.clock.clone(),
+            self.shutdown.clone(),
+        ));
         self.server.run(drain).await;
         if let Some(q) = queue {
             let _ = q.await;
+        }
+        if let Err(e) = self.ledger.flush() {
+            tracing::error!(error = %e, "ledger flush at shutdown failed");
+        }
+    }
+}
+
+/// Purges the ledger hourly (a day's records go within an hour of passing retention).
+async fn purge_loop(ledger: Arc<Ledger>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+        let ledger = ledger.clone();
+        let now = clock.now();
+        match tokio::task::spawn_blocking(move || ledger.purge(now)).await {
+            Ok(Ok(p)) if p.records > 0 => {
+                tracing::info!(records = p.records, days = ?p.days, "ledger: purged")
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "ledger purge failed"),
+            _ => {}
         }
     }
 }

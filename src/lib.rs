@@ -17,6 +17,7 @@
 //! spool's writer appends it to the active segment with everything else that arrived during the
 //! previous sync, syncs once, and only then does the session say `250`.
 
+pub mod admin;
 pub mod auth;
 pub mod bounce;
 pub mod clock;
@@ -26,8 +27,33 @@ pub mod daemon;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod ledger;
 pub mod proto;
 pub mod queue;
 pub mod server;
 pub mod spool;
+pub mod suppress;
 pub mod tls;
+
+/// Byte-search helpers shared by unit tests.
+#[cfg(test)]
+pub(crate) mod spool_test_support {
+    use std::path::Path;
+
+    pub fn all_bytes(dir: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(all_bytes(&path));
+            } else if let Ok(b) = std::fs::read(&path) {
+                out.extend(b);
+            }
+        }
+        out
+    }
+
+    pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+}

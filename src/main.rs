@@ -43,6 +43,20 @@ enum Command {
         #[command(subcommand)]
         command: DkimCommand,
     },
+    /// Data subjects' rights and the record of processing (through the running daemon).
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// The suppression list (through the running daemon).
+    Suppress {
+        #[command(subcommand)]
+        command: SuppressCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Prints the DNS records to publish for a sending domain: DKIM, SPF, DMARC.
     DnsRecords {
         #[arg(long)]
@@ -50,6 +64,41 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// Prints every ledger record about ADDRESS (as recipient or sender) as JSON.
+    Export { address: String },
+    /// Removes ADDRESS's records and queued deliveries; its suppression entry stays.
+    Erase { address: String },
+    /// Settings in force and what is stored, for a record of processing activities.
+    Report,
+}
+
+#[derive(Subcommand)]
+enum SuppressCommand {
+    /// Stops all mail to ADDRESS.
+    Add {
+        address: String,
+        /// unsubscribe, complaint, hard-bounce or manual.
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        /// Lift the entry after this long (e.g. 90d); default never.
+        #[arg(long)]
+        expires: Option<humantime::Duration>,
+    },
+    Remove {
+        address: String,
+    },
+    /// Lists entries (pseudonyms; addresses are never stored).
+    List,
+    /// Adds every address in FILE (one per line, optional ",reason"), or restores an export (JSON).
+    Import {
+        file: PathBuf,
+    },
+    /// Prints all entries as JSON, for backup or a move to another host.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +142,8 @@ fn main() -> ExitCode {
                 },
         } => keygen(&domain, &selector, &algorithm, out),
         Command::DnsRecords { domain, config } => dns_records(config, &domain),
+        Command::Privacy { command, config } => privacy(config, command),
+        Command::Suppress { command, config } => suppress(config, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -128,6 +179,87 @@ fn hash_password() -> anyhow::Result<()> {
     anyhow::ensure!(!password.is_empty(), "no password on standard input");
     println!("{}", postern::auth::hash_password(password)?);
     Ok(())
+}
+
+/// Sends one request to the running daemon's admin socket and prints the answer.
+fn admin(
+    config: Option<PathBuf>,
+    request: postern::admin::Request,
+) -> anyhow::Result<serde_json::Value> {
+    let config = load(config)?;
+    let socket = config.data_dir().join("admin.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(postern::admin::request(&socket, &request))?)
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn privacy(config: Option<PathBuf>, command: PrivacyCommand) -> anyhow::Result<()> {
+    use postern::admin::Request;
+    let request = match command {
+        PrivacyCommand::Export { address } => Request::Export { address },
+        PrivacyCommand::Erase { address } => Request::Erase { address },
+        PrivacyCommand::Report => Request::Report,
+    };
+    print_json(&admin(config, request)?)
+}
+
+fn suppress(config: Option<PathBuf>, command: SuppressCommand) -> anyhow::Result<()> {
+    use postern::admin::Request;
+    use postern::suppress::Reason;
+    let reason = |r: &str| {
+        Reason::parse(r).ok_or_else(|| {
+            anyhow::anyhow!("unknown reason {r:?}: unsubscribe, complaint, hard-bounce or manual")
+        })
+    };
+    let request = match command {
+        SuppressCommand::Add {
+            address,
+            reason: r,
+            expires,
+        } => Request::SuppressAdd {
+            address,
+            reason: reason(&r)?,
+            expires_at: expires.map(|d| {
+                chrono::Utc::now().timestamp() + std::time::Duration::from(d).as_secs() as i64
+            }),
+        },
+        SuppressCommand::Remove { address } => Request::SuppressRemove { address },
+        SuppressCommand::List | SuppressCommand::Export => Request::SuppressList,
+        SuppressCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            if let Ok(entries) = serde_json::from_str::<Vec<postern::suppress::Entry>>(&text) {
+                Request::SuppressImport {
+                    entries,
+                    addresses: Vec::new(),
+                }
+            } else {
+                let mut addresses = Vec::new();
+                for line in text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                {
+                    let (addr, why) = match line.split_once(',') {
+                        Some((a, r)) => (a.trim(), reason(r.trim())?),
+                        None => (line, Reason::Manual),
+                    };
+                    addresses.push((addr.to_string(), why));
+                }
+                Request::SuppressImport {
+                    entries: Vec::new(),
+                    addresses,
+                }
+            }
+        }
+    };
+    print_json(&admin(config, request)?)
 }
 
 fn dns_records(config: Option<PathBuf>, domain: &str) -> anyhow::Result<()> {

@@ -28,6 +28,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::client::Needs;
 use crate::delivery::{Deliverer, Job, RcptOutcome, Status};
+use crate::ledger::{Ledger, Outcome, Update};
 use crate::spool::{Envelope, Liveness, QueueId, Spool, SpoolError, StoredMessage};
 
 /// A retry after a local error (the spool could not be read or updated).
@@ -47,6 +48,7 @@ struct Due {
 pub struct Queue {
     spool: Spool,
     deliverer: Arc<Deliverer>,
+    ledger: Arc<Ledger>,
     clock: Arc<dyn Clock>,
     config: Arc<Config>,
     due: Mutex<Due>,
@@ -60,6 +62,7 @@ impl Queue {
     pub fn new(
         spool: Spool,
         deliverer: Arc<Deliverer>,
+        ledger: Arc<Ledger>,
         clock: Arc<dyn Clock>,
         config: Arc<Config>,
     ) -> Arc<Queue> {
@@ -67,6 +70,7 @@ impl Queue {
             slots: Arc::new(Semaphore::new(config.delivery.max_in_flight)),
             spool,
             deliverer,
+            ledger,
             clock,
             config,
             due: Mutex::new(Due::default()),
@@ -214,9 +218,25 @@ impl Queue {
         let lifetime = self.config.delivery.max_queue_lifetime.as_secs() as i64;
         let expires_at = msg.envelope.received_at.saturating_add(lifetime);
 
-        let pending: Vec<usize> = (0..n)
+        let due: Vec<usize> = (0..n)
             .filter(|&i| !msg.state.final_rcpts[i] && sched.rcpts[i].next_attempt <= now)
             .collect();
+        // Suppressed since the message was accepted: dropped, no delivery, no notice.
+        let (suppressed, pending): (Vec<usize>, Vec<usize>) = due.into_iter().partition(|&i| {
+            matches!(
+                self.ledger.suppress.check(&msg.envelope.recipients[i], now),
+                Ok(Some(_))
+            )
+        });
+        let mut finals: Vec<usize> = Vec::new();
+        for &i in &suppressed {
+            finals.push(i);
+            let rcpt = self
+                .ledger
+                .log_rcpt(&msg.envelope.recipients[i], &msg.envelope.sending_domain);
+            tracing::info!(queue_id = %id, rcpt = %rcpt, "suppressed: recipient dropped");
+            self.record(&msg, i, Outcome::Suppressed, &Update::default(), now);
+        }
         let mut outcomes: Vec<RcptOutcome> = Vec::new();
         if now >= expires_at {
             outcomes.extend(pending.iter().map(|&i| expired(i, &sched.rcpts[i])));
@@ -224,16 +244,32 @@ impl Queue {
             outcomes.extend(self.attempt(&msg, &pending).await);
         }
 
-        let mut finals = Vec::new();
         let mut failed = Vec::new();
         for o in &outcomes {
             let rcpt = &msg.envelope.recipients[o.index];
-            log_outcome(id, rcpt, o);
+            self.log_outcome(&msg, o);
+            let outcome = match o.status {
+                Status::Delivered => Outcome::Delivered,
+                Status::Temporary => Outcome::Deferred,
+                Status::Permanent if o.code == "4.4.7" => Outcome::Expired,
+                Status::Permanent => Outcome::Bounced,
+            };
+            self.record(&msg, o.index, outcome, &update_of(o), now);
             match o.status {
-                Status::Delivered => finals.push(o.index),
+                Status::Delivered => {
+                    finals.push(o.index);
+                    let _ = self.ledger.suppress.delivered(rcpt);
+                }
                 Status::Permanent => {
                     finals.push(o.index);
                     failed.push(o);
+                    // A remote 5xx about the mailbox is a hard bounce; enough in a row suppress it.
+                    if o.diagnostic.starts_with("smtp; 5") && o.code.starts_with("5.1.") {
+                        if let Ok(true) = self.ledger.suppress.hard_bounce(rcpt, now) {
+                            let who = self.ledger.log_rcpt(rcpt, &msg.envelope.sending_domain);
+                            tracing::info!(rcpt = %who, "suppressed after repeated hard bounces");
+                        }
+                    }
                 }
                 Status::Temporary => sched.deferred(
                     o.index,
@@ -369,6 +405,7 @@ impl Queue {
             auth_user: None,
             eight_bit: true,
             smtputf8: !msg.envelope.mail_from.is_ascii(),
+            sending_domain: self.config.server.hostname.clone(),
         };
         let stored = match QueueId::generate() {
             Ok(dsn_id) => self
@@ -413,9 +450,46 @@ pub fn domain_of(addr: &str) -> String {
         .map_or(String::new(), |(_, d)| d.to_lowercase())
 }
 
+impl Queue {
+    /// Writes an outcome to the ledger; a ledger failure is logged, never fatal to delivery.
+    fn record(
+        &self,
+        msg: &StoredMessage,
+        index: usize,
+        outcome: Outcome,
+        update: &Update,
+        now: i64,
+    ) {
+        if let Err(e) = self
+            .ledger
+            .outcome(msg.id, &msg.envelope, index, outcome, update, now)
+        {
+            tracing::error!(queue_id = %msg.id, error = %e, "ledger write failed");
+        }
+    }
+
+    fn log_outcome(&self, msg: &StoredMessage, o: &RcptOutcome) {
+        let rcpt = self.ledger.log_rcpt(
+            &msg.envelope.recipients[o.index],
+            &msg.envelope.sending_domain,
+        );
+        log_outcome(msg.id, &rcpt, o);
+    }
+}
+
+fn update_of(o: &RcptOutcome) -> Update {
+    Update {
+        code: Some(o.code.clone()),
+        text: Some(o.diagnostic.clone()),
+        remote_host: o.remote.clone(),
+        remote_ip: o.remote_ip.map(|a| a.to_string()),
+        tls: o.tls.as_ref().map(|t| t.version_cipher.clone()),
+        tls_verified: o.tls.as_ref().map(|t| t.verified),
+    }
+}
+
+/// `rcpt` is already in its log form (pseudonym, clear or "-", per `privacy.log_addresses`).
 fn log_outcome(id: QueueId, rcpt: &str, o: &RcptOutcome) {
-    // The domain only: the local part is personal data (pseudonyms come with the ledger).
-    let domain = domain_of(rcpt);
     let tls = o
         .tls
         .as_ref()
@@ -425,13 +499,13 @@ fn log_outcome(id: QueueId, rcpt: &str, o: &RcptOutcome) {
     let remote = o.remote.as_deref().unwrap_or("-");
     match o.status {
         Status::Delivered => {
-            tracing::info!(queue_id = %id, rcpt_domain = %domain, remote, tls, verified, status = %o.code, "delivered")
+            tracing::info!(queue_id = %id, rcpt, remote, tls, verified, status = %o.code, "delivered")
         }
         Status::Temporary => {
-            tracing::info!(queue_id = %id, rcpt_domain = %domain, remote, status = %o.code, diagnostic = %o.diagnostic, "deferred")
+            tracing::info!(queue_id = %id, rcpt, remote, status = %o.code, "deferred")
         }
         Status::Permanent => {
-            tracing::info!(queue_id = %id, rcpt_domain = %domain, remote, status = %o.code, diagnostic = %o.diagnostic, "bounced")
+            tracing::info!(queue_id = %id, rcpt, remote, status = %o.code, "bounced")
         }
     }
 }

@@ -44,9 +44,21 @@ pub(crate) struct Context {
     pub accounts: Arc<Accounts>,
     /// DKIM keys; every accepted message is signed before it is spooled.
     pub dkim: Arc<crate::dkim::Keys>,
+    /// Delivery metadata and the suppression list.
+    pub ledger: Arc<crate::ledger::Ledger>,
     pub tls: TlsAcceptor,
     /// Fires on shutdown: sessions between commands say 421 and close.
     pub shutdown: CancellationToken,
+}
+
+/// What the server is built from.
+pub struct Parts {
+    pub config: Arc<Config>,
+    pub spool: Spool,
+    pub queue: Arc<Queue>,
+    pub dkim: Arc<crate::dkim::Keys>,
+    pub ledger: Arc<crate::ledger::Ledger>,
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 /// A server with its listeners bound.
@@ -57,14 +69,15 @@ pub struct Server {
 
 impl Server {
     /// Binds every `[[listener]]` of `config`.
-    pub async fn bind(
-        config: Arc<Config>,
-        spool: Spool,
-        queue: Arc<Queue>,
-        dkim: Arc<crate::dkim::Keys>,
-        tls: Arc<rustls::ServerConfig>,
-        shutdown: CancellationToken,
-    ) -> Result<Server, ServerError> {
+    pub async fn bind(parts: Parts, shutdown: CancellationToken) -> Result<Server, ServerError> {
+        let Parts {
+            config,
+            spool,
+            queue,
+            dkim,
+            ledger,
+            tls,
+        } = parts;
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let listener = TcpListener::bind(l.addr)
@@ -83,6 +96,7 @@ impl Server {
                 queue,
                 accounts,
                 dkim,
+                ledger,
                 tls: TlsAcceptor::from(tls),
                 shutdown,
             }),

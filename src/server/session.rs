@@ -15,6 +15,7 @@ use super::received::{self, Trace};
 use super::stream::Stream;
 use super::Context;
 use crate::config::{LineEndingPolicy, ListenerMode};
+use crate::ledger::Signing;
 use crate::proto::{
     self, AuthMechanism, BodyChecker, BodyLimits, BodyType, Command, CommandFramer, DataDecoder,
     FramedLine, LineEndings, MailParams, Reply, ReversePath,
@@ -244,12 +245,25 @@ impl Session {
             tracing::info!(peer = %self.peer.ip(), "relay denied");
             return self.error(Reply::new(554, "5.7.1", "Relay access denied"));
         }
+        let rcpt = to.to_string();
+        let now = chrono::Utc::now().timestamp();
+        if let Ok(Some(entry)) = self.ctx.ledger.suppress.check(&rcpt, now) {
+            tracing::info!(peer = %self.peer.ip(), reason = ?entry.reason, "refused: recipient is on the suppression list");
+            return self.error(Reply::new(
+                550,
+                "5.7.1",
+                "Recipient is on the suppression list (opted out or repeatedly bounced); not sent",
+            ));
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
+        };
         if tx.rcpts.len() >= max {
             // Not counted as an error: a client sending large lists is behaving correctly.
             self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
             return Ok(());
         }
-        tx.rcpts.push(to.to_string());
+        tx.rcpts.push(rcpt);
         self.reply(Reply::new(250, "2.1.5", "Recipient OK"));
         Ok(())
     }
@@ -380,7 +394,11 @@ impl Session {
             queue_id: &queue_id,
             date: now,
         });
+        let sending_domain = crate::dkim::from_domain(crate::bounce::headers(&body))
+            .or_else(|| tx.from.rsplit_once('@').map(|(_, d)| d.to_lowercase()))
+            .unwrap_or_default();
         let envelope = Envelope {
+            sending_domain,
             mail_from: tx.from,
             recipients: tx.rcpts,
             received_at: now.timestamp(),
@@ -390,7 +408,7 @@ impl Session {
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
         };
-        let (signature, body) = match self.sign(&envelope, body).await {
+        let (signature, signing, body) = match self.sign(&envelope, body).await {
             Ok(signed) => signed,
             Err(reply) => {
                 self.reply(reply);
@@ -401,6 +419,14 @@ impl Session {
         let parts: [&[u8]; 3] = [signature.as_bytes(), trace.as_bytes(), &body];
         match self.ctx.spool.store(id, &envelope, &parts).await {
             Ok(()) => {
+                // Metadata follows the durable store; losing it must never lose the message.
+                if let Err(e) = self
+                    .ctx
+                    .ledger
+                    .accepted(id, &envelope, size as u64, &signing)
+                {
+                    tracing::error!(queue_id = %queue_id, error = %e, "ledger write failed");
+                }
                 self.ctx.queue.submitted(id);
                 tracing::info!(
                     peer = %self.peer.ip(),
@@ -428,10 +454,14 @@ impl Session {
 
     /// DKIM-signs the message on a blocking thread (RSA costs ~0.3 ms of CPU). Returns the
     /// signature headers to prepend (empty when the domain has no key) and the body back.
-    async fn sign(&self, envelope: &Envelope, body: Vec<u8>) -> Result<(String, Vec<u8>), Reply> {
+    async fn sign(
+        &self,
+        envelope: &Envelope,
+        body: Vec<u8>,
+    ) -> Result<(String, Signing, Vec<u8>), Reply> {
         let keys = self.ctx.dkim.clone();
         if keys.is_empty() && !keys.require {
-            return Ok((String::new(), body));
+            return Ok((String::new(), Signing::default(), body));
         }
         let from = envelope.mail_from.clone();
         let (result, body) =
@@ -443,7 +473,11 @@ impl Session {
         match result {
             Ok(signed) if signed.domain.is_some() => {
                 tracing::debug!(domain = ?signed.domain, selectors = ?signed.selectors, "signed");
-                Ok((signed.headers, body))
+                let signing = Signing {
+                    domain: signed.domain,
+                    selectors: signed.selectors,
+                };
+                Ok((signed.headers, signing, body))
             }
             Ok(_) if self.ctx.dkim.require => {
                 tracing::info!(peer = %self.peer.ip(), "refused: no DKIM key for the sending domain");
@@ -454,8 +488,8 @@ impl Session {
                 ))
             }
             Ok(_) => {
-                tracing::info!(peer = %self.peer.ip(), "no DKIM key for the sending domain; relaying unsigned");
-                Ok((String::new(), body))
+                tracing::info!(peer = %self.peer.ip(), domain = %envelope.sending_domain, "no DKIM key for the sending domain; relaying unsigned");
+                Ok((String::new(), Signing::default(), body))
             }
             Err(e) => {
                 tracing::error!(error = %e, "DKIM signing failed");

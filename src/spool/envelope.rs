@@ -22,6 +22,9 @@ pub struct Envelope {
     pub eight_bit: bool,
     /// `SMTPUTF8` was declared: the next hop must offer SMTPUTF8.
     pub smtputf8: bool,
+    /// The `From:` domain (else the envelope sender's): decides DKIM keys and strict privacy.
+    #[serde(default)]
+    pub sending_domain: String,
 }
 
 impl std::fmt::Debug for Envelope {

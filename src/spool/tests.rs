@@ -12,6 +12,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
         auth_user: None,
         eight_bit: false,
         smtputf8: false,
+        sending_domain: "example.test".into(),
     }
 }
 

@@ -1,0 +1,491 @@
+//! The privacy ledger: delivery metadata, sealed, kept for `privacy.retention_days`, then gone.
+//!
+//! # Storage
+//! sled holds three trees. `records` maps `YYYYMMDD/<queue id>/<rcpt index>` to a record sealed
+//! (XChaCha20-Poly1305) under the key of the day the message arrived; keys starting with the day
+//! make retention a range delete. `subjects` maps a pseudonym followed by a record key to
+//! nothing, so export and erase cost what one subject has, not a scan. `suppress` and
+//! `bounces` hold the suppression list (see [`crate::suppress`]).
+//!
+//! sled is unmaintained and keeps deleted values on disk until it compacts; so nothing in it is
+//! readable without a key held outside it, no key of sled's contains an address, and purging a
+//! day destroys that day's key file: a value copied out before the purge stays sealed forever.
+//! sled is hidden behind this module so that it can be replaced.
+//!
+//! # Strict privacy
+//! Mail from a `privacy.strict_domains` domain gets records with no recipient, no sender, no
+//! pseudonym and no remote reply text (which often quotes the address); counts remain.
+
+mod epoch;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{LocalPart, LogAddresses, PrivacyConfig};
+use crate::crypto::{CryptoError, Key, Pseudonymizer};
+use crate::spool::{Envelope, QueueId};
+use crate::suppress::Suppressions;
+use epoch::Epochs;
+
+/// What can go wrong in the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("ledger key: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("ledger I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("ledger record does not decode")]
+    Corrupt,
+}
+
+/// Where a recipient stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Queued,
+    Delivered,
+    Deferred,
+    Bounced,
+    Expired,
+    Suppressed,
+    /// Removed from the queue by an erasure request or an operator.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn is_final(self) -> bool {
+        !matches!(self, Outcome::Queued | Outcome::Deferred)
+    }
+}
+
+/// One recipient of one message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub queue_id: String,
+    pub rcpt_index: u32,
+    pub received_at: i64,
+    pub final_at: Option<i64>,
+    pub sending_domain: String,
+    pub recipient_pseudonym: Option<String>,
+    pub recipient: Option<String>,
+    pub sender: Option<String>,
+    pub size: u64,
+    pub outcome: Outcome,
+    pub attempts: u32,
+    pub last_code: Option<String>,
+    pub last_text: Option<String>,
+    pub remote_host: Option<String>,
+    pub remote_ip: Option<String>,
+    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384"
+    pub tls: Option<String>,
+    pub tls_verified: Option<bool>,
+    pub dkim_domain: Option<String>,
+    pub dkim_selectors: Vec<String>,
+    pub client_ip: String,
+    pub auth_user: Option<String>,
+}
+
+/// An attempt's result, as the queue reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Update {
+    pub code: Option<String>,
+    pub text: Option<String>,
+    pub remote_host: Option<String>,
+    pub remote_ip: Option<String>,
+    pub tls: Option<String>,
+    pub tls_verified: Option<bool>,
+}
+
+/// DKIM facts recorded at acceptance.
+#[derive(Debug, Clone, Default)]
+pub struct Signing {
+    pub domain: Option<String>,
+    pub selectors: Vec<String>,
+}
+
+/// What a purge removed.
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Purged {
+    pub records: usize,
+    pub days: Vec<String>,
+}
+
+/// The ledger, shared by sessions, the queue and the admin socket.
+pub struct Ledger {
+    db: sled::Db,
+    records: sled::Tree,
+    subjects: sled::Tree,
+    epochs: Epochs,
+    pseudonyms: Pseudonymizer,
+    config: PrivacyConfig,
+    /// The suppression list, in the same sled database.
+    pub suppress: Suppressions,
+}
+
+/// `YYYYMMDD` of a Unix time, UTC.
+pub fn day_of(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .unwrap_or_default()
+        .format("%Y%m%d")
+        .to_string()
+}
+
+fn record_key(day: &str, id: &str, index: u32) -> Vec<u8> {
+    format!("{day}/{id}/{index:05}").into_bytes()
+}
+
+impl Ledger {
+    /// Opens (creating) `<data_dir>/ledger`. Only one process may hold it: the daemon.
+    pub fn open(
+        data_dir: &Path,
+        master: &Key,
+        config: &PrivacyConfig,
+    ) -> Result<Ledger, LedgerError> {
+        let dir = data_dir.join("ledger");
+        std::fs::create_dir_all(&dir)?;
+        // Batched durability: sled flushes every second on its own thread, never per record.
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let pseudonym_key =
+            load_or_make(master, &dir.join("pseudonym.key"), "postern pseudonym key")?;
+        let suppress_key =
+            load_or_make(master, &dir.join("suppress.key"), "postern suppression key")?;
+        let pseudonyms =
+            Pseudonymizer::new(&pseudonym_key, config.local_part == LocalPart::Lowercase);
+        let suppress = Suppressions::new(
+            db.open_tree("suppress")?,
+            db.open_tree("bounces")?,
+            suppress_key,
+            pseudonyms.clone(),
+            config.bounce_threshold,
+        );
+        Ok(Ledger {
+            records: db.open_tree("records")?,
+            subjects: db.open_tree("subjects")?,
+            epochs: Epochs::open(dir.join("keys"), master.clone())?,
+            db,
+            pseudonyms,
+            config: config.clone(),
+            suppress,
+        })
+    }
+
+    /// True when mail from `domain` must leave no recipient data behind.
+    pub fn is_strict(&self, domain: &str) -> bool {
+        self.config
+            .strict_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// How a recipient appears in a log line.
+    pub fn log_rcpt(&self, address: &str, sending_domain: &str) -> String {
+        if self.is_strict(sending_domain) {
+            return "-".into();
+        }
+        match self.config.log_addresses {
+            LogAddresses::Clear => address.to_string(),
+            LogAddresses::None => "-".into(),
+            LogAddresses::Pseudonym => {
+                let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+                format!(
+                    "{}@{}",
+                    self.pseudonyms.of(address).short(),
+                    domain.to_lowercase()
+                )
+            }
+        }
+    }
+
+    /// The pseudonymiser (for suppression checks and logs).
+    pub fn pseudonyms(&self) -> &Pseudonymizer {
+        &self.pseudonyms
+    }
+
+    /// Records a newly accepted message: one `queued` record per recipient.
+    pub fn accepted(
+        &self,
+        id: QueueId,
+        env: &Envelope,
+        size: u64,
+        signing: &Signing,
+    ) -> Result<(), LedgerError> {
+        let strict = self.is_strict(&env.sending_domain);
+        let day = day_of(env.received_at);
+        let key = self.epochs.key(&day)?;
+        let qid = id.to_string();
+        let mut batch = sled::Batch::default();
+        let mut index_batch = sled::Batch::default();
+        for (i, rcpt) in env.recipients.iter().enumerate() {
+            let pseudonym = (!strict).then(|| self.pseudonyms.of(rcpt));
+            let record = Record {
+                queue_id: qid.clone(),
+                rcpt_index: i as u32,
+                received_at: env.received_at,
+                final_at: None,
+                sending_domain: env.sending_domain.clone(),
+                recipient_pseudonym: pseudonym.map(|p| p.to_string()),
+                recipient: (!strict).then(|| rcpt.clone()),
+                sender: (!strict && !env.mail_from.is_empty()).then(|| env.mail_from.clone()),
+                size,
+                outcome: Outcome::Queued,
+                attempts: 0,
+                last_code: None,
+                last_text: None,
+                remote_host: None,
+                remote_ip: None,
+                tls: None,
+                tls_verified: None,
+                dkim_domain: signing.domain.clone(),
+                dkim_selectors: signing.selectors.clone(),
+                client_ip: env.client_ip.to_string(),
+                auth_user: env.auth_user.clone(),
+            };
+            let rkey = record_key(&day, &qid, i as u32);
+            batch.insert(rkey.clone(), self.seal(&key, &rkey, &record)?);
+            if let Some(p) = pseudonym {
+                index_batch.insert(subject_key(&p.0, &rkey), &[]);
+            }
+        }
+        if !strict && !env.mail_from.is_empty() {
+            let sender = self.pseudonyms.of(&env.mail_from);
+            for i in 0..env.recipients.len() {
+                index_batch.insert(
+                    subject_key(&sender.0, &record_key(&day, &qid, i as u32)),
+                    &[],
+                );
+            }
+        }
+        self.records.apply_batch(batch)?;
+        self.subjects.apply_batch(index_batch)?;
+        Ok(())
+    }
+
+    /// Records the outcome of an attempt for recipient `index` of message `id`.
+    pub fn outcome(
+        &self,
+        id: QueueId,
+        env: &Envelope,
+        index: usize,
+        outcome: Outcome,
+        update: &Update,
+        now: i64,
+    ) -> Result<(), LedgerError> {
+        let day = day_of(env.received_at);
+        let rkey = record_key(&day, &id.to_string(), index as u32);
+        let Some(key) = self.epochs.existing(&day) else {
+            return Ok(()); // purged already (a message older than the retention period)
+        };
+        let Some(sealed) = self.records.get(&rkey)? else {
+            return Ok(()); // erased on request
+        };
+        let mut record: Record = self.unseal(&key, &rkey, &sealed)?;
+        let strict = self.is_strict(&record.sending_domain);
+        record.outcome = outcome;
+        if matches!(
+            outcome,
+            Outcome::Delivered | Outcome::Deferred | Outcome::Bounced
+        ) {
+            record.attempts += 1;
+        }
+        if outcome.is_final() {
+            record.final_at = Some(now);
+        }
+        record.last_code = update.code.clone().or(record.last_code);
+        record.last_text = if strict {
+            None
+        } else {
+            update.text.clone().or(record.last_text)
+        };
+        record.remote_host = update.remote_host.clone().or(record.remote_host);
+        record.remote_ip = update.remote_ip.clone().or(record.remote_ip);
+        record.tls = update.tls.clone().or(record.tls);
+        record.tls_verified = update.tls_verified.or(record.tls_verified);
+        self.records
+            .insert(rkey.clone(), self.seal(&key, &rkey, &record)?)?;
+        Ok(())
+    }
+
+    /// Every record about `address`, as recipient or as sender, decrypted. As a sender's
+    /// export, records name their recipients only by pseudonym: they are other people's data.
+    pub fn export(&self, address: &str) -> Result<Vec<Record>, LedgerError> {
+        let me = self.pseudonyms.of(address);
+        let mut out = Vec::new();
+        for rkey in self.subject_records(&me.0)? {
+            let day = String::from_utf8_lossy(&rkey[..8]).into_owned();
+            let (Some(key), Some(sealed)) = (self.epochs.existing(&day), self.records.get(&rkey)?)
+            else {
+                continue;
+            };
+            let mut record: Record = self.unseal(&key, &rkey, &sealed)?;
+            if record.recipient_pseudonym.as_deref() != Some(&me.to_string()) {
+                record.recipient = None;
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Removes every record about `address`; returns how many.
+    pub fn erase(&self, address: &str) -> Result<usize, LedgerError> {
+        let me = self.pseudonyms.of(address);
+        let keys = self.subject_records(&me.0)?;
+        let mut n = 0;
+        for rkey in &keys {
+            if self.records.remove(rkey)?.is_some() {
+                n += 1;
+            }
+            self.subjects.remove(subject_key(&me.0, rkey))?;
+        }
+        self.db.flush()?;
+        Ok(n)
+    }
+
+    fn subject_records(&self, pseudonym: &[u8; 32]) -> Result<Vec<Vec<u8>>, LedgerError> {
+        let mut keys = Vec::new();
+        for item in self.subjects.scan_prefix(pseudonym) {
+            let (k, _) = item?;
+            keys.push(k[32..].to_vec());
+        }
+        Ok(keys)
+    }
+
+    /// Deletes records of days older than the retention period and destroys their keys.
+    /// Runs at start (catching up after downtime) and then periodically.
+    pub fn purge(&self, now: i64) -> Result<Purged, LedgerError> {
+        let cutoff = day_of(now - self.config.retention_days as i64 * 86_400);
+        let mut purged = Purged::default();
+        let mut batch = sled::Batch::default();
+        for item in self.records.range(..cutoff.as_bytes()) {
+            let (k, _) = item?;
+            batch.remove(k);
+            purged.records += 1;
+        }
+        self.records.apply_batch(batch)?;
+        // Index entries of purged records point nowhere; drop them too.
+        let mut stale = sled::Batch::default();
+        for item in self.subjects.iter() {
+            let (k, _) = item?;
+            if k.len() >= 40 && k[32..40] < *cutoff.as_bytes() {
+                stale.remove(k);
+            }
+        }
+        self.subjects.apply_batch(stale)?;
+        for day in self.epochs.days() {
+            if day.as_str() < cutoff.as_str() {
+                self.epochs.destroy(&day)?;
+                purged.days.push(day);
+            }
+        }
+        self.db.flush()?;
+        Ok(purged)
+    }
+
+    /// Settings in force and what is stored, for a record of processing activities.
+    pub fn report(&self) -> Result<serde_json::Value, LedgerError> {
+        let mut per_day: BTreeMap<String, usize> = BTreeMap::new();
+        for item in self.records.iter() {
+            let (k, _) = item?;
+            *per_day
+                .entry(String::from_utf8_lossy(&k[..8]).into_owned())
+                .or_default() += 1;
+        }
+        Ok(serde_json::json!({
+            "retention_days": self.config.retention_days,
+            "log_addresses": format!("{:?}", self.config.log_addresses).to_lowercase(),
+            "strict_domains": self.config.strict_domains,
+            "pseudonyms": "HMAC-SHA256 of the normalised address, key kept apart from the ledger",
+            "encryption": "XChaCha20-Poly1305, one random key per day, wrapped by the master key",
+            "bodies": "never stored in the ledger; destroyed from the spool when the last recipient is final",
+            "records": per_day.values().sum::<usize>(),
+            "records_per_day": per_day,
+            "oldest_record_day": per_day.keys().next(),
+            "key_epochs_held": self.epochs.days(),
+            "suppression_entries": self.suppress.len(),
+        }))
+    }
+
+    /// The raw sealed bytes of a record (for tests of crypto-shredding).
+    pub fn raw(
+        &self,
+        id: QueueId,
+        received_at: i64,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, LedgerError> {
+        let rkey = record_key(&day_of(received_at), &id.to_string(), index);
+        Ok(self.records.get(rkey)?.map(|v| v.to_vec()))
+    }
+
+    /// Opens raw sealed bytes as [`Ledger::raw`] returned them, if the day's key still exists.
+    pub fn open_raw(
+        &self,
+        id: QueueId,
+        received_at: i64,
+        index: u32,
+        sealed: &[u8],
+    ) -> Result<Record, LedgerError> {
+        let day = day_of(received_at);
+        let key = self
+            .epochs
+            .existing(&day)
+            .ok_or(LedgerError::Crypto(CryptoError::Open))?;
+        self.unseal(&key, &record_key(&day, &id.to_string(), index), sealed)
+    }
+
+    /// A record by id (for tests and the admin API).
+    pub fn get(
+        &self,
+        id: QueueId,
+        received_at: i64,
+        index: u32,
+    ) -> Result<Option<Record>, LedgerError> {
+        match self.raw(id, received_at, index)? {
+            Some(sealed) => self.open_raw(id, received_at, index, &sealed).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes recent writes durable now (shutdown).
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn seal(&self, key: &Key, rkey: &[u8], record: &Record) -> Result<Vec<u8>, LedgerError> {
+        let plain = serde_json::to_vec(record).map_err(|_| LedgerError::Corrupt)?;
+        Ok(key.seal(rkey, &plain)?)
+    }
+
+    fn unseal(&self, key: &Key, rkey: &[u8], sealed: &[u8]) -> Result<Record, LedgerError> {
+        let plain = key.open(rkey, sealed)?;
+        serde_json::from_slice(&plain).map_err(|_| LedgerError::Corrupt)
+    }
+}
+
+fn subject_key(pseudonym: &[u8; 32], rkey: &[u8]) -> Vec<u8> {
+    let mut k = pseudonym.to_vec();
+    k.extend_from_slice(rkey);
+    k
+}
+
+fn load_or_make(master: &Key, path: &Path, purpose: &str) -> Result<Key, LedgerError> {
+    if path.exists() {
+        return Ok(master.read_wrapped(path, purpose)?);
+    }
+    let key = Key::generate()?;
+    master.write_wrapped(path, purpose, &key)?;
+    Ok(key)
+}
+
+/// Shared handle.
+pub type SharedLedger = Arc<Ledger>;
+
+#[cfg(test)]
+mod tests;

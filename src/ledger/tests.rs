@@ -1,0 +1,255 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::suppress::Reason;
+
+const DAY: i64 = 86_400;
+/// 2026-11-01 00:00:00 UTC, plus a few hours.
+const T0: i64 = 1_793_491_200 + 3 * 3600;
+
+fn envelope(from: &str, rcpts: &[&str], domain: &str, at: i64) -> Envelope {
+    Envelope {
+        mail_from: from.into(),
+        recipients: rcpts.iter().map(|s| s.to_string()).collect(),
+        received_at: at,
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        helo: "client.test".into(),
+        auth_user: Some("app".into()),
+        eight_bit: false,
+        smtputf8: false,
+        sending_domain: domain.into(),
+    }
+}
+
+fn ledger(dir: &Path, strict: &[&str]) -> Ledger {
+    let config = PrivacyConfig {
+        strict_domains: strict.iter().map(|s| s.to_string()).collect(),
+        ..PrivacyConfig::default()
+    };
+    Ledger::open(dir, &Key::generate().unwrap(), &config).unwrap()
+}
+
+fn id() -> QueueId {
+    QueueId::generate().unwrap()
+}
+
+#[test]
+fn records_follow_outcomes_and_are_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    let q = id();
+    let env = envelope(
+        "app@shop.test",
+        &["Bob@Dest.test", "carol@dest.test"],
+        "shop.test",
+        T0,
+    );
+    l.accepted(
+        q,
+        &env,
+        1234,
+        &Signing {
+            domain: Some("shop.test".into()),
+            selectors: vec!["s1".into()],
+        },
+    )
+    .unwrap();
+    let r = l.get(q, T0, 0).unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Queued);
+    assert_eq!(r.recipient.as_deref(), Some("Bob@Dest.test"));
+    assert_eq!(
+        r.recipient_pseudonym,
+        Some(l.pseudonyms().of("bob@dest.test").to_string())
+    );
+    assert_eq!(r.dkim_selectors, vec!["s1"]);
+    let update = Update {
+        code: Some("2.0.0".into()),
+        text: Some("smtp; 250 ok".into()),
+        remote_host: Some("mx.dest.test".into()),
+        remote_ip: Some("192.0.2.1:25".into()),
+        tls: Some("TLSv1.3 TLS13_AES_256_GCM_SHA384".into()),
+        tls_verified: Some(true),
+    };
+    l.outcome(q, &env, 0, Outcome::Delivered, &update, T0 + 5)
+        .unwrap();
+    let r = l.get(q, T0, 0).unwrap().unwrap();
+    assert_eq!(
+        (r.outcome, r.attempts, r.final_at),
+        (Outcome::Delivered, 1, Some(T0 + 5))
+    );
+    assert_eq!(r.tls.as_deref(), Some("TLSv1.3 TLS13_AES_256_GCM_SHA384"));
+    l.flush().unwrap();
+    let raw = crate::spool_test_support::all_bytes(dir.path());
+    for needle in [
+        "Bob@Dest",
+        "carol@dest",
+        "app@shop",
+        "mx.dest.test",
+        "192.0.2.1",
+    ] {
+        assert!(
+            !crate::spool_test_support::contains(&raw, needle.as_bytes()),
+            "{needle} in clear"
+        );
+    }
+}
+
+#[test]
+fn purge_keeps_day_d_until_retention_then_shreds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    let q = id();
+    let env = envelope("a@shop.test", &["r@dest.test"], "shop.test", T0);
+    l.accepted(q, &env, 10, &Signing::default()).unwrap();
+    let copied = l.raw(q, T0, 0).unwrap().unwrap();
+    let key_file = dir.path().join(format!("ledger/keys/{}.key", day_of(T0)));
+    assert!(key_file.exists());
+
+    assert_eq!(l.purge(T0 + 29 * DAY).unwrap(), Purged::default());
+    assert!(l.get(q, T0, 0).unwrap().is_some(), "readable on day D+29");
+    let purged = l.purge(T0 + 31 * DAY).unwrap();
+    assert_eq!(purged.records, 1);
+    assert_eq!(purged.days, vec![day_of(T0)]);
+    assert!(l.get(q, T0, 0).unwrap().is_none(), "gone on day D+31");
+    assert!(!key_file.exists(), "epoch key destroyed");
+    assert!(
+        l.open_raw(q, T0, 0, &copied).is_err(),
+        "a copy taken before the purge stays sealed"
+    );
+    assert!(l.export("r@dest.test").unwrap().is_empty());
+}
+
+#[test]
+fn strict_domains_keep_no_recipient_or_pseudonym() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &["private.test"]);
+    let q = id();
+    let env = envelope("a@private.test", &["r@dest.test"], "private.test", T0);
+    l.accepted(q, &env, 10, &Signing::default()).unwrap();
+    let update = Update {
+        text: Some("smtp; 550 5.1.1 <r@dest.test> unknown".into()),
+        code: Some("5.1.1".into()),
+        ..Update::default()
+    };
+    l.outcome(q, &env, 0, Outcome::Bounced, &update, T0 + 1)
+        .unwrap();
+    let r = l.get(q, T0, 0).unwrap().unwrap();
+    assert_eq!(
+        (r.recipient, r.recipient_pseudonym, r.sender, r.last_text),
+        (None, None, None, None)
+    );
+    assert_eq!(
+        (r.outcome, r.last_code.as_deref()),
+        (Outcome::Bounced, Some("5.1.1"))
+    );
+    assert!(
+        l.export("r@dest.test").unwrap().is_empty(),
+        "nothing links the subject to it"
+    );
+    assert_eq!(l.log_rcpt("r@dest.test", "private.test"), "-");
+}
+
+#[test]
+fn export_and_erase_touch_exactly_the_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    let (q1, q2, q3) = (id(), id(), id());
+    l.accepted(
+        q1,
+        &envelope(
+            "a@shop.test",
+            &["bob@dest.test", "eve@dest.test"],
+            "shop.test",
+            T0,
+        ),
+        1,
+        &Signing::default(),
+    )
+    .unwrap();
+    l.accepted(
+        q2,
+        &envelope("a@shop.test", &["BOB@dest.test"], "shop.test", T0 + DAY),
+        1,
+        &Signing::default(),
+    )
+    .unwrap();
+    l.accepted(
+        q3,
+        &envelope("bob@dest.test", &["eve@dest.test"], "dest.test", T0),
+        1,
+        &Signing::default(),
+    )
+    .unwrap();
+
+    let mut got: Vec<(String, u32)> = l
+        .export("bob@dest.test")
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.queue_id, r.rcpt_index))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (q1.to_string(), 0),
+        (q2.to_string(), 0),
+        (q3.to_string(), 0),
+    ];
+    want.sort();
+    assert_eq!(got, want, "as recipient (both spellings) and as sender");
+    let as_sender = l
+        .export("bob@dest.test")
+        .unwrap()
+        .into_iter()
+        .find(|r| r.queue_id == q3.to_string())
+        .unwrap();
+    assert_eq!(
+        as_sender.recipient, None,
+        "the other person's address is not handed out"
+    );
+
+    l.suppress
+        .add("bob@dest.test", Reason::Unsubscribe, T0, None)
+        .unwrap();
+    assert_eq!(l.erase("bob@dest.test").unwrap(), 3);
+    assert!(l.export("bob@dest.test").unwrap().is_empty());
+    assert!(
+        l.get(q1, T0, 1).unwrap().is_some(),
+        "eve's record is untouched"
+    );
+    assert_eq!(
+        l.export("eve@dest.test").unwrap().len(),
+        1,
+        "q3 went with bob's erasure; q1 stays"
+    );
+    assert!(
+        l.suppress.check("bob@dest.test", T0).unwrap().is_some(),
+        "the opt-out survives erasure"
+    );
+}
+
+#[test]
+fn hard_bounces_suppress_at_the_threshold_and_deliveries_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    assert!(!l.suppress.hard_bounce("x@dest.test", T0).unwrap());
+    assert!(!l.suppress.hard_bounce("x@dest.test", T0).unwrap());
+    l.suppress.delivered("x@dest.test").unwrap();
+    assert!(!l.suppress.hard_bounce("x@dest.test", T0).unwrap());
+    assert!(!l.suppress.hard_bounce("X@DEST.test", T0).unwrap());
+    assert!(
+        l.suppress.hard_bounce("x@dest.test", T0).unwrap(),
+        "third in a row"
+    );
+    let e = l.suppress.check("x@dest.test", T0).unwrap().unwrap();
+    assert_eq!(e.reason, Reason::HardBounce);
+    l.suppress
+        .add("t@dest.test", Reason::Manual, T0, Some(T0 + 10))
+        .unwrap();
+    assert!(l.suppress.check("t@dest.test", T0 + 9).unwrap().is_some());
+    assert!(
+        l.suppress.check("t@dest.test", T0 + 10).unwrap().is_none(),
+        "expired"
+    );
+    assert_eq!(l.suppress.list().unwrap().len(), 2);
+    assert!(l.suppress.remove("x@dest.test").unwrap());
+    assert!(l.suppress.check("x@dest.test", T0).unwrap().is_none());
+}

@@ -1,0 +1,183 @@
+//! The suppression list: addresses Postern must not send to, keyed by pseudonym only.
+//!
+//! Entries come from unsubscribes, complaints, an operator, or `privacy.bounce_threshold`
+//! consecutive hard bounces. They are honoured at RCPT (`550 5.7.1`) and for mail already
+//! queued (the recipient is dropped with the outcome `suppressed`). An erasure request leaves
+//! them in place: forgetting an opt-out would mail the person again.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{Key, Pseudonymizer};
+
+/// Why an address is suppressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    Unsubscribe,
+    Complaint,
+    HardBounce,
+    Manual,
+}
+
+impl Reason {
+    pub fn parse(s: &str) -> Option<Reason> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "unsubscribe" => Some(Reason::Unsubscribe),
+            "complaint" => Some(Reason::Complaint),
+            "hard-bounce" | "bounce" => Some(Reason::HardBounce),
+            "manual" => Some(Reason::Manual),
+            _ => None,
+        }
+    }
+}
+
+/// One entry, as listed and exported (no address: only its pseudonym).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub pseudonym: String,
+    pub reason: Reason,
+    pub added_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// Why the list could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SuppressError {
+    #[error("suppression store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("suppression entry does not decode")]
+    Corrupt,
+}
+
+/// The list, in the ledger's sled database.
+pub struct Suppressions {
+    entries: sled::Tree,
+    bounces: sled::Tree,
+    key: Key,
+    pseudonyms: Pseudonymizer,
+    threshold: u32,
+}
+
+impl Suppressions {
+    pub(crate) fn new(
+        entries: sled::Tree,
+        bounces: sled::Tree,
+        key: Key,
+        pseudonyms: Pseudonymizer,
+        threshold: u32,
+    ) -> Suppressions {
+        Suppressions {
+            entries,
+            bounces,
+            key,
+            pseudonyms,
+            threshold,
+        }
+    }
+
+    /// Adds (or replaces) an entry for `address`.
+    pub fn add(
+        &self,
+        address: &str,
+        reason: Reason,
+        now: i64,
+        expires_at: Option<i64>,
+    ) -> Result<Entry, SuppressError> {
+        let p = self.pseudonyms.of(address);
+        let entry = Entry {
+            pseudonym: p.to_string(),
+            reason,
+            added_at: now,
+            expires_at,
+        };
+        self.put(&p.0, &entry)?;
+        Ok(entry)
+    }
+
+    /// Adds an entry by pseudonym (restoring an export, which has no addresses).
+    pub fn add_entry(&self, entry: &Entry) -> Result<(), SuppressError> {
+        let bytes = hex::decode(&entry.pseudonym).map_err(|_| SuppressError::Corrupt)?;
+        let p: [u8; 32] = bytes.try_into().map_err(|_| SuppressError::Corrupt)?;
+        self.put(&p, entry)
+    }
+
+    fn put(&self, p: &[u8; 32], entry: &Entry) -> Result<(), SuppressError> {
+        let plain = serde_json::to_vec(entry).map_err(|_| SuppressError::Corrupt)?;
+        let sealed = self
+            .key
+            .seal(p, &plain)
+            .map_err(|_| SuppressError::Corrupt)?;
+        self.entries.insert(p, sealed)?;
+        self.entries.flush()?;
+        Ok(())
+    }
+
+    /// Removes the entry for `address`; true if there was one.
+    pub fn remove(&self, address: &str) -> Result<bool, SuppressError> {
+        let p = self.pseudonyms.of(address);
+        self.bounces.remove(p.0)?;
+        let removed = self.entries.remove(p.0)?.is_some();
+        self.entries.flush()?;
+        Ok(removed)
+    }
+
+    /// The entry in force for `address` at `now`, if any.
+    pub fn check(&self, address: &str, now: i64) -> Result<Option<Entry>, SuppressError> {
+        let p = self.pseudonyms.of(address);
+        let Some(sealed) = self.entries.get(p.0)? else {
+            return Ok(None);
+        };
+        let entry = self.open(&p.0, &sealed)?;
+        Ok(entry.expires_at.is_none_or(|t| t > now).then_some(entry))
+    }
+
+    /// Every entry (pseudonyms only).
+    pub fn list(&self) -> Result<Vec<Entry>, SuppressError> {
+        let mut out = Vec::new();
+        for item in self.entries.iter() {
+            let (k, v) = item?;
+            let p: [u8; 32] = k.as_ref().try_into().map_err(|_| SuppressError::Corrupt)?;
+            out.push(self.open(&p, &v)?);
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Counts a hard bounce; at the threshold the address is suppressed. Returns true then.
+    pub fn hard_bounce(&self, address: &str, now: i64) -> Result<bool, SuppressError> {
+        let p = self.pseudonyms.of(address);
+        let count = self
+            .bounces
+            .get(p.0)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(0)
+            + 1;
+        self.bounces.insert(p.0, &count.to_be_bytes())?;
+        if count >= self.threshold {
+            self.add(address, Reason::HardBounce, now, None)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A delivery succeeded: the run of bounces is broken.
+    pub fn delivered(&self, address: &str) -> Result<(), SuppressError> {
+        self.bounces.remove(self.pseudonyms.of(address).0)?;
+        Ok(())
+    }
+
+    fn open(&self, p: &[u8; 32], sealed: &[u8]) -> Result<Entry, SuppressError> {
+        let plain = self
+            .key
+            .open(p, sealed)
+            .map_err(|_| SuppressError::Corrupt)?;
+        serde_json::from_slice(&plain).map_err(|_| SuppressError::Corrupt)
+    }
+}
