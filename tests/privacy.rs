@@ -1,0 +1,257 @@
+//! Privacy end to end: nothing personal in clear on disk or in logs after a delivery, subject
+//! export and erasure through the running daemon, strict domains, and the suppression list.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::dns::DnsServer;
+use common::sink::Sink;
+use common::{contains, Child, Raw, TestServer};
+use postern::admin::{request, Request};
+use postern::clock::{Clock, ManualClock, SystemClock};
+use postern::daemon::Options;
+
+fn routing(sink: &Sink, dns: &DnsServer) -> String {
+    for d in ["dest.test", "shop.test", "private.test"] {
+        dns.mx(d, 10, "mx.sink.test");
+    }
+    dns.addr("mx.sink.test", "127.0.0.1");
+    format!(
+        "[delivery]\nport = {}\nretry_schedule = [\"1m\"]\n[dns]\nnameservers = [\"{}\"]\n",
+        sink.addr.port(),
+        dns.nameserver()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_delivery_no_address_or_body_in_the_data_directory_or_the_log() {
+    let dns = DnsServer::start().await;
+    let sink = Sink::start("127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = routing(&sink, &dns);
+    std::fs::write(dir.path().join("config.toml"), common::config_text(dir.path(), &extra)).unwrap();
+    let mut child = Child::spawn(dir.path(), None);
+    let (mut c, _) = Raw::connect(child.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .send_mail(
+            "jane.sender@shop.test",
+            &["john.rcpt@dest.test"],
+            "From: jane.sender@shop.test\r\nSubject: order\r\n\r\nBODY-MARKER-90210\r\n",
+        )
+        .await;
+    assert_eq!(r.code, 250);
+    sink.wait_for(1).await;
+    // Let the ledger record the outcome and sled flush (it does so every second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(child.terminate().success());
+    let log = child.log();
+    assert!(log.contains("delivered"), "the delivery is logged: {log}");
+    let raw = common::all_bytes(&dir.path().join("data"));
+    assert!(raw.len() > 1000, "the ledger holds data");
+    for needle in ["john.rcpt", "jane.sender", "BODY-MARKER-90210"] {
+        assert!(!contains(&raw, needle.as_bytes()), "{needle} in the data directory");
+        assert!(!log.contains(needle), "{needle} in the log");
+    }
+    // The log names the recipient by pseudonym and domain.
+    assert!(log.contains("@dest.test"), "{log}");
+}
+
+#[tokio::test]
+async fn export_and_erase_through_the_daemon() {
+    let (server, queue) = TestServer::start_with(
+        "",
+        Options {
+            run_queue: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let socket = server.data_dir().join("admin.sock");
+    let send = |from: &'static str, to: Vec<&'static str>| {
+        let relay = server.relay;
+        async move {
+            let (mut c, _) = Raw::connect(relay).await;
+            c.expect("EHLO client.test", 250).await;
+            let r = c.send_mail(from, &to, &format!("From: {from}\r\n\r\nx\r\n")).await;
+            assert_eq!(r.code, 250);
+        }
+    };
+    send("shop@shop.test", vec!["subject@dest.test", "other@dest.test"]).await;
+    send("shop@shop.test", vec!["Subject@DEST.test"]).await;
+    send("shop@shop.test", vec!["other@dest.test"]).await;
+    assert_eq!(queue.len(), 3);
+
+    let export = request(&socket, &Request::Export { address: "subject@dest.test".into() }).await.unwrap();
+    let records = export["records"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "exactly the subject's records: {export}");
+    for r in records {
+        assert_eq!(r["recipient"].as_str().unwrap().to_lowercase(), "subject@dest.test");
+        assert_eq!(r["outcome"], "queued");
+    }
+
+    request(
+        &socket,
+        &Request::SuppressAdd {
+            address: "subject@dest.test".into(),
+            reason: postern::suppress::Reason::Unsubscribe,
+            expires_at: None,
+        },
+    )
+    .await
+    .unwrap();
+    let erased = request(&socket, &Request::Erase { address: "subject@dest.test".into() }).await.unwrap();
+    assert_eq!(erased["records_removed"], 2);
+    assert_eq!(erased["queued_recipients_removed"], 2);
+    assert_eq!(erased["suppression_kept"], true);
+    let export = request(&socket, &Request::Export { address: "subject@dest.test".into() }).await.unwrap();
+    assert!(export["records"].as_array().unwrap().is_empty());
+    // The message only for the subject is gone (body destroyed); the shared one keeps "other".
+    assert_eq!(server.spool.live().len(), 2);
+    for m in server.messages().await {
+        let pending: Vec<&String> = m
+            .envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !m.state.final_rcpts[*i])
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(pending, vec!["other@dest.test"]);
+    }
+    let other = request(&socket, &Request::Export { address: "other@dest.test".into() }).await.unwrap();
+    assert_eq!(other["records"].as_array().unwrap().len(), 2, "others untouched");
+
+    let report = request(&socket, &Request::Report).await.unwrap();
+    assert_eq!(report["retention_days"], 30);
+    assert_eq!(report["records"], 2);
+    assert_eq!(report["suppression_entries"], 1);
+    assert_eq!(report["key_epochs_held"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn strict_domain_records_hold_no_recipient() {
+    let dns = DnsServer::start().await;
+    let sink = Sink::start("127.0.0.1").await;
+    let extra = format!("{}[privacy]\nstrict_domains = [\"private.test\"]\n", routing(&sink, &dns));
+    let (server, queue) = TestServer::start_with(
+        &extra,
+        Options {
+            run_queue: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .send_mail("news@private.test", &["reader@dest.test"], "From: news@private.test\r\n\r\nx\r\n")
+        .await;
+    assert_eq!(r.code, 250);
+    queue.run_due().await;
+    assert_eq!(sink.received().len(), 1);
+    let socket = server.data_dir().join("admin.sock");
+    let export = request(&socket, &Request::Export { address: "reader@dest.test".into() }).await.unwrap();
+    assert!(export["records"].as_array().unwrap().is_empty());
+    let report = request(&socket, &Request::Report).await.unwrap();
+    assert_eq!(report["records"], 1, "the count remains");
+}
+
+#[tokio::test]
+async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
+    let dns = DnsServer::start().await;
+    let sink = Sink::start("127.0.0.1").await;
+    sink.behaviour
+        .lock()
+        .unwrap()
+        .rcpt_replies
+        .insert("gone@dest.test".into(), "550 5.1.1 <gone@dest.test>: no such user".into());
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let (server, queue) = TestServer::start_with(
+        &routing(&sink, &dns),
+        Options {
+            clock: clock.clone(),
+            run_queue: false,
+        },
+    )
+    .await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    for _ in 0..3 {
+        let r = c.send_mail("shop@shop.test", &["gone@dest.test"], "From: shop@shop.test\r\n\r\nx\r\n").await;
+        assert_eq!(r.code, 250);
+        queue.run_due().await;
+    }
+    c.expect("MAIL FROM:<shop@shop.test>", 250).await;
+    let r = c.expect("RCPT TO:<Gone@dest.test>", 550).await;
+    assert_eq!(r.enhanced(), "5.7.1");
+    assert!(r.text.contains("suppression list"), "{r:?}");
+    c.expect("RSET", 250).await;
+
+    // Mail queued before a suppression is dropped, not delivered, with no notice.
+    sink.behaviour.lock().unwrap().data_replies = ["451 4.3.0 later".to_string()].into();
+    let r = c.send_mail("shop@shop.test", &["later@dest.test"], "From: shop@shop.test\r\n\r\nx\r\n").await;
+    assert_eq!(r.code, 250);
+    queue.run_due().await;
+    let socket = server.data_dir().join("admin.sock");
+    request(
+        &socket,
+        &Request::SuppressAdd {
+            address: "later@dest.test".into(),
+            reason: postern::suppress::Reason::Complaint,
+            expires_at: None,
+        },
+    )
+    .await
+    .unwrap();
+    let received_before = sink.received().len();
+    clock.advance(60);
+    queue.run_due().await;
+    assert_eq!(sink.received().len(), received_before, "not delivered");
+    let start = Instant::now();
+    while !server.spool.live().is_empty() && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let export = request(&socket, &Request::Export { address: "later@dest.test".into() }).await.unwrap();
+    assert_eq!(export["records"][0]["outcome"], "suppressed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppress_cli_talks_to_the_running_daemon() {
+    let server = TestServer::start("").await;
+    let config = server.dir.path().join("cli.toml");
+    std::fs::write(&config, common::config_text(server.dir.path(), "")).unwrap();
+    let cli = |args: &[&str]| {
+        // The daemon answering runs on this runtime: block only this worker thread.
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+                .args(args)
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .unwrap()
+        });
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let list = server.dir.path().join("list.txt");
+    std::fs::write(&list, "# opt-outs\na@dest.test,unsubscribe\nb@dest.test\n").unwrap();
+    assert_eq!(cli(&["suppress", "import", list.to_str().unwrap()])["imported"], 2);
+    cli(&["suppress", "add", "c@dest.test", "--reason", "complaint", "--expires", "30d"]);
+    let entries = cli(&["suppress", "list"]);
+    assert_eq!(entries.as_array().unwrap().len(), 3);
+    let text = entries.to_string();
+    assert!(!text.contains("dest.test"), "only pseudonyms are listed: {text}");
+    assert_eq!(cli(&["suppress", "remove", "b@dest.test"])["removed"], true);
+    assert_eq!(cli(&["suppress", "export"]).as_array().unwrap().len(), 2);
+
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<shop@shop.test>", 250).await;
+    c.expect("RCPT TO:<a@dest.test>", 550).await;
+    c.expect("RCPT TO:<b@dest.test>", 250).await;
+    let report = cli(&["privacy", "report"]);
+    assert_eq!(report["suppression_entries"], 2);
+}
