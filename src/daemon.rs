@@ -71,6 +71,7 @@ pub struct Daemon {
     /// Delivery metadata and suppression list.
     pub ledger: Arc<Ledger>,
     admin: tokio::net::UnixListener,
+    admin_path: std::path::PathBuf,
     clock: Arc<dyn Clock>,
     /// Cancelling it starts a graceful shutdown.
     pub shutdown: CancellationToken,
@@ -116,7 +117,8 @@ impl Daemon {
             options.clock,
             config.clone(),
         );
-        let admin = crate::admin::bind(&data_dir.join("admin.sock")).map_err(StartError::Admin)?;
+        let admin_path = data_dir.join("admin.sock");
+        let admin = crate::admin::bind(&admin_path).map_err(StartError::Admin)?;
         let parts = Parts {
             config,
             spool: spool.clone(),
@@ -133,6 +135,7 @@ impl Daemon {
             queue,
             ledger,
             admin,
+            admin_path,
             clock,
             shutdown,
             run_queue: options.run_queue,
@@ -164,9 +167,10 @@ impl Daemon {
         if let Some(q) = queue {
             let _ = q.await;
         }
-        if let Err(e) = self.ledger.flush() {
+        if let Err(e) = self.ledger.sync().and_then(|()| self.ledger.flush()) {
             tracing::error!(error = %e, "ledger flush at shutdown failed");
         }
+        let _ = std::fs::remove_file(&self.admin_path);
     }
 }
 

@@ -169,7 +169,12 @@ impl Suppressions {
 
     /// A delivery succeeded: the run of bounces is broken.
     pub fn delivered(&self, address: &str) -> Result<(), SuppressError> {
-        self.bounces.remove(self.pseudonyms.of(address).0)?;
+        // A read first: nearly every delivery has no bounce run to break, and a read is cheaper
+        // than a write to sled's log.
+        let p = self.pseudonyms.of(address);
+        if self.bounces.contains_key(p.0)? {
+            self.bounces.remove(p.0)?;
+        }
         Ok(())
     }
 

@@ -31,7 +31,11 @@ async fn after_delivery_no_address_or_body_in_the_data_directory_or_the_log() {
     let sink = Sink::start("127.0.0.1").await;
     let dir = tempfile::tempdir().unwrap();
     let extra = routing(&sink, &dns);
-    std::fs::write(dir.path().join("config.toml"), common::config_text(dir.path(), &extra)).unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        common::config_text(dir.path(), &extra),
+    )
+    .unwrap();
     let mut child = Child::spawn(dir.path(), None);
     let (mut c, _) = Raw::connect(child.relay).await;
     c.expect("EHLO client.test", 250).await;
@@ -52,7 +56,10 @@ async fn after_delivery_no_address_or_body_in_the_data_directory_or_the_log() {
     let raw = common::all_bytes(&dir.path().join("data"));
     assert!(raw.len() > 1000, "the ledger holds data");
     for needle in ["john.rcpt", "jane.sender", "BODY-MARKER-90210"] {
-        assert!(!contains(&raw, needle.as_bytes()), "{needle} in the data directory");
+        assert!(
+            !contains(&raw, needle.as_bytes()),
+            "{needle} in the data directory"
+        );
         assert!(!log.contains(needle), "{needle} in the log");
     }
     // The log names the recipient by pseudonym and domain.
@@ -75,20 +82,36 @@ async fn export_and_erase_through_the_daemon() {
         async move {
             let (mut c, _) = Raw::connect(relay).await;
             c.expect("EHLO client.test", 250).await;
-            let r = c.send_mail(from, &to, &format!("From: {from}\r\n\r\nx\r\n")).await;
+            let r = c
+                .send_mail(from, &to, &format!("From: {from}\r\n\r\nx\r\n"))
+                .await;
             assert_eq!(r.code, 250);
         }
     };
-    send("shop@shop.test", vec!["subject@dest.test", "other@dest.test"]).await;
+    send(
+        "shop@shop.test",
+        vec!["subject@dest.test", "other@dest.test"],
+    )
+    .await;
     send("shop@shop.test", vec!["Subject@DEST.test"]).await;
     send("shop@shop.test", vec!["other@dest.test"]).await;
     assert_eq!(queue.len(), 3);
 
-    let export = request(&socket, &Request::Export { address: "subject@dest.test".into() }).await.unwrap();
+    let export = request(
+        &socket,
+        &Request::Export {
+            address: "subject@dest.test".into(),
+        },
+    )
+    .await
+    .unwrap();
     let records = export["records"].as_array().unwrap();
     assert_eq!(records.len(), 2, "exactly the subject's records: {export}");
     for r in records {
-        assert_eq!(r["recipient"].as_str().unwrap().to_lowercase(), "subject@dest.test");
+        assert_eq!(
+            r["recipient"].as_str().unwrap().to_lowercase(),
+            "subject@dest.test"
+        );
         assert_eq!(r["outcome"], "queued");
     }
 
@@ -102,11 +125,25 @@ async fn export_and_erase_through_the_daemon() {
     )
     .await
     .unwrap();
-    let erased = request(&socket, &Request::Erase { address: "subject@dest.test".into() }).await.unwrap();
+    let erased = request(
+        &socket,
+        &Request::Erase {
+            address: "subject@dest.test".into(),
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(erased["records_removed"], 2);
     assert_eq!(erased["queued_recipients_removed"], 2);
     assert_eq!(erased["suppression_kept"], true);
-    let export = request(&socket, &Request::Export { address: "subject@dest.test".into() }).await.unwrap();
+    let export = request(
+        &socket,
+        &Request::Export {
+            address: "subject@dest.test".into(),
+        },
+    )
+    .await
+    .unwrap();
     assert!(export["records"].as_array().unwrap().is_empty());
     // The message only for the subject is gone (body destroyed); the shared one keeps "other".
     assert_eq!(server.spool.live().len(), 2);
@@ -121,8 +158,19 @@ async fn export_and_erase_through_the_daemon() {
             .collect();
         assert_eq!(pending, vec!["other@dest.test"]);
     }
-    let other = request(&socket, &Request::Export { address: "other@dest.test".into() }).await.unwrap();
-    assert_eq!(other["records"].as_array().unwrap().len(), 2, "others untouched");
+    let other = request(
+        &socket,
+        &Request::Export {
+            address: "other@dest.test".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        other["records"].as_array().unwrap().len(),
+        2,
+        "others untouched"
+    );
 
     let report = request(&socket, &Request::Report).await.unwrap();
     assert_eq!(report["retention_days"], 30);
@@ -135,7 +183,10 @@ async fn export_and_erase_through_the_daemon() {
 async fn strict_domain_records_hold_no_recipient() {
     let dns = DnsServer::start().await;
     let sink = Sink::start("127.0.0.1").await;
-    let extra = format!("{}[privacy]\nstrict_domains = [\"private.test\"]\n", routing(&sink, &dns));
+    let extra = format!(
+        "{}[privacy]\nstrict_domains = [\"private.test\"]\n",
+        routing(&sink, &dns)
+    );
     let (server, queue) = TestServer::start_with(
         &extra,
         Options {
@@ -147,13 +198,24 @@ async fn strict_domain_records_hold_no_recipient() {
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
     let r = c
-        .send_mail("news@private.test", &["reader@dest.test"], "From: news@private.test\r\n\r\nx\r\n")
+        .send_mail(
+            "news@private.test",
+            &["reader@dest.test"],
+            "From: news@private.test\r\n\r\nx\r\n",
+        )
         .await;
     assert_eq!(r.code, 250);
     queue.run_due().await;
     assert_eq!(sink.received().len(), 1);
     let socket = server.data_dir().join("admin.sock");
-    let export = request(&socket, &Request::Export { address: "reader@dest.test".into() }).await.unwrap();
+    let export = request(
+        &socket,
+        &Request::Export {
+            address: "reader@dest.test".into(),
+        },
+    )
+    .await
+    .unwrap();
     assert!(export["records"].as_array().unwrap().is_empty());
     let report = request(&socket, &Request::Report).await.unwrap();
     assert_eq!(report["records"], 1, "the count remains");
@@ -163,11 +225,10 @@ async fn strict_domain_records_hold_no_recipient() {
 async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
     let dns = DnsServer::start().await;
     let sink = Sink::start("127.0.0.1").await;
-    sink.behaviour
-        .lock()
-        .unwrap()
-        .rcpt_replies
-        .insert("gone@dest.test".into(), "550 5.1.1 <gone@dest.test>: no such user".into());
+    sink.behaviour.lock().unwrap().rcpt_replies.insert(
+        "gone@dest.test".into(),
+        "550 5.1.1 <gone@dest.test>: no such user".into(),
+    );
     let clock = Arc::new(ManualClock::new(SystemClock.now()));
     let (server, queue) = TestServer::start_with(
         &routing(&sink, &dns),
@@ -180,7 +241,13 @@ async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
     for _ in 0..3 {
-        let r = c.send_mail("shop@shop.test", &["gone@dest.test"], "From: shop@shop.test\r\n\r\nx\r\n").await;
+        let r = c
+            .send_mail(
+                "shop@shop.test",
+                &["gone@dest.test"],
+                "From: shop@shop.test\r\n\r\nx\r\n",
+            )
+            .await;
         assert_eq!(r.code, 250);
         queue.run_due().await;
     }
@@ -192,7 +259,13 @@ async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
 
     // Mail queued before a suppression is dropped, not delivered, with no notice.
     sink.behaviour.lock().unwrap().data_replies = ["451 4.3.0 later".to_string()].into();
-    let r = c.send_mail("shop@shop.test", &["later@dest.test"], "From: shop@shop.test\r\n\r\nx\r\n").await;
+    let r = c
+        .send_mail(
+            "shop@shop.test",
+            &["later@dest.test"],
+            "From: shop@shop.test\r\n\r\nx\r\n",
+        )
+        .await;
     assert_eq!(r.code, 250);
     queue.run_due().await;
     let socket = server.data_dir().join("admin.sock");
@@ -214,7 +287,14 @@ async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
     while !server.spool.live().is_empty() && start.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let export = request(&socket, &Request::Export { address: "later@dest.test".into() }).await.unwrap();
+    let export = request(
+        &socket,
+        &Request::Export {
+            address: "later@dest.test".into(),
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(export["records"][0]["outcome"], "suppressed");
 }
 
@@ -233,17 +313,35 @@ async fn suppress_cli_talks_to_the_running_daemon() {
                 .output()
                 .unwrap()
         });
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let list = server.dir.path().join("list.txt");
     std::fs::write(&list, "# opt-outs\na@dest.test,unsubscribe\nb@dest.test\n").unwrap();
-    assert_eq!(cli(&["suppress", "import", list.to_str().unwrap()])["imported"], 2);
-    cli(&["suppress", "add", "c@dest.test", "--reason", "complaint", "--expires", "30d"]);
+    assert_eq!(
+        cli(&["suppress", "import", list.to_str().unwrap()])["imported"],
+        2
+    );
+    cli(&[
+        "suppress",
+        "add",
+        "c@dest.test",
+        "--reason",
+        "complaint",
+        "--expires",
+        "30d",
+    ]);
     let entries = cli(&["suppress", "list"]);
     assert_eq!(entries.as_array().unwrap().len(), 3);
     let text = entries.to_string();
-    assert!(!text.contains("dest.test"), "only pseudonyms are listed: {text}");
+    assert!(
+        !text.contains("dest.test"),
+        "only pseudonyms are listed: {text}"
+    );
     assert_eq!(cli(&["suppress", "remove", "b@dest.test"])["removed"], true);
     assert_eq!(cli(&["suppress", "export"]).as_array().unwrap().len(), 2);
 

@@ -138,6 +138,12 @@ impl Deliverer {
         self.pool.len()
     }
 
+    /// Says QUIT on every idle connection (at shutdown, as a polite peer does).
+    pub async fn close_idle(&self) {
+        let conns = self.pool.drain();
+        futures::future::join_all(conns.into_iter().map(Connection::quit)).await;
+    }
+
     /// Delivers one message to the job's recipients; one outcome per recipient.
     pub async fn deliver(&self, job: Job<'_>) -> Vec<RcptOutcome> {
         // Where to go: the smarthosts, or the domain's mail exchangers.

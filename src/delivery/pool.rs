@@ -51,6 +51,14 @@ impl Pool {
         idle.values().map(Vec::len).sum()
     }
 
+    /// Takes every idle connection (shutdown).
+    pub(super) fn drain(&self) -> Vec<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.drain()
+            .flat_map(|(_, l)| l.into_iter().map(|(c, _)| c))
+            .collect()
+    }
+
     fn expire(&self) -> Vec<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let mut expired = Vec::new();

@@ -17,10 +17,11 @@
 //! pseudonym and no remote reply text (which often quotes the address); counts remain.
 
 mod epoch;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,8 @@ pub enum LedgerError {
     Io(#[from] std::io::Error),
     #[error("ledger record does not decode")]
     Corrupt,
+    #[error("ledger writer thread has stopped")]
+    WriterGone,
 }
 
 /// Where a recipient stands.
@@ -118,9 +121,9 @@ pub struct Purged {
 /// The ledger, shared by sessions, the queue and the admin socket.
 pub struct Ledger {
     db: sled::Db,
-    records: sled::Tree,
-    subjects: sled::Tree,
-    epochs: Epochs,
+    tables: Arc<Tables>,
+    /// Record writes go to the writer thread, which batches them (see [`writer`]).
+    writer: mpsc::Sender<writer::Event>,
     pseudonyms: Pseudonymizer,
     config: PrivacyConfig,
     /// The suppression list, in the same sled database.
@@ -147,7 +150,14 @@ impl Ledger {
         config: &PrivacyConfig,
     ) -> Result<Ledger, LedgerError> {
         let dir = data_dir.join("ledger");
-        std::fs::create_dir_all(&dir)?;
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         // Batched durability: sled flushes every second on its own thread, never per record.
         let db = sled::Config::new()
             .path(dir.join("db"))
@@ -166,10 +176,20 @@ impl Ledger {
             pseudonyms.clone(),
             config.bounce_threshold,
         );
-        Ok(Ledger {
+        let tables = Arc::new(Tables {
             records: db.open_tree("records")?,
             subjects: db.open_tree("subjects")?,
             epochs: Epochs::open(dir.join("keys"), master.clone())?,
+            strict_domains: config.strict_domains.clone(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let t = tables.clone();
+        std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer::run(t, rx))?;
+        Ok(Ledger {
+            tables,
+            writer: tx,
             db,
             pseudonyms,
             config: config.clone(),
@@ -179,10 +199,7 @@ impl Ledger {
 
     /// True when mail from `domain` must leave no recipient data behind.
     pub fn is_strict(&self, domain: &str) -> bool {
-        self.config
-            .strict_domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(domain))
+        self.tables.is_strict(domain)
     }
 
     /// How a recipient appears in a log line.
@@ -209,7 +226,8 @@ impl Ledger {
         &self.pseudonyms
     }
 
-    /// Records a newly accepted message: one `queued` record per recipient.
+    /// Records a newly accepted message: one `queued` record per recipient. Returns at once;
+    /// the writer thread stores it with the next batch.
     pub fn accepted(
         &self,
         id: QueueId,
@@ -219,56 +237,55 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         let strict = self.is_strict(&env.sending_domain);
         let day = day_of(env.received_at);
-        let key = self.epochs.key(&day)?;
         let qid = id.to_string();
-        let mut batch = sled::Batch::default();
-        let mut index_batch = sled::Batch::default();
+        let sender =
+            (!strict && !env.mail_from.is_empty()).then(|| self.pseudonyms.of(&env.mail_from));
+        let mut records = Vec::with_capacity(env.recipients.len());
+        let mut index = Vec::new();
         for (i, rcpt) in env.recipients.iter().enumerate() {
             let pseudonym = (!strict).then(|| self.pseudonyms.of(rcpt));
-            let record = Record {
-                queue_id: qid.clone(),
-                rcpt_index: i as u32,
-                received_at: env.received_at,
-                final_at: None,
-                sending_domain: env.sending_domain.clone(),
-                recipient_pseudonym: pseudonym.map(|p| p.to_string()),
-                recipient: (!strict).then(|| rcpt.clone()),
-                sender: (!strict && !env.mail_from.is_empty()).then(|| env.mail_from.clone()),
-                size,
-                outcome: Outcome::Queued,
-                attempts: 0,
-                last_code: None,
-                last_text: None,
-                remote_host: None,
-                remote_ip: None,
-                tls: None,
-                tls_verified: None,
-                dkim_domain: signing.domain.clone(),
-                dkim_selectors: signing.selectors.clone(),
-                client_ip: env.client_ip.to_string(),
-                auth_user: env.auth_user.clone(),
-            };
             let rkey = record_key(&day, &qid, i as u32);
-            batch.insert(rkey.clone(), self.seal(&key, &rkey, &record)?);
             if let Some(p) = pseudonym {
-                index_batch.insert(subject_key(&p.0, &rkey), &[]);
+                index.push(subject_key(&p.0, &rkey));
             }
-        }
-        if !strict && !env.mail_from.is_empty() {
-            let sender = self.pseudonyms.of(&env.mail_from);
-            for i in 0..env.recipients.len() {
-                index_batch.insert(
-                    subject_key(&sender.0, &record_key(&day, &qid, i as u32)),
-                    &[],
-                );
+            if let Some(s) = sender {
+                index.push(subject_key(&s.0, &rkey));
             }
+            records.push((
+                rkey,
+                Record {
+                    queue_id: qid.clone(),
+                    rcpt_index: i as u32,
+                    received_at: env.received_at,
+                    final_at: None,
+                    sending_domain: env.sending_domain.clone(),
+                    recipient_pseudonym: pseudonym.map(|p| p.to_string()),
+                    recipient: (!strict).then(|| rcpt.clone()),
+                    sender: sender.map(|_| env.mail_from.clone()),
+                    size,
+                    outcome: Outcome::Queued,
+                    attempts: 0,
+                    last_code: None,
+                    last_text: None,
+                    remote_host: None,
+                    remote_ip: None,
+                    tls: None,
+                    tls_verified: None,
+                    dkim_domain: signing.domain.clone(),
+                    dkim_selectors: signing.selectors.clone(),
+                    client_ip: env.client_ip.to_string(),
+                    auth_user: env.auth_user.clone(),
+                },
+            ));
         }
-        self.records.apply_batch(batch)?;
-        self.subjects.apply_batch(index_batch)?;
-        Ok(())
+        self.send(writer::Event::Accepted {
+            day,
+            records,
+            index,
+        })
     }
 
-    /// Records the outcome of an attempt for recipient `index` of message `id`.
+    /// Records the outcome of an attempt for recipient `index` of message `id`. Returns at once.
     pub fn outcome(
         &self,
         id: QueueId,
@@ -280,51 +297,41 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         let day = day_of(env.received_at);
         let rkey = record_key(&day, &id.to_string(), index as u32);
-        let Some(key) = self.epochs.existing(&day) else {
-            return Ok(()); // purged already (a message older than the retention period)
-        };
-        let Some(sealed) = self.records.get(&rkey)? else {
-            return Ok(()); // erased on request
-        };
-        let mut record: Record = self.unseal(&key, &rkey, &sealed)?;
-        let strict = self.is_strict(&record.sending_domain);
-        record.outcome = outcome;
-        if matches!(
+        self.send(writer::Event::Outcome {
+            day,
+            rkey,
             outcome,
-            Outcome::Delivered | Outcome::Deferred | Outcome::Bounced
-        ) {
-            record.attempts += 1;
-        }
-        if outcome.is_final() {
-            record.final_at = Some(now);
-        }
-        record.last_code = update.code.clone().or(record.last_code);
-        record.last_text = if strict {
-            None
-        } else {
-            update.text.clone().or(record.last_text)
-        };
-        record.remote_host = update.remote_host.clone().or(record.remote_host);
-        record.remote_ip = update.remote_ip.clone().or(record.remote_ip);
-        record.tls = update.tls.clone().or(record.tls);
-        record.tls_verified = update.tls_verified.or(record.tls_verified);
-        self.records
-            .insert(rkey.clone(), self.seal(&key, &rkey, &record)?)?;
-        Ok(())
+            update: update.clone(),
+            now,
+        })
+    }
+
+    fn send(&self, event: writer::Event) -> Result<(), LedgerError> {
+        self.writer.send(event).map_err(|_| LedgerError::WriterGone)
+    }
+
+    /// Waits until every event sent so far is in sled (before reads that must see them).
+    pub fn sync(&self) -> Result<(), LedgerError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(writer::Event::Sync(tx))?;
+        rx.recv().map_err(|_| LedgerError::WriterGone)
     }
 
     /// Every record about `address`, as recipient or as sender, decrypted. As a sender's
     /// export, records name their recipients only by pseudonym: they are other people's data.
     pub fn export(&self, address: &str) -> Result<Vec<Record>, LedgerError> {
+        self.sync()?;
         let me = self.pseudonyms.of(address);
         let mut out = Vec::new();
         for rkey in self.subject_records(&me.0)? {
             let day = String::from_utf8_lossy(&rkey[..8]).into_owned();
-            let (Some(key), Some(sealed)) = (self.epochs.existing(&day), self.records.get(&rkey)?)
-            else {
+            let (Some(key), Some(sealed)) = (
+                self.tables.epochs.existing(&day),
+                self.tables.records.get(&rkey)?,
+            ) else {
                 continue;
             };
-            let mut record: Record = self.unseal(&key, &rkey, &sealed)?;
+            let mut record: Record = self.tables.unseal(&key, &rkey, &sealed)?;
             if record.recipient_pseudonym.as_deref() != Some(&me.to_string()) {
                 record.recipient = None;
             }
@@ -335,14 +342,15 @@ impl Ledger {
 
     /// Removes every record about `address`; returns how many.
     pub fn erase(&self, address: &str) -> Result<usize, LedgerError> {
+        self.sync()?;
         let me = self.pseudonyms.of(address);
         let keys = self.subject_records(&me.0)?;
         let mut n = 0;
         for rkey in &keys {
-            if self.records.remove(rkey)?.is_some() {
+            if self.tables.records.remove(rkey)?.is_some() {
                 n += 1;
             }
-            self.subjects.remove(subject_key(&me.0, rkey))?;
+            self.tables.subjects.remove(subject_key(&me.0, rkey))?;
         }
         self.db.flush()?;
         Ok(n)
@@ -350,7 +358,7 @@ impl Ledger {
 
     fn subject_records(&self, pseudonym: &[u8; 32]) -> Result<Vec<Vec<u8>>, LedgerError> {
         let mut keys = Vec::new();
-        for item in self.subjects.scan_prefix(pseudonym) {
+        for item in self.tables.subjects.scan_prefix(pseudonym) {
             let (k, _) = item?;
             keys.push(k[32..].to_vec());
         }
@@ -360,27 +368,28 @@ impl Ledger {
     /// Deletes records of days older than the retention period and destroys their keys.
     /// Runs at start (catching up after downtime) and then periodically.
     pub fn purge(&self, now: i64) -> Result<Purged, LedgerError> {
+        self.sync()?;
         let cutoff = day_of(now - self.config.retention_days as i64 * 86_400);
         let mut purged = Purged::default();
         let mut batch = sled::Batch::default();
-        for item in self.records.range(..cutoff.as_bytes()) {
+        for item in self.tables.records.range(..cutoff.as_bytes()) {
             let (k, _) = item?;
             batch.remove(k);
             purged.records += 1;
         }
-        self.records.apply_batch(batch)?;
+        self.tables.records.apply_batch(batch)?;
         // Index entries of purged records point nowhere; drop them too.
         let mut stale = sled::Batch::default();
-        for item in self.subjects.iter() {
+        for item in self.tables.subjects.iter() {
             let (k, _) = item?;
             if k.len() >= 40 && k[32..40] < *cutoff.as_bytes() {
                 stale.remove(k);
             }
         }
-        self.subjects.apply_batch(stale)?;
-        for day in self.epochs.days() {
+        self.tables.subjects.apply_batch(stale)?;
+        for day in self.tables.epochs.days() {
             if day.as_str() < cutoff.as_str() {
-                self.epochs.destroy(&day)?;
+                self.tables.epochs.destroy(&day)?;
                 purged.days.push(day);
             }
         }
@@ -390,8 +399,9 @@ impl Ledger {
 
     /// Settings in force and what is stored, for a record of processing activities.
     pub fn report(&self) -> Result<serde_json::Value, LedgerError> {
+        self.sync()?;
         let mut per_day: BTreeMap<String, usize> = BTreeMap::new();
-        for item in self.records.iter() {
+        for item in self.tables.records.iter() {
             let (k, _) = item?;
             *per_day
                 .entry(String::from_utf8_lossy(&k[..8]).into_owned())
@@ -407,7 +417,7 @@ impl Ledger {
             "records": per_day.values().sum::<usize>(),
             "records_per_day": per_day,
             "oldest_record_day": per_day.keys().next(),
-            "key_epochs_held": self.epochs.days(),
+            "key_epochs_held": self.tables.epochs.days(),
             "suppression_entries": self.suppress.len(),
         }))
     }
@@ -419,8 +429,9 @@ impl Ledger {
         received_at: i64,
         index: u32,
     ) -> Result<Option<Vec<u8>>, LedgerError> {
+        self.sync()?;
         let rkey = record_key(&day_of(received_at), &id.to_string(), index);
-        Ok(self.records.get(rkey)?.map(|v| v.to_vec()))
+        Ok(self.tables.records.get(rkey)?.map(|v| v.to_vec()))
     }
 
     /// Opens raw sealed bytes as [`Ledger::raw`] returned them, if the day's key still exists.
@@ -433,10 +444,12 @@ impl Ledger {
     ) -> Result<Record, LedgerError> {
         let day = day_of(received_at);
         let key = self
+            .tables
             .epochs
             .existing(&day)
             .ok_or(LedgerError::Crypto(CryptoError::Open))?;
-        self.unseal(&key, &record_key(&day, &id.to_string(), index), sealed)
+        self.tables
+            .unseal(&key, &record_key(&day, &id.to_string(), index), sealed)
     }
 
     /// A record by id (for tests and the admin API).
@@ -457,16 +470,6 @@ impl Ledger {
         self.db.flush()?;
         Ok(())
     }
-
-    fn seal(&self, key: &Key, rkey: &[u8], record: &Record) -> Result<Vec<u8>, LedgerError> {
-        let plain = serde_json::to_vec(record).map_err(|_| LedgerError::Corrupt)?;
-        Ok(key.seal(rkey, &plain)?)
-    }
-
-    fn unseal(&self, key: &Key, rkey: &[u8], sealed: &[u8]) -> Result<Record, LedgerError> {
-        let plain = key.open(rkey, sealed)?;
-        serde_json::from_slice(&plain).map_err(|_| LedgerError::Corrupt)
-    }
 }
 
 fn subject_key(pseudonym: &[u8; 32], rkey: &[u8]) -> Vec<u8> {
@@ -482,6 +485,32 @@ fn load_or_make(master: &Key, path: &Path, purpose: &str) -> Result<Key, LedgerE
     let key = Key::generate()?;
     master.write_wrapped(path, purpose, &key)?;
     Ok(key)
+}
+
+/// The sled trees and keys, shared by the [`Ledger`] handle and its writer thread.
+pub(crate) struct Tables {
+    records: sled::Tree,
+    subjects: sled::Tree,
+    epochs: Epochs,
+    strict_domains: Vec<String>,
+}
+
+impl Tables {
+    fn is_strict(&self, domain: &str) -> bool {
+        self.strict_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    fn seal(&self, key: &Key, rkey: &[u8], record: &Record) -> Result<Vec<u8>, LedgerError> {
+        let plain = serde_json::to_vec(record).map_err(|_| LedgerError::Corrupt)?;
+        Ok(key.seal(rkey, &plain)?)
+    }
+
+    fn unseal(&self, key: &Key, rkey: &[u8], sealed: &[u8]) -> Result<Record, LedgerError> {
+        let plain = key.open(rkey, sealed)?;
+        serde_json::from_slice(&plain).map_err(|_| LedgerError::Corrupt)
+    }
 }
 
 /// Shared handle.

@@ -199,6 +199,7 @@ impl Queue {
                 "shutdown: deliveries still running after the drain period; they will be retried"
             );
         }
+        self.deliverer.close_idle().await;
     }
 
     /// One attempt at one message.
