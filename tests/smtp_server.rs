@@ -570,11 +570,11 @@ async fn graceful_shutdown_says_421_to_idle_sessions() {
     let server = TestServer::start("").await;
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
+    let admin_socket = server.data_dir().join("admin.sock");
+    assert!(admin_socket.exists());
     server.shutdown.cancel();
     let r = c.reply().await;
     assert_eq!((r.code, r.enhanced()), (421, "4.3.2"));
-    let admin_socket = server.data_dir().join("admin.sock");
-    assert!(admin_socket.exists());
     tokio::time::timeout(std::time::Duration::from_secs(5), server.task)
         .await
         .expect("server stops")
