@@ -573,3 +573,112 @@ async fn smarthost_carries_every_domain_with_auth_over_tls() {
     assert_eq!(got[0].authenticated.as_deref(), Some("relayuser"));
     assert!(got[0].tls.is_some());
 }
+
+#[tokio::test]
+async fn delay_warning_is_sent_once_while_retrying() {
+    let rig = rig(
+        "retry_schedule = [\"30m\"]\ndelay_warning = \"1h\"",
+        "",
+        true,
+    )
+    .await;
+    rig.sink
+        .behaviour
+        .lock()
+        .unwrap()
+        .rcpt_replies
+        .insert("slow@dest.test".into(), "451 4.2.0 greylisted".into());
+    submit(
+        &rig.server,
+        "app@sender.test",
+        &["slow@dest.test"],
+        "Subject: wait\r\n\r\nx\r\n",
+    )
+    .await;
+    rig.queue.run_due().await;
+    rig.clock.advance(1800);
+    rig.queue.run_due().await;
+    assert!(rig.sink.received().is_empty(), "no notice before an hour");
+    rig.clock.advance(1800);
+    rig.queue.run_due().await;
+    let got = rig.sink.received();
+    assert_eq!(got.len(), 1, "one delay notice");
+    let parsed = parse_dsn(&got[0].data);
+    assert_eq!(parsed["recipients"][0]["action"], "delayed");
+    assert_eq!(parsed["recipients"][0]["status"], "4.2.0");
+    rig.clock.advance(1800);
+    rig.queue.run_due().await;
+    assert_eq!(rig.sink.received().len(), 1, "not repeated");
+    assert_eq!(
+        rig.server.spool.live().len(),
+        1,
+        "the original is still queued"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_keeps_retry_times() {
+    let dns = DnsServer::start().await;
+    let sink = Sink::start("127.0.0.1").await;
+    dns.mx("dest.test", 10, "mx.sink.test");
+    dns.addr("mx.sink.test", "127.0.0.1");
+    sink.behaviour.lock().unwrap().data_replies = ["451 4.3.0 later".to_string()].into();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[delivery]\nport = {}\nretry_schedule = [\"10m\"]\n[dns]\nnameservers = [\"{}\"]\n",
+        sink.addr.port(),
+        dns.nameserver()
+    );
+    let config = || {
+        postern::config::Config::parse(&common::config_text(dir.path(), &extra), "t", dir.path())
+            .unwrap()
+    };
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let start = |clock: Arc<ManualClock>| {
+        let config = config();
+        async move {
+            postern::daemon::Daemon::start_with(
+                config,
+                Options {
+                    clock,
+                    run_queue: false,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let daemon = start(clock.clone()).await;
+    let relay = daemon.local_addrs()[0].0;
+    let (queue, shutdown) = (daemon.queue.clone(), daemon.shutdown.clone());
+    let task = tokio::spawn(daemon.run(Duration::from_secs(5)));
+    let (mut c, _) = Raw::connect(relay).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.send_mail("a@sender.test", &["r@dest.test"], "Subject: x\r\n\r\nx\r\n")
+            .await
+            .code,
+        250
+    );
+    queue.run_due().await;
+    assert_eq!(sink.state.lock().unwrap().data_attempts.len(), 1);
+    drop(c);
+    shutdown.cancel();
+    task.await.unwrap();
+    drop(queue);
+    // sled releases its lock when the last handle goes; give the ledger writer a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let daemon = start(clock.clone()).await;
+    let queue = daemon.queue.clone();
+    assert_eq!(queue.len(), 1, "recovered");
+    clock.advance(599);
+    assert_eq!(
+        queue.run_due().await,
+        0,
+        "the retry time survived the restart"
+    );
+    clock.advance(1);
+    assert_eq!(queue.run_due().await, 1);
+    assert_eq!(sink.received().len(), 1, "delivered on schedule");
+}

@@ -579,5 +579,8 @@ async fn graceful_shutdown_says_421_to_idle_sessions() {
         .await
         .expect("server stops")
         .unwrap();
-    assert!(!admin_socket.exists(), "the admin socket is removed on a clean stop");
+    assert!(
+        !admin_socket.exists(),
+        "the admin socket is removed on a clean stop"
+    );
 }

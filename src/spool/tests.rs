@@ -26,23 +26,7 @@ fn open(dir: &Path, master: &Key) -> (Spool, RecoveryReport) {
     Spool::open(dir, master.clone(), 1 << 20).expect("spool opens")
 }
 
-/// Every byte under `dir`, for searching plaintext.
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(all_bytes(&path));
-        } else {
-            out.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
+use crate::spool_test_support::{all_bytes, contains};
 
 fn segment_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join("spool"))
