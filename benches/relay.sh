@@ -23,7 +23,10 @@
 # SKIP_BUILD=1 (use the existing target/release/postern), CARGO_BUILD_FLAGS (extra flags for
 # `cargo build --release`; default --ignore-rust-version, as some dependencies declare a newer
 # rustc than they need), KEEP=1 (keep the temp directory; also kept on failure or when Postern
-# logged a WARN/ERROR other than the self-signed certificate notice).
+# logged a WARN/ERROR other than the self-signed certificate notice), POSTERN_BIN and
+# POSTERN_CONFIG (another binary and its config.toml, e.g. an older build for an A/B run; implies
+# SKIP_BUILD), DKIM=rsa|ed25519 (Postern signs every message with a key made for the run),
+# ONLY=postern (skip Postfix; for A/B runs between Postern builds).
 #
 # Run it on an otherwise idle machine: a concurrent cargo build skews both figures.
 set -euo pipefail
@@ -39,7 +42,9 @@ case $N in '' | *[!0-9]*) echo "relay.sh: N must be a positive integer, got '$N'
 [ "$N" -gt 0 ] || { echo "relay.sh: N must be positive" >&2; exit 2; }
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN=$ROOT/target/release/postern
+BIN=${POSTERN_BIN:-$ROOT/target/release/postern}
+CONFIG=${POSTERN_CONFIG:-$ROOT/config.toml}
+[ -z "${POSTERN_BIN:-}" ] || SKIP_BUILD=1
 
 die() { echo "relay.sh: $*" >&2; exit 1; }
 log() { echo "== $*" >&2; }
@@ -265,8 +270,18 @@ awk -v data="$PT/data" -v cert="$PT/certs/server.crt" -v key="$PT/certs/server.k
         if (held != "") print held
         if (!done_delivery) { print ""; print "[delivery]"; delivery_keys() }
     }
-' "$ROOT/config.toml" > "$PT/config.toml"
-grep -q "127.0.0.1:$PT_RELAY" "$PT/config.toml" || die "no relay listener in $ROOT/config.toml"
+' "$CONFIG" > "$PT/config.toml"
+grep -q "127.0.0.1:$PT_RELAY" "$PT/config.toml" || die "no relay listener in $CONFIG"
+if [ -n "${DKIM:-}" ]; then
+    # smtp-source's envelope sender is $FROM; sign for its domain (From: or envelope).
+    "$BIN" dkim keygen --domain "${FROM#*@}" --selector bench --algorithm "$DKIM" --out "$PT/dkim.pem" > /dev/null ||
+        die "dkim keygen failed"
+    alg=$([ "$DKIM" = rsa ] && echo rsa-sha256 || echo ed25519)
+    printf '\n[[dkim.key]]\ndomain = "%s"\nselector = "bench"\nalgorithm = "%s"\nprivate_key = "%s"\n' \
+        "${FROM#*@}" "$alg" "$PT/dkim.pem" >> "$PT/config.toml"
+    sed -i 's/^fallback_to_envelope = false/fallback_to_envelope = true/' "$PT/config.toml"
+    log "postern signs with a $DKIM DKIM key"
+fi
 "$BIN" check-config --config "$PT/config.toml" > "$PT/check-config.out" 2>&1 ||
     { cat "$PT/check-config.out" >&2; die "postern check-config failed on $PT/config.toml"; }
 
@@ -284,6 +299,11 @@ stop_pid "$POSTERN_PID"
 POSTERN_PID=
 PT_SINK_TOTAL=$(sink_count)
 stop_sink
+
+if [ "${ONLY:-}" = postern ]; then   # A/B runs of Postern builds: skip Postfix
+    printf 'postern %d messages %.2f s %.0f msg/s (%s)\n' "$N" "$PT_SECS" "$(calc "$N / $PT_SECS")" "$BIN"
+    exit 0
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Postfix: a private instance (own config, queue and data directories) under $T/postfix.

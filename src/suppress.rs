@@ -5,6 +5,8 @@
 //! queued (the recipient is dropped with the outcome `suppressed`). An erasure request leaves
 //! them in place: forgetting an opt-out would mail the person again.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{Key, Pseudonymizer};
@@ -53,6 +55,10 @@ pub enum SuppressError {
 pub struct Suppressions {
     entries: sled::Tree,
     bounces: sled::Tree,
+    /// Entry and bounce-counter counts, so the common case (nobody suppressed, no bounce run)
+    /// costs an atomic load instead of an HMAC and a sled lookup per recipient.
+    entry_count: AtomicUsize,
+    bounce_count: AtomicUsize,
     key: Key,
     pseudonyms: Pseudonymizer,
     threshold: u32,
@@ -67,6 +73,8 @@ impl Suppressions {
         threshold: u32,
     ) -> Suppressions {
         Suppressions {
+            entry_count: AtomicUsize::new(entries.len()),
+            bounce_count: AtomicUsize::new(bounces.len()),
             entries,
             bounces,
             key,
@@ -107,7 +115,9 @@ impl Suppressions {
             .key
             .seal(p, &plain)
             .map_err(|_| SuppressError::Corrupt)?;
-        self.entries.insert(p, sealed)?;
+        if self.entries.insert(p, sealed)?.is_none() {
+            self.entry_count.fetch_add(1, Ordering::SeqCst);
+        }
         self.entries.flush()?;
         Ok(())
     }
@@ -115,14 +125,22 @@ impl Suppressions {
     /// Removes the entry for `address`; true if there was one.
     pub fn remove(&self, address: &str) -> Result<bool, SuppressError> {
         let p = self.pseudonyms.of(address);
-        self.bounces.remove(p.0)?;
+        if self.bounces.remove(p.0)?.is_some() {
+            self.bounce_count.fetch_sub(1, Ordering::SeqCst);
+        }
         let removed = self.entries.remove(p.0)?.is_some();
+        if removed {
+            self.entry_count.fetch_sub(1, Ordering::SeqCst);
+        }
         self.entries.flush()?;
         Ok(removed)
     }
 
     /// The entry in force for `address` at `now`, if any.
     pub fn check(&self, address: &str, now: i64) -> Result<Option<Entry>, SuppressError> {
+        if self.entry_count.load(Ordering::SeqCst) == 0 {
+            return Ok(None);
+        }
         let p = self.pseudonyms.of(address);
         let Some(sealed) = self.entries.get(p.0)? else {
             return Ok(None);
@@ -143,11 +161,11 @@ impl Suppressions {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entry_count.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Counts a hard bounce; at the threshold the address is suppressed. Returns true then.
@@ -159,7 +177,9 @@ impl Suppressions {
             .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
             .unwrap_or(0)
             + 1;
-        self.bounces.insert(p.0, &count.to_be_bytes())?;
+        if self.bounces.insert(p.0, &count.to_be_bytes())?.is_none() {
+            self.bounce_count.fetch_add(1, Ordering::SeqCst);
+        }
         if count >= self.threshold {
             self.add(address, Reason::HardBounce, now, None)?;
             return Ok(true);
@@ -169,11 +189,12 @@ impl Suppressions {
 
     /// A delivery succeeded: the run of bounces is broken.
     pub fn delivered(&self, address: &str) -> Result<(), SuppressError> {
-        // A read first: nearly every delivery has no bounce run to break, and a read is cheaper
-        // than a write to sled's log.
+        if self.bounce_count.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
         let p = self.pseudonyms.of(address);
-        if self.bounces.contains_key(p.0)? {
-            self.bounces.remove(p.0)?;
+        if self.bounces.remove(p.0)?.is_some() {
+            self.bounce_count.fetch_sub(1, Ordering::SeqCst);
         }
         Ok(())
     }

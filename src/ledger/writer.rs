@@ -8,12 +8,14 @@
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Outcome, Record, Tables, Update};
 
-/// How long the writer gathers events before writing them.
-const COALESCE: Duration = Duration::from_millis(200);
+/// How long the writer lets events gather before writing them. It sleeps through this rather
+/// than waking for every event: at thousands of messages a second, a wake-up per event costs
+/// more CPU than the writing itself.
+const COALESCE: Duration = Duration::from_millis(100);
 
 pub(super) enum Event {
     Accepted {
@@ -35,14 +37,17 @@ pub(super) enum Event {
 
 pub(super) fn run(tables: Arc<Tables>, rx: mpsc::Receiver<Event>) {
     while let Ok(first) = rx.recv() {
+        // A sync (an export, an erasure, shutdown) is waited for: no gathering then.
+        if !matches!(first, Event::Sync(_)) {
+            std::thread::sleep(COALESCE);
+        }
         let mut events = vec![first];
-        let deadline = Instant::now() + COALESCE;
         let mut disconnected = false;
-        while !matches!(events.last(), Some(Event::Sync(_))) {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        loop {
+            match rx.try_recv() {
                 Ok(e) => events.push(e),
-                Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
                     disconnected = true;
                     break;
                 }
