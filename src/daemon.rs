@@ -142,6 +142,11 @@ impl Daemon {
         })
     }
 
+    /// Reloads DKIM keys, certificate and accounts (what SIGHUP does).
+    pub fn reload_handle(&self) -> crate::server::ReloadHandle {
+        self.server.reload_handle()
+    }
+
     /// Bound listener addresses, in configuration order.
     pub fn local_addrs(&self) -> Vec<(SocketAddr, ListenerMode)> {
         self.server.local_addrs()

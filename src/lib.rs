@@ -1,21 +1,31 @@
-//! Postern: an outbound mail transfer agent that accepts mail from applications over SMTP,
-//! keeps it durable and sealed on disk, and (in later increments) DKIM-signs and relays it.
+//! Postern: an outbound mail transfer agent. It accepts mail from applications over SMTP,
+//! keeps it durable and sealed on disk, DKIM-signs it and relays it to the recipients' mail
+//! servers, keeping only sealed, pseudonymous delivery metadata, for a limited time.
 //!
 //! # Layout
 //! - [`config`]: `config.toml`, its defaults and validation.
 //! - [`proto`]: the SMTP wire protocol as pure, I/O-free parsing (fuzzed in `fuzz/`).
 //! - [`server`]: listeners and sessions; drives `proto` over TCP and TLS.
-//! - [`auth`]: SMTP accounts (argon2).
-//! - [`tls`]: the inbound certificate, generated on first start when missing.
+//! - [`auth`]: SMTP accounts (argon2). [`tls`]: the inbound certificate.
+//! - [`dkim`]: signing with mail-auth, key generation, the DNS records to publish.
 //! - [`spool`]: encrypted append-only segments with group commit; `250` only after fdatasync.
-//! - [`crypto`]: keys, key files and sealing (XChaCha20-Poly1305).
+//! - [`queue`]: due times, retries, expiry, notices; [`clock`] makes its time injectable.
+//! - [`delivery`]: routing ([`dns`]), the SMTP client, outbound TLS, pooling, traffic shaping.
+//! - [`bounce`]: RFC 3464 delivery status notifications (headers only, never the body).
+//! - [`ledger`]: delivery metadata in sled, sealed per day, purged after the retention period.
+//! - [`suppress`]: the suppression list, by pseudonym.
+//! - [`admin`]: the local Unix socket the CLI uses for privacy and suppression requests.
+//! - [`crypto`]: keys, key files, sealing (XChaCha20-Poly1305), HMAC pseudonyms.
 //! - [`daemon`]: wires the above into a running MTA; the binary adds a CLI and signals.
 //!
-//! # A message's life so far
-//! A session collects the envelope, decodes DATA or BDAT through `proto`'s checks (line length,
-//! bare CR/LF, size), prepends a `Received:` header and hands the message to the spool. The
-//! spool's writer appends it to the active segment with everything else that arrived during the
-//! previous sync, syncs once, and only then does the session say `250`.
+//! # A message's life
+//! A session collects the envelope (refusing suppressed recipients), decodes DATA or BDAT
+//! through `proto`'s checks (line length, bare CR/LF, size), DKIM-signs on a blocking thread,
+//! prepends a `Received:` header and hands the message to the spool. The spool's writer appends
+//! it with everything else that arrived during the previous sync, syncs once, and only then does
+//! the session say `250`. The queue then groups the recipients by domain, delivers, records each
+//! outcome in the ledger, retries or bounces, and the spool destroys the body as soon as the last
+//! recipient is final.
 
 pub mod admin;
 pub mod auth;

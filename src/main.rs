@@ -298,7 +298,7 @@ fn keygen(
 }
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = load(path)?;
+    let config = load(path.clone())?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -323,6 +323,18 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         for (addr, mode) in daemon.local_addrs() {
             tracing::info!(%addr, ?mode, "listening");
         }
+        let reload = daemon.reload_handle();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                let result = load(path.clone()).map_err(anyhow::Error::from).and_then(|c| Ok(reload.reload(&c)?));
+                match result {
+                    Ok(()) => tracing::info!("reloaded DKIM keys, certificate and accounts"),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays"),
+                }
+            }
+        });
         let shutdown = daemon.shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};

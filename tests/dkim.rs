@@ -352,3 +352,46 @@ async fn bad_key_files_stop_the_start_naming_the_file() {
         .to_string();
     assert!(err.contains("example.test.s1.pem"), "{err}");
 }
+
+#[tokio::test]
+async fn reload_swaps_keys_and_keeps_the_old_set_when_the_new_one_is_bad() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (toml_a, mut records) = keys(
+        dir.path(),
+        &[("example.test", "a1", Algorithm::Ed25519, false)],
+    );
+    let server = TestServer::start(&toml_a).await;
+    let msg = "From: a@example.test\r\nSubject: r\r\n\r\nbody\r\n";
+    let body = send(&server, "", msg).await;
+    assert!(signature_headers(&body)[0].contains("s=a1"));
+
+    let (toml_b, records_b) = keys(dir.path(), &[("example.test", "b1", Algorithm::Rsa, false)]);
+    records.extend(records_b);
+    let config = |toml: &str| {
+        postern::config::Config::parse(
+            &common::config_text(server.dir.path(), toml),
+            "reload",
+            server.dir.path(),
+        )
+        .unwrap()
+    };
+    server.reload.reload(&config(&toml_b)).expect("reload");
+    let body = send(&server, "", msg).await;
+    let sigs = signature_headers(&body);
+    assert_eq!(sigs.len(), 1);
+    assert!(sigs[0].contains("s=b1"), "{}", sigs[0]);
+    assert_eq!(dkimpy(&body, &records), vec![true]);
+
+    // An exposed key file is refused; the running keys stay in force.
+    let b_key = dir.path().join("example.test.b1.pem");
+    std::fs::set_permissions(&b_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = server
+        .reload
+        .reload(&config(&toml_b))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("example.test.b1.pem"), "{err}");
+    let body = send(&server, "", msg).await;
+    assert!(signature_headers(&body)[0].contains("s=b1"));
+}

@@ -10,7 +10,7 @@ mod session;
 mod stream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -41,14 +41,59 @@ pub(crate) struct Context {
     pub spool: Spool,
     /// Told about each accepted message, so delivery starts at once.
     pub queue: Arc<Queue>,
+    /// Accounts, DKIM keys and certificate: replaced as a whole on reload (SIGHUP).
+    live: RwLock<Arc<Live>>,
+    /// Delivery metadata and the suppression list.
+    pub ledger: Arc<crate::ledger::Ledger>,
+    /// Fires on shutdown: sessions between commands say 421 and close.
+    pub shutdown: CancellationToken,
+}
+
+/// What a reload replaces without a restart. A session takes a snapshot when it starts, so it
+/// sees one consistent set for its whole life.
+pub(crate) struct Live {
     pub accounts: Arc<Accounts>,
     /// DKIM keys; every accepted message is signed before it is spooled.
     pub dkim: Arc<crate::dkim::Keys>,
-    /// Delivery metadata and the suppression list.
-    pub ledger: Arc<crate::ledger::Ledger>,
     pub tls: TlsAcceptor,
-    /// Fires on shutdown: sessions between commands say 421 and close.
-    pub shutdown: CancellationToken,
+}
+
+impl Context {
+    pub(crate) fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Why a reload was refused (the running set stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("DKIM: {0}")]
+    Dkim(#[from] crate::dkim::DkimError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// Replaces accounts, DKIM keys and the certificate of a running server.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    ctx: Arc<Context>,
+}
+
+impl ReloadHandle {
+    /// Loads everything from `config` first; swaps only if all of it loaded. Other settings
+    /// (listeners, limits, delivery) need a restart.
+    pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        let dkim = Arc::new(crate::dkim::Keys::load(config)?);
+        let (cert, key) = (config.path(&config.tls.cert), config.path(&config.tls.key));
+        let (tls, _) = crate::tls::server_config(&cert, &key, &config.server.hostname)?;
+        let live = Arc::new(Live {
+            accounts: Arc::new(Accounts::from_config(&config.accounts)),
+            dkim,
+            tls: TlsAcceptor::from(tls),
+        });
+        *self.ctx.live.write().unwrap_or_else(|p| p.into_inner()) = live;
+        Ok(())
+    }
 }
 
 /// What the server is built from.
@@ -94,14 +139,23 @@ impl Server {
                 config,
                 spool,
                 queue,
-                accounts,
-                dkim,
+                live: RwLock::new(Arc::new(Live {
+                    accounts,
+                    dkim,
+                    tls: TlsAcceptor::from(tls),
+                })),
                 ledger,
-                tls: TlsAcceptor::from(tls),
                 shutdown,
             }),
             listeners,
         })
+    }
+
+    /// A handle for reloading keys and certificate while serving.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            ctx: self.ctx.clone(),
+        }
     }
 
     /// The bound addresses, in `[[listener]]` order (ports resolved when `:0` was configured).

@@ -43,6 +43,8 @@ struct Transaction {
 
 struct Session {
     ctx: Arc<Context>,
+    /// Accounts, DKIM keys and certificate as they were when the session began.
+    live: Arc<super::Live>,
     mode: ListenerMode,
     peer: SocketAddr,
     stream: Stream,
@@ -66,6 +68,7 @@ pub(super) async fn run(
     mode: ListenerMode,
 ) {
     let mut s = Session {
+        live: ctx.live(),
         ctx,
         mode,
         peer,
@@ -174,7 +177,7 @@ impl Session {
         ];
         if self.tls.is_none() {
             lines.push("STARTTLS".into());
-        } else if !self.ctx.accounts.is_empty() && self.auth_user.is_none() {
+        } else if !self.live.accounts.is_empty() && self.auth_user.is_none() {
             lines.push("AUTH PLAIN LOGIN".into());
         }
         self.reply(Reply::multiline(250, lines));
@@ -459,7 +462,7 @@ impl Session {
         envelope: &Envelope,
         body: Vec<u8>,
     ) -> Result<(String, Signing, Vec<u8>), Reply> {
-        let keys = self.ctx.dkim.clone();
+        let keys = self.live.dkim.clone();
         if keys.is_empty() && !keys.require {
             return Ok((String::new(), Signing::default(), body));
         }
@@ -479,7 +482,7 @@ impl Session {
                 };
                 Ok((signed.headers, signing, body))
             }
-            Ok(_) if self.ctx.dkim.require => {
+            Ok(_) if self.live.dkim.require => {
                 tracing::info!(peer = %self.peer.ip(), "refused: no DKIM key for the sending domain");
                 Err(Reply::new(
                     550,
@@ -523,7 +526,7 @@ impl Session {
         let Stream::Plain(socket) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
             return Err(End::Disconnected);
         };
-        let handshake = self.ctx.tls.accept(socket);
+        let handshake = self.live.tls.accept(socket);
         match tokio::time::timeout(self.ctx.config.limits.command_timeout, handshake).await {
             Ok(Ok(tls)) => {
                 self.tls = crate::tls::describe(tls.get_ref().1);
@@ -549,7 +552,7 @@ impl Session {
                 "Encryption required for requested authentication mechanism",
             ));
         }
-        if self.ctx.accounts.is_empty() {
+        if self.live.accounts.is_empty() {
             return self.error(Reply::new(503, "5.5.1", "Authentication not enabled"));
         }
         if self.auth_user.is_some() || self.tx.is_some() {
@@ -591,7 +594,7 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.error(e.reply()),
         };
-        if self.ctx.accounts.verify(&user, &pass).await {
+        if self.live.accounts.verify(&user, &pass).await {
             tracing::info!(peer = %self.peer.ip(), "authenticated");
             self.auth_user = Some(user);
             self.reply(Reply::new(235, "2.7.0", "Authentication successful"));

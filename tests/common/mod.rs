@@ -35,6 +35,8 @@ pub struct TestServer {
     pub spool: Spool,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
+    /// What SIGHUP calls.
+    pub reload: postern::server::ReloadHandle,
 }
 
 /// The configuration text the tests start from; `extra` is appended (TOML tables).
@@ -108,6 +110,7 @@ impl TestServer {
         );
         let spool = daemon.spool.clone();
         let shutdown = daemon.shutdown.clone();
+        let reload = daemon.reload_handle();
         let task = tokio::spawn(daemon.run(Duration::from_secs(5)));
         let server = TestServer {
             dir,
@@ -117,6 +120,7 @@ impl TestServer {
             spool,
             shutdown,
             task,
+            reload,
         };
         (server, queue)
     }
