@@ -328,7 +328,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             use tokio::signal::unix::{signal, SignalKind};
             let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
-                let result = load(path.clone()).map_err(anyhow::Error::from).and_then(|c| Ok(reload.reload(&c)?));
+                let result = load(path.clone()).and_then(|c| Ok(reload.reload(&c)?));
                 match result {
                     Ok(()) => tracing::info!("reloaded DKIM keys, certificate and accounts"),
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays"),
