@@ -228,3 +228,41 @@ async fn sigkill_during_delivery_still_delivers_everything_after_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_broken_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_child_config(dir.path(), "");
+    let child = Child::spawn(dir.path(), None);
+    let hup = || {
+        std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(child.child.id().to_string())
+            .status()
+            .unwrap()
+    };
+    let wait_for = |needle: &str| {
+        let start = Instant::now();
+        while !child.log().contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no {needle:?} in {}",
+                child.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert!(hup().success());
+    wait_for("reloaded DKIM keys, certificate and accounts");
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[server]\nhostname = \"x\"\n",
+    )
+    .unwrap();
+    assert!(hup().success());
+    wait_for("reload refused");
+    // Still serving.
+    let (mut c, greeting) = Raw::connect(child.relay).await;
+    assert_eq!(greeting.code, 220);
+    c.expect("NOOP", 250).await;
+}
