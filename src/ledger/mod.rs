@@ -162,6 +162,7 @@ impl Ledger {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .flush_every_ms(Some(1000))
+            .mode(sled::Mode::HighThroughput)
             .open()?;
         let pseudonym_key =
             load_or_make(master, &dir.join("pseudonym.key"), "postern pseudonym key")?;
