@@ -138,9 +138,21 @@ pub fn day_of(t: i64) -> String {
         .to_string()
 }
 
-fn record_key(day: &str, id: &str, index: u32) -> Vec<u8> {
-    format!("{day}/{id}/{index:05}").into_bytes()
+/// `day (8 ASCII digits) ‖ recipient pseudonym (32) ‖ queue id (16) ‖ recipient index (2)`.
+/// The day first makes retention a range delete; the pseudonym next makes a subject's records
+/// a prefix scan per day, with no separate index entry to write for every recipient.
+/// Strict-domain records carry an all-zero pseudonym, which no address hashes to.
+fn record_key(day: &str, rcpt: &[u8; 32], id: QueueId, index: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(RECORD_KEY_LEN);
+    k.extend_from_slice(day.as_bytes());
+    k.extend_from_slice(rcpt);
+    k.extend_from_slice(&id.0);
+    k.extend_from_slice(&(index.min(u16::MAX as u32) as u16).to_be_bytes());
+    k
 }
+
+const RECORD_KEY_LEN: usize = 8 + 32 + 16 + 2;
+const NO_PSEUDONYM: [u8; 32] = [0; 32];
 
 impl Ledger {
     /// Opens (creating) `<data_dir>/ledger`. Only one process may hold it: the daemon.
@@ -242,16 +254,11 @@ impl Ledger {
         let sender =
             (!strict && !env.mail_from.is_empty()).then(|| self.pseudonyms.of(&env.mail_from));
         let mut records = Vec::with_capacity(env.recipients.len());
-        let mut index = Vec::new();
+        let mut sender_value = Vec::new();
         for (i, rcpt) in env.recipients.iter().enumerate() {
             let pseudonym = (!strict).then(|| self.pseudonyms.of(rcpt));
-            let rkey = record_key(&day, &qid, i as u32);
-            if let Some(p) = pseudonym {
-                index.push(subject_key(&p.0, &rkey));
-            }
-            if let Some(s) = sender {
-                index.push(subject_key(&s.0, &rkey));
-            }
+            let rkey = record_key(&day, &pseudonym.map_or(NO_PSEUDONYM, |p| p.0), id, i as u32);
+            sender_value.extend_from_slice(&rkey);
             records.push((
                 rkey,
                 Record {
@@ -279,6 +286,11 @@ impl Ledger {
                 },
             ));
         }
+        // One index entry per message for its sender: the record keys it may ask about.
+        let index = sender
+            .map(|s| (sender_key(&s.0, &day, id), sender_value))
+            .into_iter()
+            .collect();
         self.send(writer::Event::Accepted {
             day,
             records,
@@ -297,7 +309,11 @@ impl Ledger {
         now: i64,
     ) -> Result<(), LedgerError> {
         let day = day_of(env.received_at);
-        let rkey = record_key(&day, &id.to_string(), index as u32);
+        let rcpt = match env.recipients.get(index) {
+            Some(r) if !self.is_strict(&env.sending_domain) => self.pseudonyms.of(r).0,
+            _ => NO_PSEUDONYM,
+        };
+        let rkey = record_key(&day, &rcpt, id, index as u32);
         self.send(writer::Event::Outcome {
             day,
             rkey,
@@ -333,7 +349,7 @@ impl Ledger {
                 continue;
             };
             let mut record: Record = self.tables.unseal(&key, &rkey, &sealed)?;
-            if record.recipient_pseudonym.as_deref() != Some(&me.to_string()) {
+            if rkey[8..40] != me.0 {
                 record.recipient = None;
             }
             out.push(record);
@@ -345,24 +361,41 @@ impl Ledger {
     pub fn erase(&self, address: &str) -> Result<usize, LedgerError> {
         self.sync()?;
         let me = self.pseudonyms.of(address);
-        let keys = self.subject_records(&me.0)?;
         let mut n = 0;
-        for rkey in &keys {
-            if self.tables.records.remove(rkey)?.is_some() {
+        for rkey in self.subject_records(&me.0)? {
+            if self.tables.records.remove(&rkey)?.is_some() {
                 n += 1;
             }
-            self.tables.subjects.remove(subject_key(&me.0, rkey))?;
+        }
+        for item in self.tables.subjects.scan_prefix(me.0) {
+            let (k, _) = item?;
+            self.tables.subjects.remove(k)?;
         }
         self.db.flush()?;
         Ok(n)
     }
 
+    /// Record keys about a subject: as recipient (a prefix scan per day held), then as sender
+    /// (its index entries). Costs what the subject has, plus one seek per retained day.
     fn subject_records(&self, pseudonym: &[u8; 32]) -> Result<Vec<Vec<u8>>, LedgerError> {
         let mut keys = Vec::new();
-        for item in self.tables.subjects.scan_prefix(pseudonym) {
-            let (k, _) = item?;
-            keys.push(k[32..].to_vec());
+        for day in self.tables.epochs.days() {
+            let mut prefix = day.into_bytes();
+            prefix.extend_from_slice(pseudonym);
+            for item in self.tables.records.scan_prefix(&prefix) {
+                keys.push(item?.0.to_vec());
+            }
         }
+        for item in self.tables.subjects.scan_prefix(pseudonym) {
+            let (_, v) = item?;
+            keys.extend(
+                v.chunks(RECORD_KEY_LEN)
+                    .filter(|c| c.len() == RECORD_KEY_LEN)
+                    .map(<[u8]>::to_vec),
+            );
+        }
+        keys.sort();
+        keys.dedup();
         Ok(keys)
     }
 
@@ -423,15 +456,17 @@ impl Ledger {
         }))
     }
 
-    /// The raw sealed bytes of a record (for tests of crypto-shredding).
+    /// The raw sealed bytes of the record of recipient `index` (`rcpt`) of message `id`
+    /// (for tests of crypto-shredding). Strict-domain records are not found by address.
     pub fn raw(
         &self,
         id: QueueId,
         received_at: i64,
         index: u32,
+        rcpt: &str,
     ) -> Result<Option<Vec<u8>>, LedgerError> {
         self.sync()?;
-        let rkey = record_key(&day_of(received_at), &id.to_string(), index);
+        let rkey = record_key(&day_of(received_at), &self.pseudonyms.of(rcpt).0, id, index);
         Ok(self.tables.records.get(rkey)?.map(|v| v.to_vec()))
     }
 
@@ -441,6 +476,7 @@ impl Ledger {
         id: QueueId,
         received_at: i64,
         index: u32,
+        rcpt: &str,
         sealed: &[u8],
     ) -> Result<Record, LedgerError> {
         let day = day_of(received_at);
@@ -449,8 +485,11 @@ impl Ledger {
             .epochs
             .existing(&day)
             .ok_or(LedgerError::Crypto(CryptoError::Open))?;
-        self.tables
-            .unseal(&key, &record_key(&day, &id.to_string(), index), sealed)
+        self.tables.unseal(
+            &key,
+            &record_key(&day, &self.pseudonyms.of(rcpt).0, id, index),
+            sealed,
+        )
     }
 
     /// A record by id (for tests and the admin API).
@@ -459,11 +498,36 @@ impl Ledger {
         id: QueueId,
         received_at: i64,
         index: u32,
+        rcpt: &str,
     ) -> Result<Option<Record>, LedgerError> {
-        match self.raw(id, received_at, index)? {
-            Some(sealed) => self.open_raw(id, received_at, index, &sealed).map(Some),
+        match self.raw(id, received_at, index, rcpt)? {
+            Some(sealed) => self
+                .open_raw(id, received_at, index, rcpt, &sealed)
+                .map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Every record of message `id` (strict ones included), by scanning its day: for operators
+    /// and tests, not for the hot path.
+    pub fn message_records(
+        &self,
+        id: QueueId,
+        received_at: i64,
+    ) -> Result<Vec<Record>, LedgerError> {
+        self.sync()?;
+        let day = day_of(received_at);
+        let Some(key) = self.tables.epochs.existing(&day) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in self.tables.records.scan_prefix(day.as_bytes()) {
+            let (k, v) = item?;
+            if k.len() == RECORD_KEY_LEN && k[40..56] == id.0 {
+                out.push(self.tables.unseal(&key, &k, &v)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Makes recent writes durable now (shutdown).
@@ -473,9 +537,11 @@ impl Ledger {
     }
 }
 
-fn subject_key(pseudonym: &[u8; 32], rkey: &[u8]) -> Vec<u8> {
+/// `sender pseudonym (32) ‖ day (8) ‖ queue id (16)`; the day at 32..40 lets purging find it.
+fn sender_key(pseudonym: &[u8; 32], day: &str, id: QueueId) -> Vec<u8> {
     let mut k = pseudonym.to_vec();
-    k.extend_from_slice(rkey);
+    k.extend_from_slice(day.as_bytes());
+    k.extend_from_slice(&id.0);
     k
 }
 

@@ -54,7 +54,7 @@ fn records_follow_outcomes_and_are_sealed() {
         },
     )
     .unwrap();
-    let r = l.get(q, T0, 0).unwrap().unwrap();
+    let r = l.get(q, T0, 0, "bob@dest.test").unwrap().unwrap();
     assert_eq!(r.outcome, Outcome::Queued);
     assert_eq!(r.recipient.as_deref(), Some("Bob@Dest.test"));
     assert_eq!(
@@ -72,7 +72,7 @@ fn records_follow_outcomes_and_are_sealed() {
     };
     l.outcome(q, &env, 0, Outcome::Delivered, &update, T0 + 5)
         .unwrap();
-    let r = l.get(q, T0, 0).unwrap().unwrap();
+    let r = l.get(q, T0, 0, "Bob@Dest.test").unwrap().unwrap();
     assert_eq!(
         (r.outcome, r.attempts, r.final_at),
         (Outcome::Delivered, 1, Some(T0 + 5))
@@ -101,19 +101,25 @@ fn purge_keeps_day_d_until_retention_then_shreds_it() {
     let q = id();
     let env = envelope("a@shop.test", &["r@dest.test"], "shop.test", T0);
     l.accepted(q, &env, 10, &Signing::default()).unwrap();
-    let copied = l.raw(q, T0, 0).unwrap().unwrap();
+    let copied = l.raw(q, T0, 0, "r@dest.test").unwrap().unwrap();
     let key_file = dir.path().join(format!("ledger/keys/{}.key", day_of(T0)));
     assert!(key_file.exists());
 
     assert_eq!(l.purge(T0 + 29 * DAY).unwrap(), Purged::default());
-    assert!(l.get(q, T0, 0).unwrap().is_some(), "readable on day D+29");
+    assert!(
+        l.get(q, T0, 0, "r@dest.test").unwrap().is_some(),
+        "readable on day D+29"
+    );
     let purged = l.purge(T0 + 31 * DAY).unwrap();
     assert_eq!(purged.records, 1);
     assert_eq!(purged.days, vec![day_of(T0)]);
-    assert!(l.get(q, T0, 0).unwrap().is_none(), "gone on day D+31");
+    assert!(
+        l.get(q, T0, 0, "r@dest.test").unwrap().is_none(),
+        "gone on day D+31"
+    );
     assert!(!key_file.exists(), "epoch key destroyed");
     assert!(
-        l.open_raw(q, T0, 0, &copied).is_err(),
+        l.open_raw(q, T0, 0, "r@dest.test", &copied).is_err(),
         "a copy taken before the purge stays sealed"
     );
     assert!(l.export("r@dest.test").unwrap().is_empty());
@@ -133,7 +139,13 @@ fn strict_domains_keep_no_recipient_or_pseudonym() {
     };
     l.outcome(q, &env, 0, Outcome::Bounced, &update, T0 + 1)
         .unwrap();
-    let r = l.get(q, T0, 0).unwrap().unwrap();
+    assert!(
+        l.get(q, T0, 0, "r@dest.test").unwrap().is_none(),
+        "not findable by address"
+    );
+    let records = l.message_records(q, T0).unwrap();
+    assert_eq!(records.len(), 1);
+    let r = records[0].clone();
     assert_eq!(
         (r.recipient, r.recipient_pseudonym, r.sender, r.last_text),
         (None, None, None, None)
@@ -212,7 +224,7 @@ fn export_and_erase_touch_exactly_the_subject() {
     assert_eq!(l.erase("bob@dest.test").unwrap(), 3);
     assert!(l.export("bob@dest.test").unwrap().is_empty());
     assert!(
-        l.get(q1, T0, 1).unwrap().is_some(),
+        l.get(q1, T0, 1, "eve@dest.test").unwrap().is_some(),
         "eve's record is untouched"
     );
     assert_eq!(

@@ -21,8 +21,8 @@ pub(super) enum Event {
     Accepted {
         day: String,
         records: Vec<(Vec<u8>, Record)>,
-        /// Subject index keys (pseudonym + record key).
-        index: Vec<Vec<u8>>,
+        /// Sender index entries: key, and the record keys it covers.
+        index: Vec<(Vec<u8>, Vec<u8>)>,
     },
     Outcome {
         day: String,
@@ -77,8 +77,8 @@ fn apply(tables: &Tables, events: Vec<Event>) -> Result<(), super::LedgerError> 
                 for (rkey, record) in records {
                     pending.insert(rkey, (day.clone(), record));
                 }
-                for k in keys {
-                    index.insert(k, &[]);
+                for (k, v) in keys {
+                    index.insert(k, v);
                 }
             }
             Event::Outcome {
