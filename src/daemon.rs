@@ -41,6 +41,8 @@ pub enum StartError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error("admin socket: {0}")]
     Admin(std::io::Error),
+    #[error("{0} is locked: another postern runs on this data directory")]
+    Locked(String),
 }
 
 /// How to run: the clock, and whether the queue runs by itself.
@@ -72,6 +74,8 @@ pub struct Daemon {
     pub ledger: Arc<Ledger>,
     admin: tokio::net::UnixListener,
     admin_path: std::path::PathBuf,
+    /// Held (flock) for the daemon's life.
+    _lock: std::fs::File,
     clock: Arc<dyn Clock>,
     /// Cancelling it starts a graceful shutdown.
     pub shutdown: CancellationToken,
@@ -93,22 +97,26 @@ impl Daemon {
             .mode(0o700)
             .create(&data_dir)
             .map_err(SpoolError::Io)?;
+        // One daemon per data directory: a second one would recover (and cut) the first one's
+        // active spool segment. The lock goes with the process, however it ends.
+        let lock = lock_data_dir(&data_dir)?;
+        // What the configuration names is checked before any data is touched.
         let master = load_or_create_master_key(&config.master_key_path())?;
-        let (spool, recovery) = Spool::open(&data_dir, master.clone(), config.spool.segment_size)?;
-        let ledger = Arc::new(Ledger::open(&data_dir, &master, &config.privacy)?);
-        let purged = ledger.purge(options.clock.now())?;
-        if purged.records > 0 {
-            tracing::info!(records = purged.records, days = ?purged.days, "ledger: purged records past retention");
-        }
+        let dkim = Arc::new(crate::dkim::Keys::load(&config)?);
         let (cert, key) = (config.path(&config.tls.cert), config.path(&config.tls.key));
         let (tls, source) = crate::tls::server_config(&cert, &key, &config.server.hostname)?;
         if source == CertSource::Generated {
             tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; install a real one for production");
         }
-        let dkim = Arc::new(crate::dkim::Keys::load(&config)?);
+        let deliverer = Arc::new(Deliverer::new(&config)?);
+        let ledger = Arc::new(Ledger::open(&data_dir, &master, &config.privacy)?);
+        let purged = ledger.purge(options.clock.now())?;
+        if purged.records > 0 {
+            tracing::info!(records = purged.records, days = ?purged.days, "ledger: purged records past retention");
+        }
+        let (spool, recovery) = Spool::open(&data_dir, master.clone(), config.spool.segment_size)?;
         let shutdown = CancellationToken::new();
         let config = Arc::new(config);
-        let deliverer = Arc::new(Deliverer::new(&config)?);
         let clock = options.clock.clone();
         let queue = Queue::new(
             spool.clone(),
@@ -126,6 +134,7 @@ impl Daemon {
             dkim,
             ledger: ledger.clone(),
             tls,
+            clock: clock.clone(),
         };
         let server = Server::bind(parts, shutdown.clone()).await?;
         Ok(Daemon {
@@ -136,6 +145,7 @@ impl Daemon {
             ledger,
             admin,
             admin_path,
+            _lock: lock,
             clock,
             shutdown,
             run_queue: options.run_queue,
@@ -196,4 +206,18 @@ async fn purge_loop(ledger: Arc<Ledger>, clock: Arc<dyn Clock>, shutdown: Cancel
             _ => {}
         }
     }
+}
+
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(SpoolError::Io)?;
+    flock(&file, FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| StartError::Locked(path.display().to_string()))?;
+    Ok(file)
 }

@@ -309,9 +309,14 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
-        // Handling SIGXFSZ turns "file size limit exceeded" into a write error (answered with a
-        // 4xx) instead of killing the daemon mid-transaction.
-        let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
+        use tokio::signal::unix::{signal, SignalKind};
+        // Handlers first: a signal that arrives once the listeners are up must find them
+        // installed (SIGHUP's default action would kill the daemon). Handling SIGXFSZ turns
+        // "file size limit exceeded" into a write error (answered with a 4xx).
+        let _xfsz = signal(SignalKind::from_raw(25));
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let daemon = Daemon::start(config).await?;
         let report = &daemon.recovery;
         tracing::info!(
@@ -320,13 +325,8 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             quarantined = report.quarantined.len(),
             "spool recovered"
         );
-        for (addr, mode) in daemon.local_addrs() {
-            tracing::info!(%addr, ?mode, "listening");
-        }
         let reload = daemon.reload_handle();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
                 let result = load(path.clone()).and_then(|c| Ok(reload.reload(&c)?));
                 match result {
@@ -337,13 +337,6 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         });
         let shutdown = daemon.shutdown.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
@@ -351,6 +344,9 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             tracing::info!("shutting down: no new connections, finishing open transactions");
             shutdown.cancel();
         });
+        for (addr, mode) in daemon.local_addrs() {
+            tracing::info!(%addr, ?mode, "listening");
+        }
         daemon.run(Duration::from_secs(30)).await;
         tracing::info!("stopped");
         anyhow::Ok(())

@@ -584,3 +584,30 @@ async fn graceful_shutdown_says_421_to_idle_sessions() {
         "the admin socket is removed on a clean stop"
     );
 }
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_data_directory_is_refused() {
+    let server = TestServer::start("").await;
+    let text = common::config_text(server.dir.path(), "");
+    let config = postern::config::Config::parse(&text, "second", server.dir.path()).unwrap();
+    let err = postern::daemon::Daemon::start(config)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("another postern runs on this data directory"),
+        "{err}"
+    );
+    // The first one is unharmed.
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .send_mail(
+            "a@example.test",
+            &["b@dest.test"],
+            "Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+    assert_eq!(r.code, 250);
+}

@@ -123,7 +123,9 @@ pub struct Ledger {
     db: sled::Db,
     tables: Arc<Tables>,
     /// Record writes go to the writer thread, which batches them (see [`writer`]).
-    writer: mpsc::Sender<writer::Event>,
+    writer: Option<mpsc::Sender<writer::Event>>,
+    /// Joined on drop, so that sled's file lock is released when the ledger is.
+    thread: Option<std::thread::JoinHandle<()>>,
     pseudonyms: Pseudonymizer,
     config: PrivacyConfig,
     /// The suppression list, in the same sled database.
@@ -197,12 +199,13 @@ impl Ledger {
         });
         let (tx, rx) = mpsc::channel();
         let t = tables.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || writer::run(t, rx))?;
         Ok(Ledger {
+            thread: Some(thread),
             tables,
-            writer: tx,
+            writer: Some(tx),
             db,
             pseudonyms,
             config: config.clone(),
@@ -324,7 +327,8 @@ impl Ledger {
     }
 
     fn send(&self, event: writer::Event) -> Result<(), LedgerError> {
-        self.writer.send(event).map_err(|_| LedgerError::WriterGone)
+        let writer = self.writer.as_ref().ok_or(LedgerError::WriterGone)?;
+        writer.send(event).map_err(|_| LedgerError::WriterGone)
     }
 
     /// Waits until every event sent so far is in sled (before reads that must see them).
@@ -534,6 +538,16 @@ impl Ledger {
     pub fn flush(&self) -> Result<(), LedgerError> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after it has written what it holds.
+        self.writer.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

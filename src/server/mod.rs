@@ -45,6 +45,8 @@ pub(crate) struct Context {
     live: RwLock<Arc<Live>>,
     /// Delivery metadata and the suppression list.
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// The daemon's clock: arrival times must agree with the queue's (expiry, delay notices).
+    pub clock: Arc<dyn crate::clock::Clock>,
     /// Fires on shutdown: sessions between commands say 421 and close.
     pub shutdown: CancellationToken,
 }
@@ -104,6 +106,7 @@ pub struct Parts {
     pub dkim: Arc<crate::dkim::Keys>,
     pub ledger: Arc<crate::ledger::Ledger>,
     pub tls: Arc<rustls::ServerConfig>,
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 /// A server with its listeners bound.
@@ -122,6 +125,7 @@ impl Server {
             dkim,
             ledger,
             tls,
+            clock,
         } = parts;
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -145,6 +149,7 @@ impl Server {
                     tls: TlsAcceptor::from(tls),
                 })),
                 ledger,
+                clock,
                 shutdown,
             }),
             listeners,

@@ -249,7 +249,7 @@ impl Session {
             return self.error(Reply::new(554, "5.7.1", "Relay access denied"));
         }
         let rcpt = to.to_string();
-        let now = chrono::Utc::now().timestamp();
+        let now = self.ctx.clock.now();
         if let Ok(Some(entry)) = self.ctx.ledger.suppress.check(&rcpt, now) {
             tracing::info!(peer = %self.peer.ip(), reason = ?entry.reason, "refused: recipient is on the suppression list");
             return self.error(Reply::new(
@@ -385,7 +385,8 @@ impl Session {
             }
         };
         let queue_id = id.to_string();
-        let now = chrono::Utc::now();
+        let now = chrono::DateTime::from_timestamp(self.ctx.clock.now(), 0)
+            .unwrap_or_else(chrono::Utc::now);
         let trace = received::header(&Trace {
             helo: self.helo.as_deref().unwrap_or(""),
             client_ip: self.peer.ip(),
