@@ -15,7 +15,6 @@ mod records;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use mail_auth::crypto::{Ed25519Key, RsaKey, Sha256};
@@ -318,9 +317,6 @@ pub fn from_domain(head: &[u8]) -> Option<String> {
         .to_ascii_lowercase();
     (!domain.is_empty() && !domain.contains(char::is_whitespace)).then_some(domain)
 }
-
-/// Shared, reloadable handle used by the server.
-pub type SharedKeys = Arc<Keys>;
 
 #[cfg(test)]
 mod tests {

@@ -596,8 +596,5 @@ impl Tables {
     }
 }
 
-/// Shared handle.
-pub type SharedLedger = Arc<Ledger>;
-
 #[cfg(test)]
 mod tests;
