@@ -682,3 +682,31 @@ async fn a_restart_keeps_retry_times() {
     assert_eq!(queue.run_due().await, 1);
     assert_eq!(sink.received().len(), 1, "delivered on schedule");
 }
+
+#[tokio::test]
+async fn idle_pooled_connections_are_closed_after_the_timeout() {
+    let rig = rig("idle_timeout = \"1s\"", "", true).await;
+    submit(
+        &rig.server,
+        "app@sender.test",
+        &["r@dest.test"],
+        "Subject: idle\r\n\r\nx\r\n",
+    )
+    .await;
+    rig.queue.run_due().await;
+    assert_eq!(rig.sink.received().len(), 1);
+    assert_eq!(
+        rig.sink.state.lock().unwrap().active,
+        1,
+        "kept open for reuse"
+    );
+    let start = std::time::Instant::now();
+    while rig.sink.state.lock().unwrap().active > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "idle connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rig.queue.deliverer().idle_connections(), 0);
+}

@@ -395,3 +395,31 @@ async fn reload_swaps_keys_and_keeps_the_old_set_when_the_new_one_is_bad() {
     let body = send(&server, "", msg).await;
     assert!(signature_headers(&body)[0].contains("s=b1"));
 }
+
+#[tokio::test]
+async fn expiry_tag_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (toml, records) = keys(
+        dir.path(),
+        &[("example.test", "x1", Algorithm::Ed25519, false)],
+    );
+    let server = TestServer::start(&format!("{toml}[dkim]\nexpire_after = \"7d\"\n")).await;
+    let body = send(
+        &server,
+        "",
+        "From: a@example.test\r\nSubject: x\r\n\r\nbody\r\n",
+    )
+    .await;
+    let sig = signature_headers(&body).remove(0);
+    let tag = |name: &str| -> i64 {
+        sig.split(';')
+            .map(str::trim)
+            .find_map(|t| t.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}= in {sig}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(tag("x") - tag("t"), 7 * 86_400);
+    assert_eq!(dkimpy(&body, &records), vec![true]);
+}
