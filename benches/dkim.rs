@@ -38,7 +38,10 @@ fn bench(c: &mut Criterion) {
         let keys = keys(dir.path(), alg);
         group.bench_function(alg.config_name(), |b| {
             b.iter(|| {
-                let signed = keys.sign(&[&msg], "app@example.test").expect("sign");
+                let from = postern::dkim::from_domain(postern::bounce::headers(&msg));
+                let signed = keys
+                    .sign(&[&msg], from.as_deref(), "app@example.test")
+                    .expect("sign");
                 assert!(signed.domain.is_some());
                 signed
             })

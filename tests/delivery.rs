@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::dns::DnsServer;
 use common::sink::Sink;
-use common::{contains, has_bare_cr_or_lf, Raw, TestServer};
+use common::{contains, has_bare_cr_or_lf, submit, Raw, TestServer};
 use postern::clock::{Clock, ManualClock, SystemClock};
 use postern::daemon::Options;
 use postern::queue::Queue;
@@ -55,16 +55,6 @@ async fn rig(delivery: &str, more: &str, manual: bool) -> Rig {
     }
 }
 
-/// Sends one message over the relay port; returns the queue id.
-async fn submit(server: &TestServer, from: &str, to: &[&str], body: &str) -> String {
-    let (mut c, _) = Raw::connect(server.relay).await;
-    c.expect("EHLO client.test", 250).await;
-    let r = c.send_mail(from, to, body).await;
-    assert_eq!(r.code, 250, "{r:?}");
-    c.expect("QUIT", 221).await;
-    r.text.rsplit(' ').next().unwrap().to_string()
-}
-
 /// Parses a DSN with Python's email package.
 fn parse_dsn(bytes: &[u8]) -> serde_json::Value {
     use std::io::Write;
@@ -99,7 +89,7 @@ async fn end_to_end_by_mx_and_body_destroyed() {
     // Dot-stuffed as a client sends it; the content line is ".leading dot".
     let body = "Subject: e2e\r\n\r\n..leading dot\r\nE2E-MARKER\r\n";
     let id = submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["a@dest.test", "b@dest.test"],
         body,
@@ -143,7 +133,7 @@ async fn ipv6_mx_and_per_domain_transactions() {
     rig.dns.mx("v6.test", 5, "mx6.sink.test");
     rig.dns.addr("mx6.sink.test", "::1");
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["x@v6.test", "y@dest.test", "z@other.test"],
         "Subject: v6\r\n\r\nhi\r\n",
@@ -172,7 +162,7 @@ async fn temporary_failures_are_retried_on_schedule_then_delivered_once() {
             .map(String::from)
             .into();
     let id = submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["r@dest.test"],
         "Subject: retry\r\n\r\nRETRY\r\n",
@@ -209,7 +199,7 @@ async fn permanent_failure_bounces_with_a_dsn_of_headers_only() {
         "550 5.1.1 <nobody@dest.test>: no such user".into(),
     );
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["nobody@dest.test", "ok@dest.test"],
         "Subject: will bounce\r\nMessage-ID: <orig-1@sender.test>\r\n\r\nSECRET-BODY-TEXT\r\n",
@@ -274,7 +264,7 @@ async fn expiry_bounces_with_4_4_7_and_bounces_of_bounces_are_dropped() {
             .insert("app@sender.test".into(), "550 5.1.1 gone".into());
     }
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["slow@dest.test"],
         "Subject: expire\r\n\r\nx\r\n",
@@ -317,7 +307,7 @@ async fn expiry_notice_reaches_the_sender() {
         .rcpt_replies
         .insert("slow@dest.test".into(), "451 4.4.0 try again".into());
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["slow@dest.test"],
         "Subject: expire\r\n\r\nx\r\n",
@@ -346,7 +336,7 @@ async fn dns_outcomes_null_mx_nxdomain_servfail() {
     rig.dns.mx("nullmx.test", 0, ".");
     rig.dns.servfail("broken.test");
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["a@nullmx.test", "b@no-such-domain.test", "c@broken.test"],
         "Subject: dns\r\n\r\nx\r\n",
@@ -425,7 +415,7 @@ async fn per_destination_connection_limit_holds_under_load() {
             "other.test"
         };
         submit(
-            &rig.server,
+            rig.server.relay,
             "app@sender.test",
             &[&format!("r{i}@{domain}")],
             "Subject: x\r\n\r\nx\r\n",
@@ -455,7 +445,7 @@ async fn tls_required_defers_without_starttls_and_delivers_with_a_verified_certi
     )
     .await;
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["t@dest.test"],
         "Subject: tls\r\n\r\nTLS-BODY\r\n",
@@ -485,7 +475,7 @@ async fn tls_required_refuses_an_untrusted_certificate() {
     let rig = rig("tls = \"require\"", "", true).await;
     rig.sink.behaviour.lock().unwrap().tls = Some(common::self_signed_server(&["mx.sink.test"]));
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["t@dest.test"],
         "Subject: tls\r\n\r\nx\r\n",
@@ -507,7 +497,7 @@ async fn opportunistic_tls_encrypts_with_any_certificate_and_ignores_injected_re
         b.inject_after_starttls = Some("250 injected\r\n".into());
     }
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["o@dest.test"],
         "Subject: opp\r\n\r\nx\r\n",
@@ -558,7 +548,7 @@ async fn smarthost_carries_every_domain_with_auth_over_tls() {
     );
     let (server, _) = TestServer::start_with(&extra, Options::default()).await;
     submit(
-        &server,
+        server.relay,
         "app@sender.test",
         &["a@one.test", "b@two.test"],
         "Subject: smart\r\n\r\nx\r\n",
@@ -589,7 +579,7 @@ async fn delay_warning_is_sent_once_while_retrying() {
         .rcpt_replies
         .insert("slow@dest.test".into(), "451 4.2.0 greylisted".into());
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["slow@dest.test"],
         "Subject: wait\r\n\r\nx\r\n",
@@ -687,7 +677,7 @@ async fn a_restart_keeps_retry_times() {
 async fn idle_pooled_connections_are_closed_after_the_timeout() {
     let rig = rig("idle_timeout = \"1s\"", "", true).await;
     submit(
-        &rig.server,
+        rig.server.relay,
         "app@sender.test",
         &["r@dest.test"],
         "Subject: idle\r\n\r\nx\r\n",

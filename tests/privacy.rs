@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::dns::DnsServer;
 use common::sink::Sink;
-use common::{contains, Child, Raw, TestServer};
+use common::{contains, submit, Child, Raw, TestServer};
 use postern::admin::{request, Request};
 use postern::clock::{Clock, ManualClock, SystemClock};
 use postern::daemon::Options;
@@ -37,16 +37,13 @@ async fn after_delivery_no_address_or_body_in_the_data_directory_or_the_log() {
     )
     .unwrap();
     let mut child = Child::spawn(dir.path(), None);
-    let (mut c, _) = Raw::connect(child.relay).await;
-    c.expect("EHLO client.test", 250).await;
-    let r = c
-        .send_mail(
-            "jane.sender@shop.test",
-            &["john.rcpt@dest.test"],
-            "From: jane.sender@shop.test\r\nSubject: order\r\n\r\nBODY-MARKER-90210\r\n",
-        )
-        .await;
-    assert_eq!(r.code, 250);
+    submit(
+        child.relay,
+        "jane.sender@shop.test",
+        &["john.rcpt@dest.test"],
+        "From: jane.sender@shop.test\r\nSubject: order\r\n\r\nBODY-MARKER-90210\r\n",
+    )
+    .await;
     sink.wait_for(1).await;
     // Let the ledger record the outcome and sled flush (it does so every second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -80,12 +77,7 @@ async fn export_and_erase_through_the_daemon() {
     let send = |from: &'static str, to: Vec<&'static str>| {
         let relay = server.relay;
         async move {
-            let (mut c, _) = Raw::connect(relay).await;
-            c.expect("EHLO client.test", 250).await;
-            let r = c
-                .send_mail(from, &to, &format!("From: {from}\r\n\r\nx\r\n"))
-                .await;
-            assert_eq!(r.code, 250);
+            submit(relay, from, &to, &format!("From: {from}\r\n\r\nx\r\n")).await;
         }
     };
     send(
@@ -195,16 +187,13 @@ async fn strict_domain_records_hold_no_recipient() {
         },
     )
     .await;
-    let (mut c, _) = Raw::connect(server.relay).await;
-    c.expect("EHLO client.test", 250).await;
-    let r = c
-        .send_mail(
-            "news@private.test",
-            &["reader@dest.test"],
-            "From: news@private.test\r\n\r\nx\r\n",
-        )
-        .await;
-    assert_eq!(r.code, 250);
+    submit(
+        server.relay,
+        "news@private.test",
+        &["reader@dest.test"],
+        "From: news@private.test\r\n\r\nx\r\n",
+    )
+    .await;
     queue.run_due().await;
     assert_eq!(sink.received().len(), 1);
     let socket = server.data_dir().join("admin.sock");

@@ -398,7 +398,10 @@ impl Session {
             queue_id: &queue_id,
             date: now,
         });
-        let sending_domain = crate::dkim::from_domain(crate::bounce::headers(&body))
+        // Parsed once here; DKIM signs for the same domain.
+        let from_domain = crate::dkim::from_domain(crate::bounce::headers(&body));
+        let sending_domain = from_domain
+            .clone()
             .or_else(|| tx.from.rsplit_once('@').map(|(_, d)| d.to_lowercase()))
             .unwrap_or_default();
         let envelope = Envelope {
@@ -412,7 +415,7 @@ impl Session {
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
         };
-        let (signature, signing, body) = match self.sign(&envelope, body).await {
+        let (signature, signing, body) = match self.sign(&envelope, from_domain, body).await {
             Ok(signed) => signed,
             Err(reply) => {
                 self.reply(reply);
@@ -461,6 +464,7 @@ impl Session {
     async fn sign(
         &self,
         envelope: &Envelope,
+        from_domain: Option<String>,
         body: Vec<u8>,
     ) -> Result<(String, Signing, Vec<u8>), Reply> {
         let keys = self.live.dkim.clone();
@@ -468,12 +472,11 @@ impl Session {
             return Ok((String::new(), Signing::default(), body));
         }
         let from = envelope.mail_from.clone();
-        let (result, body) =
-            tokio::task::spawn_blocking(move || (keys.sign(&[&body], &from), body))
-                .await
-                .map_err(|_| {
-                    Reply::new(451, "4.3.0", "Local error in processing; try again later")
-                })?;
+        let (result, body) = tokio::task::spawn_blocking(move || {
+            (keys.sign(&[&body], from_domain.as_deref(), &from), body)
+        })
+        .await
+        .map_err(|_| Reply::new(451, "4.3.0", "Local error in processing; try again later"))?;
         match result {
             Ok(signed) if signed.domain.is_some() => {
                 tracing::debug!(domain = ?signed.domain, selectors = ?signed.selectors, "signed");

@@ -314,6 +314,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
     }
 }
 
+/// Sends one message over a relay port (EHLO, the transaction, QUIT); asserts the 250 and
+/// returns the queue id.
+pub async fn submit(relay: SocketAddr, from: &str, to: &[&str], body: &str) -> String {
+    let (mut c, _) = Raw::connect(relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c.send_mail(from, to, body).await;
+    assert_eq!(r.code, 250, "{r:?}");
+    c.expect("QUIT", 221).await;
+    r.text.rsplit(' ').next().unwrap().to_string()
+}
+
 /// The `postern` binary running as a child process, for crash and resource-limit tests.
 pub struct Child {
     pub child: std::process::Child,
