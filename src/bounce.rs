@@ -132,15 +132,37 @@ pub fn build(n: &Notice<'_>) -> Vec<u8> {
     out
 }
 
-/// The header section of a message: everything before the first empty line.
+/// The header section of a message, as Postfix finds it: it ends at the first empty line, or at
+/// the first line that is neither a header field (`name:` with a printable name) nor the
+/// continuation of one, whichever comes first. Mail from scripts often has no empty line at all;
+/// without the second rule its whole body would be taken for headers and returned in a DSN.
+/// A line of white space only ends the section too: it continues no field, and treating it as
+/// a continuation would let an indented body through.
 pub fn headers(message: &[u8]) -> &[u8] {
-    if message.starts_with(b"\r\n") {
-        return &[];
+    let mut end = 0;
+    let mut in_field = false;
+    for line in message.split_inclusive(|b| *b == b'\n') {
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        let folded = content.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        let continues = in_field && folded && !content.trim_ascii().is_empty();
+        if !(continues || is_field_start(content)) {
+            break;
+        }
+        in_field = true;
+        end += line.len();
     }
-    match message.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(i) => &message[..i + 2],
-        None => message,
-    }
+    &message[..end]
+}
+
+/// `field-name ":"` (RFC 5322 3.6.8): one or more printable ASCII characters other than the
+/// colon, then a colon. Postfix also allows white space before the colon (obsolete syntax).
+fn is_field_start(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|b| *b == b':') else {
+        return false;
+    };
+    let name = line[..colon].trim_ascii_end();
+    !name.is_empty() && name.iter().all(|b| (33..=126).contains(b))
 }
 
 #[cfg(test)]
@@ -155,5 +177,98 @@ mod tests {
         );
         assert_eq!(headers(b"\r\nbody"), b"");
         assert_eq!(headers(b"A: 1\r\n"), b"A: 1\r\n");
+        assert_eq!(
+            headers(b"Subject: a\r\n folded\r\nB : 2\r\n\r\nbody"),
+            b"Subject: a\r\n folded\r\nB : 2\r\n",
+            "folding and the obsolete space before the colon are headers"
+        );
+    }
+
+    #[test]
+    fn the_header_section_ends_at_the_first_line_that_is_no_header() {
+        // No empty line: the body starts at the first line that is not a field.
+        assert_eq!(
+            headers(b"Subject: a\r\nhello there\r\nX: not a header now\r\n"),
+            b"Subject: a\r\n"
+        );
+        // A first line that looks like a continuation continues nothing.
+        assert_eq!(headers(b"  indented body\r\nA: 1\r\n"), b"");
+        // A line of white space continues nothing either: the body follows it.
+        assert_eq!(headers(b"A: 1\r\n \t\r\n  body\r\n"), b"A: 1\r\n");
+        // Bare LF endings, as a script might write them.
+        assert_eq!(headers(b"A: 1\nbody\n"), b"A: 1\n");
+        assert_eq!(headers(b"no colon here"), b"");
+        assert_eq!(headers(b": empty name\r\n"), b"");
+    }
+
+    fn notice_for(original: &[u8]) -> Vec<u8> {
+        let envelope = Envelope {
+            mail_from: "app@sender.test".into(),
+            recipients: vec!["rcpt@dest.test".into()],
+            received_at: 1_793_491_200,
+            client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            helo: "client.test".into(),
+            auth_user: None,
+            eight_bit: false,
+            smtputf8: false,
+            sending_domain: "sender.test".into(),
+        };
+        let entries = [Entry {
+            rcpt: "rcpt@dest.test",
+            status: "5.1.1",
+            diagnostic: "smtp; 550 5.1.1 no such user",
+            remote: Some("mx.dest.test"),
+        }];
+        build(&Notice {
+            kind: Kind::Failure,
+            hostname: "postern.test",
+            queue_id: "0123456789abcdef",
+            envelope: &envelope,
+            original,
+            entries: &entries,
+            now: DateTime::from_timestamp(1_793_491_300, 0).unwrap_or_default(),
+            boundary_seed: 7,
+        })
+    }
+
+    /// The marker must be absent from the DSN's bytes and from every part as a MIME parser
+    /// decodes it (base64 and quoted-printable included).
+    fn assert_no_marker(dsn: &[u8], marker: &str) {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(marker);
+        let text = String::from_utf8_lossy(dsn);
+        assert!(!text.contains(marker), "raw marker in the DSN:\n{text}");
+        assert!(!text.contains(&b64), "base64 marker in the DSN:\n{text}");
+        let parsed = mail_parser::MessageParser::default()
+            .parse(dsn)
+            .expect("the DSN parses");
+        assert!(parsed.parts().len() >= 4, "a report with three parts");
+        for part in parsed.parts() {
+            let decoded = String::from_utf8_lossy(&part.decoded()).into_owned();
+            assert!(!decoded.contains(marker), "decoded marker: {decoded}");
+        }
+    }
+
+    #[test]
+    fn a_dsn_never_carries_the_body_of_a_message_without_an_empty_line() {
+        use base64::Engine;
+        let marker = "BODY-MARKER-4711";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(marker);
+        let cases = [
+            // A script's message: no empty line between header and body.
+            format!("From: app@sender.test\r\nSubject: report\r\nHello,\r\n{marker}\r\n{b64}\r\n"),
+            // The body starts with a line that looks like a header continuation.
+            format!("From: app@sender.test\r\nSubject: report\r\n \r\n  {marker}\r\n {b64}\r\n"),
+            format!("From: app@sender.test\r\nSubject: report\r\nbody starts\r\n  {marker}\r\n"),
+        ];
+        for original in cases {
+            let dsn = notice_for(original.as_bytes());
+            assert_no_marker(&dsn, marker);
+            let text = String::from_utf8_lossy(&dsn);
+            assert!(
+                text.contains("Subject: report\r\n"),
+                "the headers are there: {text}"
+            );
+        }
     }
 }
