@@ -71,6 +71,21 @@ impl Key {
         &self.0
     }
 
+    /// HMAC-SHA256 of `data` under this key: a keyed, one-way name for it.
+    pub fn mac(&self, data: &[u8]) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// A key for another purpose, derived from this one (HMAC-SHA256 of `label`): it cannot be
+    /// computed once this key is destroyed, and it reveals nothing about this key.
+    pub fn derive(&self, label: &str) -> Key {
+        Key(self.mac(label.as_bytes()))
+    }
+
     /// Seals `plaintext`, binding `aad` (context that must match on open). Output: nonce || ciphertext || tag.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
@@ -155,40 +170,26 @@ impl std::fmt::Display for Pseudonym {
 /// reversible without its key, which is kept apart from the data it names.
 #[derive(Clone)]
 pub struct Pseudonymizer {
-    key: [u8; 32],
+    key: Key,
     lowercase_local: bool,
 }
 
 impl Pseudonymizer {
     pub fn new(key: &Key, lowercase_local: bool) -> Pseudonymizer {
         Pseudonymizer {
-            key: key.0,
+            key: key.clone(),
             lowercase_local,
         }
     }
 
-    /// The address as the subject's identity: domain lower-cased, local part as configured.
+    /// The address as the subject's identity ([`crate::proto::address::normalise`]): one
+    /// mailbox, however spelled, gives one pseudonym.
     pub fn normalise(&self, address: &str) -> String {
-        let address = address.trim().trim_start_matches('<').trim_end_matches('>');
-        match address.rsplit_once('@') {
-            Some((local, domain)) => {
-                let local = if self.lowercase_local {
-                    local.to_lowercase()
-                } else {
-                    local.to_string()
-                };
-                format!("{local}@{}", domain.to_lowercase())
-            }
-            None => address.to_lowercase(),
-        }
+        crate::proto::address::normalise(address, self.lowercase_local)
     }
 
     pub fn of(&self, address: &str) -> Pseudonym {
-        use hmac::{Hmac, Mac};
-        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        mac.update(self.normalise(address).as_bytes());
-        Pseudonym(mac.finalize().into_bytes().into())
+        Pseudonym(self.key.mac(self.normalise(address).as_bytes()))
     }
 }
 
@@ -318,6 +319,11 @@ mod tests {
         assert_eq!(
             preserve.of("Bob@EXAMPLE.org"),
             preserve.of("Bob@example.org")
+        );
+        assert_eq!(p.of("\"bob\"@example.org"), p.of("bob@example.org"));
+        assert_eq!(
+            p.of("bob@bücher.example"),
+            p.of("bob@xn--bcher-kva.example")
         );
         let other = Pseudonymizer::new(&Key::generate().unwrap(), true);
         assert_ne!(other.of("bob@example.org"), p.of("bob@example.org"));

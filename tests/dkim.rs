@@ -423,3 +423,27 @@ async fn expiry_tag_when_configured() {
     assert_eq!(tag("x") - tag("t"), 7 * 86_400);
     assert_eq!(dkimpy(&body, &records), vec![true]);
 }
+
+#[tokio::test]
+async fn a_display_name_with_angle_brackets_at_and_comma_does_not_pick_the_signing_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (toml, records) = keys(
+        dir.path(),
+        &[
+            ("c.example", "decoy", Algorithm::Ed25519, false),
+            ("y.example", "real", Algorithm::Ed25519, false),
+        ],
+    );
+    let server = TestServer::start(&toml).await;
+    let body = send(
+        &server,
+        "",
+        "From: \"a <b@c.example>, x\" <x@y.example>\r\nSubject: x\r\n\r\nbody\r\n",
+    )
+    .await;
+    let sigs = signature_headers(&body);
+    assert_eq!(sigs.len(), 1, "{sigs:?}");
+    assert!(sigs[0].contains("d=y.example"), "{}", sigs[0]);
+    assert!(sigs[0].contains("s=real"), "{}", sigs[0]);
+    assert_eq!(dkimpy(&body, &records), vec![true]);
+}

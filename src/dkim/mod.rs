@@ -275,39 +275,17 @@ fn configure<T: mail_auth::crypto::SigningKey>(
     }
 }
 
-/// The domain of the first address in the `From:` header, lower case.
+/// The domain of the first address in the `From:` header of `head` (a header section), in
+/// A-label form, lower case. mail-parser reads the header as RFC 5322 has it, so that a display
+/// name holding `<`, `@` or a comma (`"a <b@c.example>, x" <x@y.example>`) is not mistaken for
+/// the address: the domain decides which key signs the message.
 pub fn from_domain(head: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(head);
-    let mut value: Option<String> = None;
-    for line in text.split("\r\n") {
-        if let Some(v) = value.as_mut() {
-            if line.starts_with([' ', '\t']) {
-                v.push_str(line);
-                continue;
-            }
-            break;
-        }
-        if let Some((name, rest)) = line.split_once(':') {
-            if name.trim_end().eq_ignore_ascii_case("from") {
-                value = Some(rest.to_string());
-            }
-        }
-    }
-    let value = value?;
-    // Prefer the angle-bracketed address; else the first bare token with an '@'.
-    let addr = match (value.find('<'), value.find('>')) {
-        (Some(a), Some(b)) if a < b => value[a + 1..b].to_string(),
-        _ => value
-            .split([',', ' ', '\t'])
-            .find(|t| t.contains('@'))?
-            .to_string(),
-    };
-    let domain = addr
-        .rsplit_once('@')?
-        .1
-        .trim()
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
+    let message = mail_parser::MessageParser::default().parse_headers(head)?;
+    let from = message.from()?;
+    // A group or a display name alone has no address; take the first mailbox that has one.
+    let address = from.mailboxes().find_map(|mailbox| mailbox.address())?;
+    let (_, domain) = address.rsplit_once('@')?;
+    let domain = crate::proto::address::normalise_domain(domain);
     (!domain.is_empty() && !domain.contains(char::is_whitespace)).then_some(domain)
 }
 
@@ -328,6 +306,19 @@ mod tests {
         assert_eq!(
             from_domain(b"From: \"Long, Name\"\r\n <x@folded.test>\r\n"),
             Some("folded.test".into())
+        );
+        assert_eq!(
+            from_domain(b"From: \"a <b@c.example>, x\" <x@y.example>\r\n"),
+            Some("y.example".into()),
+            "a display name with <, @ and a comma is not the address"
+        );
+        assert_eq!(
+            from_domain(b"From: a@c.example (comment <b@d.example>)\r\n"),
+            Some("c.example".into())
+        );
+        assert_eq!(
+            from_domain("From: <bob@Bücher.example>\r\n".as_bytes()),
+            Some("xn--bcher-kva.example".into())
         );
         assert_eq!(from_domain(b"To: a@b.test\r\n"), None);
         assert_eq!(from_domain(b"From: nobody\r\n"), None);

@@ -101,6 +101,81 @@ impl fmt::Display for Address {
     }
 }
 
+/// An address as one subject's identity, for pseudonyms, suppression and erasure: every way
+/// of writing one mailbox gives the same string, so that an opt-out or an erasure request
+/// cannot miss the person because of how an address was spelled.
+/// - A quoted local part is unquoted when that is equivalent (RFC 5321 4.1.2: `"bob"` and
+///   `bob` are one mailbox), that is when its content is a Dot-string; otherwise it is
+///   requoted with only the escapes it needs (`"a\b c"` and `"ab c"` are one mailbox too).
+/// - The domain in A-label form, lower case ([`normalise_domain`]).
+/// - The local part lower-cased when `lowercase_local` (`privacy.local_part`): RFC 5321 leaves
+///   its case to the receiving host, and nearly every provider ignores it.
+///
+/// Text that is not a mailbox (an operator's typo in an erasure request, say) is normalised
+/// as far as it can be: split at its last `@`, or lower-cased whole.
+pub fn normalise(address: &str, lowercase_local: bool) -> String {
+    let address = address.trim();
+    let address = address
+        .strip_prefix('<')
+        .and_then(|a| a.strip_suffix('>'))
+        .unwrap_or(address);
+    let (local, domain) = match Address::parse(address) {
+        Ok(a) => (canonical_local_part(&a.local), a.domain),
+        Err(_) => match address.rsplit_once('@') {
+            Some((local, domain)) => (local.to_string(), domain.to_string()),
+            None => return address.to_lowercase(),
+        },
+    };
+    let local = if lowercase_local {
+        local.to_lowercase()
+    } else {
+        local
+    };
+    format!("{local}@{}", normalise_domain(&domain))
+}
+
+/// A domain as compared and stored: A-labels (IDNA, so `bücher.example` and
+/// `xn--bcher-kva.example` are one domain), lower case, no trailing dot. Address literals and
+/// names IDNA refuses are only lower-cased.
+pub fn normalise_domain(domain: &str) -> String {
+    let domain = domain.trim().trim_end_matches('.');
+    if domain.starts_with('[') {
+        return domain.to_lowercase();
+    }
+    idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_lowercase())
+}
+
+/// A local part in its shortest equivalent form: a Quoted-string whose content is a
+/// Dot-string loses its quotes; any other keeps them, escaping only `"` and `\`.
+fn canonical_local_part(local: &str) -> String {
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return local.to_string();
+    };
+    let mut content = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        // quoted-pairSMTP: the backslash only says that the next character is literal.
+        content.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
+    }
+    if is_dot_string(&content) {
+        return content;
+    }
+    let mut quoted = String::with_capacity(content.len() + 2);
+    quoted.push('"');
+    for c in content.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
+}
+
 /// RFC 6531 3.3 extends the ASCII productions with any non-ASCII UTF-8 character.
 fn is_utf8_non_ascii(c: char) -> bool {
     !c.is_ascii() && !c.is_control()
@@ -170,6 +245,48 @@ fn is_address_literal(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalised_addresses_name_one_mailbox_once() {
+        let same = [
+            ("\"bob\"@x.example", "bob@x.example"),
+            ("<\"b\\ob\"@X.Example>", "bob@x.example"),
+            ("\"first.last\"@x.example", "first.last@x.example"),
+            ("bob@bücher.example", "bob@xn--bcher-kva.example"),
+            ("bob@BÜCHER.example", "bob@xn--bcher-kva.example"),
+            ("\"a\\b c\"@x.example", "\"ab c\"@x.example"),
+        ];
+        for (a, b) in same {
+            assert_eq!(normalise(a, true), normalise(b, true), "{a} vs {b}");
+        }
+        assert_eq!(
+            normalise("\"Bob\"@Bücher.Example", true),
+            "bob@xn--bcher-kva.example"
+        );
+        assert_eq!(normalise("\"Bob\"@x.example", false), "Bob@x.example");
+        assert_ne!(
+            normalise("Bob@x.example", false),
+            normalise("bob@x.example", false)
+        );
+        // Quotes that are needed stay, with minimal escapes.
+        assert_eq!(
+            normalise("\"john doe\"@x.example", true),
+            "\"john doe\"@x.example"
+        );
+        assert_eq!(
+            normalise("\"a\\\"b\"@x.example", true),
+            "\"a\\\"b\"@x.example"
+        );
+        assert_eq!(normalise("\"a..b\"@x.example", true), "\"a..b\"@x.example");
+        assert_eq!(normalise("u@[192.0.2.1]", true), "u@[192.0.2.1]");
+        // Not a mailbox: normalised as far as possible.
+        assert_eq!(
+            normalise(" Not A Mailbox@Bücher.Example ", true),
+            "not a mailbox@xn--bcher-kva.example"
+        );
+        assert_eq!(normalise("postmaster", true), "postmaster");
+        assert_eq!(normalise_domain("Example.ORG."), "example.org");
+    }
 
     #[test]
     fn valid() {
