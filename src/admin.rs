@@ -1,6 +1,6 @@
 //! The local admin API: a Unix socket (`<data_dir>/admin.sock`, mode 0600) that the CLI uses
 //! for what needs the running daemon's ledger (sled admits one process): subject export and
-//! erasure, the privacy report, and the suppression list.
+//! erasure, the privacy report, the retention pass on demand, and the suppression list.
 //!
 //! One JSON request per line, one JSON response per line: `{"op":"export","address":"..."}`
 //! answers `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
@@ -23,15 +23,18 @@ use crate::suppress::{Entry, Reason};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    /// Every ledger record about an address.
+    /// Every ledger record about an address, its suppression entry and its bounce run.
     Export {
         address: String,
     },
-    /// Removes the address's records and its queued deliveries; keeps its suppression.
+    /// Removes the address's records, its run of hard bounces and its queued deliveries;
+    /// keeps its suppression entry.
     Erase {
         address: String,
     },
     Report,
+    /// Runs the retention pass now, on the daemon's clock.
+    Purge,
     SuppressAdd {
         address: String,
         reason: Reason,
@@ -131,8 +134,13 @@ impl Admin {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         match req {
             Request::Export { address } => {
-                let records = l.export(&address).map_err(|e| err(&e))?;
-                Ok(serde_json::json!({ "address": address, "records": records }))
+                let data = l.export(&address).map_err(|e| err(&e))?;
+                Ok(serde_json::json!({
+                    "address": address,
+                    "records": data.records,
+                    "suppression": data.suppression,
+                    "bounce_run": data.bounce_run,
+                }))
             }
             Request::Erase { address } => {
                 let records = l.erase(&address).map_err(|e| err(&e))?;
@@ -149,6 +157,16 @@ impl Admin {
                 let mut report = l.report().map_err(|e| err(&e))?;
                 report["spool_live_messages"] = self.spool.live().len().into();
                 Ok(report)
+            }
+            Request::Purge => {
+                let retention =
+                    crate::daemon::retention_pass(l, &self.spool, now).map_err(|e| err(&e))?;
+                Ok(serde_json::json!({
+                    "records": retention.ledger.records,
+                    "days": retention.ledger.days,
+                    "bounce_runs": retention.ledger.bounce_runs,
+                    "quarantine_files": retention.quarantine_files,
+                }))
             }
             Request::SuppressAdd {
                 address,

@@ -15,7 +15,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ListenerMode};
 use crate::crypto::{load_or_create_master_key, CryptoError};
 use crate::delivery::{Deliverer, DeliveryError};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Purged};
 use crate::queue::Queue;
 use crate::server::Parts;
 use crate::server::{Server, ServerError};
@@ -110,11 +110,10 @@ impl Daemon {
         }
         let deliverer = Arc::new(Deliverer::new(&config)?);
         let ledger = Arc::new(Ledger::open(&data_dir, &master, &config.privacy)?);
-        let purged = ledger.purge(options.clock.now())?;
-        if purged.records > 0 {
-            tracing::info!(records = purged.records, days = ?purged.days, "ledger: purged records past retention");
-        }
         let (spool, recovery) = Spool::open(&data_dir, master.clone(), config.spool.segment_size)?;
+        // Catches up after downtime; then hourly (see `run`).
+        let retention = retention_pass(&ledger, &spool, options.clock.now())?;
+        retention.log();
         let shutdown = CancellationToken::new();
         let config = Arc::new(config);
         let clock = options.clock.clone();
@@ -175,6 +174,7 @@ impl Daemon {
         tokio::spawn(admin.serve(self.admin, self.shutdown.clone()));
         tokio::spawn(purge_loop(
             self.ledger.clone(),
+            self.spool.clone(),
             self.clock.clone(),
             self.shutdown.clone(),
         ));
@@ -189,21 +189,61 @@ impl Daemon {
     }
 }
 
-/// Purges the ledger hourly (a day's records go within an hour of passing retention).
-async fn purge_loop(ledger: Arc<Ledger>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+/// What one retention pass removed.
+#[derive(Debug, Default)]
+pub struct Retention {
+    pub ledger: Purged,
+    /// Files of `spool/quarantine/`.
+    pub quarantine_files: usize,
+}
+
+impl Retention {
+    fn log(&self) {
+        let Retention {
+            ledger,
+            quarantine_files,
+        } = self;
+        if ledger.records > 0 || ledger.bounce_runs > 0 || *quarantine_files > 0 {
+            tracing::info!(
+                records = ledger.records,
+                days = ?ledger.days,
+                bounce_runs = ledger.bounce_runs,
+                quarantine_files,
+                "purged data past retention"
+            );
+        }
+    }
+}
+
+/// Removes everything kept about people for longer than `privacy.retention_days` at `now`:
+/// the ledger's old days (records, index entries, bounce runs, then the days' keys) and
+/// quarantined spool data. The daemon runs it at start and then hourly.
+pub fn retention_pass(ledger: &Ledger, spool: &Spool, now: i64) -> Result<Retention, StartError> {
+    let cutoff = now - i64::from(ledger.retention_days()) * 86_400;
+    Ok(Retention {
+        ledger: ledger.purge(now)?,
+        quarantine_files: spool.purge_quarantine(cutoff).map_err(SpoolError::Io)?,
+    })
+}
+
+/// Runs the retention pass hourly (a day's data goes within an hour of passing retention).
+async fn purge_loop(
+    ledger: Arc<Ledger>,
+    spool: Spool,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
-        let ledger = ledger.clone();
+        let (ledger, spool) = (ledger.clone(), spool.clone());
         let now = clock.now();
-        match tokio::task::spawn_blocking(move || ledger.purge(now)).await {
-            Ok(Ok(p)) if p.records > 0 => {
-                tracing::info!(records = p.records, days = ?p.days, "ledger: purged")
-            }
-            Ok(Err(e)) => tracing::error!(error = %e, "ledger purge failed"),
-            _ => {}
+        match tokio::task::spawn_blocking(move || retention_pass(&ledger, &spool, now)).await {
+            Ok(Ok(retention)) => retention.log(),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention pass failed"),
+            Err(_) => {}
         }
     }
 }

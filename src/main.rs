@@ -68,12 +68,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PrivacyCommand {
-    /// Prints every ledger record about ADDRESS (as recipient or sender) as JSON.
+    /// Prints every ledger record about ADDRESS (as recipient or sender), its suppression
+    /// entry and its run of hard bounces, as JSON.
     Export { address: String },
-    /// Removes ADDRESS's records and queued deliveries; its suppression entry stays.
+    /// Removes ADDRESS's records, bounce run and queued deliveries; its suppression entry stays.
     Erase { address: String },
     /// Settings in force and what is stored, for a record of processing activities.
     Report,
+    /// Runs the retention pass now (the daemon runs it hourly): what is older than
+    /// `privacy.retention_days` goes, e.g. after lowering it.
+    Purge,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +209,7 @@ fn privacy(config: Option<PathBuf>, command: PrivacyCommand) -> anyhow::Result<(
         PrivacyCommand::Export { address } => Request::Export { address },
         PrivacyCommand::Erase { address } => Request::Erase { address },
         PrivacyCommand::Report => Request::Report,
+        PrivacyCommand::Purge => Request::Purge,
     };
     print_json(&admin(config, request)?)
 }

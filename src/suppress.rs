@@ -4,12 +4,23 @@
 //! consecutive hard bounces. They are honoured at RCPT (`550 5.7.1`) and for mail already
 //! queued (the recipient is dropped with the outcome `suppressed`). An erasure request leaves
 //! them in place: forgetting an opt-out would mail the person again.
+//!
+//! Addresses are normalised before they are pseudonymised ([`crate::proto::address::normalise`]),
+//! so `"bob"@example.org`, `bob@example.org` and `bob@EXAMPLE.org` are one entry, and so are a
+//! Unicode domain and its A-label form.
+//!
+//! A run of hard bounces is delivery metadata of the day it started: it is stored under that
+//! day's tag of the address and sealed under that day's ledger key, and purged with that day,
+//! `privacy.retention_days` after the run started.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{Key, Pseudonymizer};
+use crate::crypto::{Key, Pseudonym, Pseudonymizer};
+use crate::ledger::day_of;
+use crate::ledger::epoch::{DayKey, Epochs};
 
 /// Why an address is suppressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +53,14 @@ pub struct Entry {
     pub expires_at: Option<i64>,
 }
 
+/// A run of consecutive hard bounces to one address, as exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BounceRun {
+    pub count: u32,
+    /// When the run's first bounce happened (Unix time).
+    pub since: i64,
+}
+
 /// Why the list could not be read or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum SuppressError {
@@ -49,6 +68,8 @@ pub enum SuppressError {
     Store(#[from] sled::Error),
     #[error("suppression entry does not decode")]
     Corrupt,
+    #[error("bounce counter key: {0}")]
+    Key(#[from] crate::crypto::CryptoError),
 }
 
 /// The list, in the ledger's sled database.
@@ -61,6 +82,8 @@ pub struct Suppressions {
     bounce_count: AtomicUsize,
     key: Key,
     pseudonyms: Pseudonymizer,
+    /// The ledger's day keys, which seal bounce runs.
+    epochs: Arc<Epochs>,
     threshold: u32,
 }
 
@@ -70,6 +93,7 @@ impl Suppressions {
         bounces: sled::Tree,
         key: Key,
         pseudonyms: Pseudonymizer,
+        epochs: Arc<Epochs>,
         threshold: u32,
     ) -> Suppressions {
         Suppressions {
@@ -79,6 +103,7 @@ impl Suppressions {
             bounces,
             key,
             pseudonyms,
+            epochs,
             threshold,
         }
     }
@@ -124,10 +149,8 @@ impl Suppressions {
 
     /// Removes the entry for `address`; true if there was one.
     pub fn remove(&self, address: &str) -> Result<bool, SuppressError> {
+        self.forget_bounces(address)?;
         let p = self.pseudonyms.of(address);
-        if self.bounces.remove(p.0)?.is_some() {
-            self.bounce_count.fetch_sub(1, Ordering::SeqCst);
-        }
         let removed = self.entries.remove(p.0)?.is_some();
         if removed {
             self.entry_count.fetch_sub(1, Ordering::SeqCst);
@@ -141,12 +164,17 @@ impl Suppressions {
         if self.entry_count.load(Ordering::SeqCst) == 0 {
             return Ok(None);
         }
+        let entry = self.entry(address)?;
+        Ok(entry.filter(|e| e.expires_at.is_none_or(|t| t > now)))
+    }
+
+    /// The entry for `address`, in force or expired (for an export).
+    pub fn entry(&self, address: &str) -> Result<Option<Entry>, SuppressError> {
         let p = self.pseudonyms.of(address);
         let Some(sealed) = self.entries.get(p.0)? else {
             return Ok(None);
         };
-        let entry = self.open(&p.0, &sealed)?;
-        Ok(entry.expires_at.is_none_or(|t| t > now).then_some(entry))
+        self.open(&p.0, &sealed).map(Some)
     }
 
     /// Every entry (pseudonyms only).
@@ -171,16 +199,35 @@ impl Suppressions {
     /// Counts a hard bounce; at the threshold the address is suppressed. Returns true then.
     pub fn hard_bounce(&self, address: &str, now: i64) -> Result<bool, SuppressError> {
         let p = self.pseudonyms.of(address);
-        let count = self
-            .bounces
-            .get(p.0)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
-            .unwrap_or(0)
-            + 1;
-        if self.bounces.insert(p.0, &count.to_be_bytes())?.is_none() {
+        let StoredRun {
+            stored_key,
+            day_key,
+            run,
+        } = match self.find_run(&p)? {
+            Some(found) => found,
+            None => {
+                // A new run lives under the key of the day it starts.
+                let day = day_of(now);
+                let day_key = self.epochs.key(&day)?;
+                StoredRun {
+                    stored_key: run_key(&day, &day_key, &p),
+                    day_key,
+                    run: BounceRun {
+                        count: 0,
+                        since: now,
+                    },
+                }
+            }
+        };
+        let run = BounceRun {
+            count: run.count + 1,
+            ..run
+        };
+        let sealed = day_key.seal.seal(&stored_key, &run_bytes(&run))?;
+        if self.bounces.insert(stored_key, sealed)?.is_none() {
             self.bounce_count.fetch_add(1, Ordering::SeqCst);
         }
-        if count >= self.threshold {
+        if run.count >= self.threshold {
             self.add(address, Reason::HardBounce, now, None)?;
             return Ok(true);
         }
@@ -192,11 +239,60 @@ impl Suppressions {
         if self.bounce_count.load(Ordering::SeqCst) == 0 {
             return Ok(());
         }
-        let p = self.pseudonyms.of(address);
-        if self.bounces.remove(p.0)?.is_some() {
-            self.bounce_count.fetch_sub(1, Ordering::SeqCst);
+        self.forget_bounces(address)
+    }
+
+    /// Removes the run of bounces of `address` (a delivery, an erasure).
+    pub fn forget_bounces(&self, address: &str) -> Result<(), SuppressError> {
+        if let Some(found) = self.find_run(&self.pseudonyms.of(address))? {
+            if self.bounces.remove(found.stored_key)?.is_some() {
+                self.bounce_count.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         Ok(())
+    }
+
+    /// The current run of bounces of `address` (for an export).
+    pub fn bounce_run(&self, address: &str) -> Result<Option<BounceRun>, SuppressError> {
+        Ok(self
+            .find_run(&self.pseudonyms.of(address))?
+            .map(|found| found.run))
+    }
+
+    /// Removes runs that started on a day before `cutoff` (`YYYYMMDD`); returns how many.
+    /// Called by the ledger's purge before it destroys those days' keys.
+    pub fn purge_bounces(&self, cutoff: &str) -> Result<usize, SuppressError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.bounces.range(..cutoff.as_bytes()) {
+            batch.remove(item?.0);
+            n += 1;
+        }
+        self.bounces.apply_batch(batch)?;
+        self.bounce_count.fetch_sub(n, Ordering::SeqCst);
+        Ok(n)
+    }
+
+    /// The run of `p`: looked up under each day still held, since only the key of the day it
+    /// started names it.
+    fn find_run(&self, p: &Pseudonym) -> Result<Option<StoredRun>, SuppressError> {
+        for day in self.epochs.days() {
+            let Some(day_key) = self.epochs.existing(&day) else {
+                continue;
+            };
+            let stored_key = run_key(&day, &day_key, p);
+            let Some(sealed) = self.bounces.get(&stored_key)? else {
+                continue;
+            };
+            let plain = day_key.seal.open(&stored_key, &sealed)?;
+            let run = run_from_bytes(&plain).ok_or(SuppressError::Corrupt)?;
+            return Ok(Some(StoredRun {
+                stored_key,
+                day_key,
+                run,
+            }));
+        }
+        Ok(None)
     }
 
     fn open(&self, p: &[u8; 32], sealed: &[u8]) -> Result<Entry, SuppressError> {
@@ -206,4 +302,34 @@ impl Suppressions {
             .map_err(|_| SuppressError::Corrupt)?;
         serde_json::from_slice(&plain).map_err(|_| SuppressError::Corrupt)
     }
+}
+
+/// A run of bounces as found: where it is stored and the key of the day it started.
+struct StoredRun {
+    stored_key: Vec<u8>,
+    day_key: Arc<DayKey>,
+    run: BounceRun,
+}
+
+/// Where a run of bounces that started on `day` is stored: `day (8) ‖ the subject's tag that
+/// day` ([`DayKey::tag`]), as the ledger's records are. The day first makes the purge a range
+/// delete; the tag, not the pseudonym, means that what sled keeps of a purged run names nobody.
+fn run_key(day: &str, day_key: &DayKey, p: &Pseudonym) -> Vec<u8> {
+    let mut k = day.as_bytes().to_vec();
+    k.extend_from_slice(&day_key.tag(Some(p)));
+    k
+}
+
+fn run_bytes(run: &BounceRun) -> Vec<u8> {
+    let mut out = run.count.to_be_bytes().to_vec();
+    out.extend_from_slice(&run.since.to_be_bytes());
+    out
+}
+
+fn run_from_bytes(b: &[u8]) -> Option<BounceRun> {
+    let (count, since) = b.split_at_checked(4)?;
+    Some(BounceRun {
+        count: u32::from_be_bytes(count.try_into().ok()?),
+        since: i64::from_be_bytes(since.try_into().ok()?),
+    })
 }

@@ -342,3 +342,137 @@ async fn suppress_cli_talks_to_the_running_daemon() {
     let report = cli(&["privacy", "report"]);
     assert_eq!(report["suppression_entries"], 2);
 }
+
+/// The pseudonymiser of a data directory, from its key files as an intruder holding the whole
+/// directory (master key included) would compute it.
+fn pseudonyms_of(data: &std::path::Path) -> postern::crypto::Pseudonymizer {
+    let master = postern::crypto::load_or_create_master_key(&data.join("master.key")).unwrap();
+    let key = master
+        .read_wrapped(&data.join("ledger/pseudonym.key"), "postern pseudonym key")
+        .unwrap();
+    postern::crypto::Pseudonymizer::new(&key, true)
+}
+
+#[tokio::test]
+async fn after_the_purge_nothing_on_disk_links_an_address_or_pseudonym_to_the_day() {
+    let dns = DnsServer::start().await;
+    let sink = Sink::start("127.0.0.1").await;
+    sink.behaviour.lock().unwrap().rcpt_replies.insert(
+        "gone@dest.test".into(),
+        "550 5.1.1 <gone@dest.test>: no such user".into(),
+    );
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let (server, queue) = TestServer::start_with(
+        &routing(&sink, &dns),
+        Options {
+            clock: clock.clone(),
+            run_queue: false,
+        },
+    )
+    .await;
+    let day = clock.now();
+    let (sender, rcpts) = ("shop@shop.test", ["kept@dest.test", "gone@dest.test"]);
+    submit(
+        server.relay,
+        sender,
+        &rcpts,
+        "From: shop@shop.test\r\n\r\nx\r\n",
+    )
+    .await;
+    queue.run_due().await;
+    assert_eq!(sink.received().len(), 2, "the delivery and the DSN");
+    let socket = server.data_dir().join("admin.sock");
+    let export = |address: &str| {
+        let req = Request::Export {
+            address: address.into(),
+        };
+        let socket = socket.clone();
+        async move { request(&socket, &req).await.unwrap() }
+    };
+    let gone = export("gone@dest.test").await;
+    assert_eq!(gone["records"][0]["outcome"], "bounced", "{gone}");
+    assert_eq!(gone["bounce_run"]["count"], 1, "{gone}");
+    assert_eq!(export(sender).await["records"].as_array().unwrap().len(), 2);
+    let held = request(&socket, &Request::Report).await.unwrap()["records"].clone();
+
+    clock.advance(31 * 86_400);
+    let purged = request(&socket, &Request::Purge).await.unwrap();
+    assert_eq!(purged["records"], held, "{purged}");
+    assert_eq!(purged["bounce_runs"], 1, "{purged}");
+    for address in rcpts.iter().chain([&sender]) {
+        let data = export(address).await;
+        assert!(data["records"].as_array().unwrap().is_empty(), "{data}");
+        assert!(data["bounce_run"].is_null(), "{data}");
+    }
+    let data = server.data_dir();
+    server.shutdown.cancel();
+    server.task.await.unwrap();
+
+    let pseudonyms = pseudonyms_of(&data);
+    let raw = common::all_bytes(&data);
+    let purged_day = postern::ledger::day_of(day);
+    for address in rcpts.iter().chain([&sender]) {
+        let p = pseudonyms.of(address).0;
+        assert!(!contains(&raw, &p), "{address}'s pseudonym on disk");
+        assert!(!contains(&raw, hex::encode(p).as_bytes()));
+        // A record key as it was: day ‖ pseudonym ‖ queue id ‖ index.
+        let record_key = [purged_day.as_bytes(), &p].concat();
+        assert!(
+            !contains(&raw, &record_key),
+            "{address}'s record key on disk"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dsn_never_returns_the_body_of_a_message_without_an_empty_line() {
+    use base64::Engine;
+    let dns = DnsServer::start().await;
+    let sink = Sink::start("127.0.0.1").await;
+    sink.behaviour
+        .lock()
+        .unwrap()
+        .rcpt_replies
+        .insert("nobody@dest.test".into(), "550 5.1.1 no such user".into());
+    let (server, queue) = TestServer::start_with(
+        &routing(&sink, &dns),
+        Options {
+            run_queue: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let marker = "BODY-MARKER-31337";
+    let b64 = base64::engine::general_purpose::STANDARD.encode(marker);
+    let bodies = [
+        // From a script: no empty line between header and body.
+        format!("From: app@shop.test\r\nSubject: report\r\nHello,\r\n{marker}\r\n{b64}\r\n"),
+        // The body starts with lines that look like header continuations.
+        format!("From: app@shop.test\r\nSubject: report\r\n \r\n  {marker}\r\n {b64}\r\n"),
+    ];
+    for body in &bodies {
+        submit(server.relay, "app@shop.test", &["nobody@dest.test"], body).await;
+    }
+    queue.run_due().await;
+    let dsns: Vec<_> = sink
+        .received()
+        .into_iter()
+        .filter(|m| m.from.is_empty())
+        .collect();
+    assert_eq!(dsns.len(), 2, "one DSN per message");
+    for dsn in dsns {
+        let text = String::from_utf8_lossy(&dsn.data);
+        assert!(
+            text.contains("Subject: report\r\n"),
+            "headers returned: {text}"
+        );
+        assert!(!text.contains(marker) && !text.contains(&b64), "{text}");
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&dsn.data)
+            .expect("the DSN parses");
+        for part in parsed.parts() {
+            let decoded = part.decoded();
+            assert!(!contains(&decoded, marker.as_bytes()), "decoded: {text}");
+        }
+    }
+}

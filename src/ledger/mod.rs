@@ -1,22 +1,27 @@
 //! The privacy ledger: delivery metadata, sealed, kept for `privacy.retention_days`, then gone.
 //!
 //! # Storage
-//! sled holds three trees. `records` maps `YYYYMMDD/<queue id>/<rcpt index>` to a record sealed
-//! (XChaCha20-Poly1305) under the key of the day the message arrived; keys starting with the day
-//! make retention a range delete. `subjects` maps a pseudonym followed by a record key to
-//! nothing, so export and erase cost what one subject has, not a scan. `suppress` and
-//! `bounces` hold the suppression list (see [`crate::suppress`]).
+//! sled holds four trees. `records` maps `day ‖ recipient tag ‖ queue id ‖ rcpt index` to a
+//! record sealed (XChaCha20-Poly1305) under the key of the day the message arrived; keys
+//! starting with the day make retention a range delete. `subjects` maps `day ‖ sender tag ‖
+//! queue id` to the record keys of that message, so export and erase cost what one subject has,
+//! not a scan. `suppress` and `bounces` hold the suppression list (see [`crate::suppress`]).
 //!
-//! sled is unmaintained and keeps deleted values on disk until it compacts; so nothing in it is
-//! readable without a key held outside it, no key of sled's contains an address, and purging a
-//! day destroys that day's key file: a value copied out before the purge stays sealed forever.
-//! sled is hidden behind this module so that it can be replaced.
+//! A tag is an HMAC of the subject's pseudonym under an index key derived from the day's key
+//! ([`epoch::DayKey::tag`]), never the pseudonym itself: export and erase compute it for each
+//! day still held, and once a day's key is destroyed nothing can.
+//!
+//! sled is unmaintained and keeps deleted keys and values on disk until it compacts; so nothing
+//! in it is readable without a key held outside it, no key of sled's contains an address or a
+//! pseudonym, and purging a day destroys that day's key file: a value copied out before the
+//! purge stays sealed forever, and its key names nobody. sled is hidden behind this module so
+//! that it can be replaced.
 //!
 //! # Strict privacy
 //! Mail from a `privacy.strict_domains` domain gets records with no recipient, no sender, no
 //! pseudonym and no remote reply text (which often quotes the address); counts remain.
 
-mod epoch;
+pub(crate) mod epoch;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -26,10 +31,10 @@ use std::sync::{mpsc, Arc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LocalPart, LogAddresses, PrivacyConfig};
-use crate::crypto::{CryptoError, Key, Pseudonymizer};
+use crate::crypto::{CryptoError, Key, Pseudonym, Pseudonymizer};
 use crate::spool::{Envelope, QueueId};
-use crate::suppress::Suppressions;
-use epoch::Epochs;
+use crate::suppress::{BounceRun, SuppressError, Suppressions};
+use epoch::{DayKey, Epochs};
 
 /// What can go wrong in the ledger.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,8 @@ pub enum LedgerError {
     Corrupt,
     #[error("ledger writer thread has stopped")]
     WriterGone,
+    #[error("{0}")]
+    Suppress(#[from] SuppressError),
 }
 
 /// Where a recipient stands.
@@ -116,6 +123,30 @@ pub struct Signing {
 pub struct Purged {
     pub records: usize,
     pub days: Vec<String>,
+    /// Runs of hard bounces that started before the retention period.
+    pub bounce_runs: usize,
+}
+
+/// Everything held about one subject: what `privacy export` hands over.
+#[derive(Debug, Default, Serialize)]
+pub struct SubjectData {
+    /// Ledger records naming the subject as recipient or as sender.
+    pub records: Vec<Record>,
+    /// The subject's suppression entry, expired or not.
+    pub suppression: Option<crate::suppress::Entry>,
+    /// The subject's current run of hard bounces.
+    pub bounce_run: Option<BounceRun>,
+}
+
+/// A subject's index entries in one day still held.
+struct DayHits {
+    key: Arc<DayKey>,
+    /// The subject's tag that day.
+    tag: [u8; 32],
+    /// Record keys: as recipient, then those the sender entries list.
+    records: Vec<Vec<u8>>,
+    /// Sender index entries.
+    index: Vec<Vec<u8>>,
 }
 
 /// The ledger, shared by sessions, the queue and the admin socket.
@@ -140,21 +171,30 @@ pub fn day_of(t: i64) -> String {
         .to_string()
 }
 
-/// `day (8 ASCII digits) ‖ recipient pseudonym (32) ‖ queue id (16) ‖ recipient index (2)`.
-/// The day first makes retention a range delete; the pseudonym next makes a subject's records
-/// a prefix scan per day, with no separate index entry to write for every recipient.
-/// Strict-domain records carry an all-zero pseudonym, which no address hashes to.
-fn record_key(day: &str, rcpt: &[u8; 32], id: QueueId, index: u32) -> Vec<u8> {
+/// `day (8 ASCII digits) ‖ recipient tag (32) ‖ queue id (16) ‖ recipient index (2)`.
+/// The day first makes retention a range delete; the recipient's tag for that day
+/// ([`DayKey::tag`]) next makes a subject's records a prefix scan per day, with no separate
+/// index entry to write for every recipient. Strict-domain records carry an all-zero tag.
+fn record_key(day: &str, tag: &[u8; 32], id: QueueId, index: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(RECORD_KEY_LEN);
     k.extend_from_slice(day.as_bytes());
-    k.extend_from_slice(rcpt);
+    k.extend_from_slice(tag);
     k.extend_from_slice(&id.0);
     k.extend_from_slice(&(index.min(u16::MAX as u32) as u16).to_be_bytes());
     k
 }
 
+/// `day (8) ‖ sender tag (32) ‖ queue id (16)`: the sender's index entry for one message, in
+/// `subjects`. The day first makes purging it a range delete, as for records.
+fn sender_key(day: &str, tag: &[u8; 32], id: QueueId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + 32 + 16);
+    k.extend_from_slice(day.as_bytes());
+    k.extend_from_slice(tag);
+    k.extend_from_slice(&id.0);
+    k
+}
+
 const RECORD_KEY_LEN: usize = 8 + 32 + 16 + 2;
-const NO_PSEUDONYM: [u8; 32] = [0; 32];
 
 impl Ledger {
     /// Opens (creating) `<data_dir>/ledger`. Only one process may hold it: the daemon.
@@ -184,17 +224,19 @@ impl Ledger {
             load_or_make(master, &dir.join("suppress.key"), "postern suppression key")?;
         let pseudonyms =
             Pseudonymizer::new(&pseudonym_key, config.local_part == LocalPart::Lowercase);
+        let epochs = Arc::new(Epochs::open(dir.join("keys"), master.clone())?);
         let suppress = Suppressions::new(
             db.open_tree("suppress")?,
             db.open_tree("bounces")?,
             suppress_key,
             pseudonyms.clone(),
+            epochs.clone(),
             config.bounce_threshold,
         );
         let tables = Arc::new(Tables {
             records: db.open_tree("records")?,
             subjects: db.open_tree("subjects")?,
-            epochs: Epochs::open(dir.join("keys"), master.clone())?,
+            epochs,
             strict_domains: config.strict_domains.clone(),
         });
         let (tx, rx) = mpsc::channel();
@@ -231,10 +273,15 @@ impl Ledger {
                 format!(
                     "{}@{}",
                     self.pseudonyms.of(address).short(),
-                    domain.to_lowercase()
+                    crate::proto::address::normalise_domain(domain)
                 )
             }
         }
+    }
+
+    /// `privacy.retention_days`: how long anything about a person is kept.
+    pub fn retention_days(&self) -> u32 {
+        self.config.retention_days
     }
 
     /// The pseudonymiser (for suppression checks and logs).
@@ -257,47 +304,40 @@ impl Ledger {
         let sender =
             (!strict && !env.mail_from.is_empty()).then(|| self.pseudonyms.of(&env.mail_from));
         let mut records = Vec::with_capacity(env.recipients.len());
-        let mut sender_value = Vec::new();
         for (i, rcpt) in env.recipients.iter().enumerate() {
             let pseudonym = (!strict).then(|| self.pseudonyms.of(rcpt));
-            let rkey = record_key(&day, &pseudonym.map_or(NO_PSEUDONYM, |p| p.0), id, i as u32);
-            sender_value.extend_from_slice(&rkey);
-            records.push((
-                rkey,
-                Record {
-                    queue_id: qid.clone(),
-                    rcpt_index: i as u32,
-                    received_at: env.received_at,
-                    final_at: None,
-                    sending_domain: env.sending_domain.clone(),
-                    recipient_pseudonym: pseudonym.map(|p| p.to_string()),
-                    recipient: (!strict).then(|| rcpt.clone()),
-                    sender: sender.map(|_| env.mail_from.clone()),
-                    size,
-                    outcome: Outcome::Queued,
-                    attempts: 0,
-                    last_code: None,
-                    last_text: None,
-                    remote_host: None,
-                    remote_ip: None,
-                    tls: None,
-                    tls_verified: None,
-                    dkim_domain: signing.domain.clone(),
-                    dkim_selectors: signing.selectors.clone(),
-                    client_ip: env.client_ip.to_string(),
-                    auth_user: env.auth_user.clone(),
-                },
-            ));
+            let record = Record {
+                queue_id: qid.clone(),
+                rcpt_index: i as u32,
+                received_at: env.received_at,
+                final_at: None,
+                sending_domain: env.sending_domain.clone(),
+                recipient_pseudonym: pseudonym.map(|p| p.to_string()),
+                recipient: (!strict).then(|| rcpt.clone()),
+                sender: sender.map(|_| env.mail_from.clone()),
+                size,
+                outcome: Outcome::Queued,
+                attempts: 0,
+                last_code: None,
+                last_text: None,
+                remote_host: None,
+                remote_ip: None,
+                tls: None,
+                tls_verified: None,
+                dkim_domain: signing.domain.clone(),
+                dkim_selectors: signing.selectors.clone(),
+                client_ip: env.client_ip.to_string(),
+                auth_user: env.auth_user.clone(),
+            };
+            records.push((pseudonym, record));
         }
-        // One index entry per message for its sender: the record keys it may ask about.
-        let index = sender
-            .map(|s| (sender_key(&s.0, &day, id), sender_value))
-            .into_iter()
-            .collect();
+        // The writer derives the keys: the day's key may have to be created, which is file
+        // I/O that the session should not wait for.
         self.send(writer::Event::Accepted {
             day,
+            id,
+            sender,
             records,
-            index,
         })
     }
 
@@ -312,18 +352,19 @@ impl Ledger {
         now: i64,
     ) -> Result<(), LedgerError> {
         let day = day_of(env.received_at);
-        let rcpt = match env.recipients.get(index) {
-            Some(r) if !self.is_strict(&env.sending_domain) => self.pseudonyms.of(r).0,
-            _ => NO_PSEUDONYM,
+        let subject = match env.recipients.get(index) {
+            Some(r) if !self.is_strict(&env.sending_domain) => Some(self.pseudonyms.of(r)),
+            _ => None,
         };
-        let rkey = record_key(&day, &rcpt, id, index as u32);
-        self.send(writer::Event::Outcome {
+        self.send(writer::Event::Outcome(writer::OutcomeEvent {
             day,
-            rkey,
+            id,
+            index: index as u32,
+            subject,
             outcome,
             update: update.clone(),
             now,
-        })
+        }))
     }
 
     fn send(&self, event: writer::Event) -> Result<(), LedgerError> {
@@ -338,100 +379,106 @@ impl Ledger {
         rx.recv().map_err(|_| LedgerError::WriterGone)
     }
 
-    /// Every record about `address`, as recipient or as sender, decrypted. As a sender's
-    /// export, records name their recipients only by pseudonym: they are other people's data.
-    pub fn export(&self, address: &str) -> Result<Vec<Record>, LedgerError> {
+    /// Everything held about `address`: its records as recipient or as sender, decrypted, its
+    /// suppression entry and its run of hard bounces. As a sender's export, records name their
+    /// recipients only by pseudonym: they are other people's data.
+    pub fn export(&self, address: &str) -> Result<SubjectData, LedgerError> {
         self.sync()?;
         let me = self.pseudonyms.of(address);
-        let mut out = Vec::new();
-        for rkey in self.subject_records(&me.0)? {
-            let day = String::from_utf8_lossy(&rkey[..8]).into_owned();
-            let (Some(key), Some(sealed)) = (
-                self.tables.epochs.existing(&day),
-                self.tables.records.get(&rkey)?,
-            ) else {
-                continue;
-            };
-            let mut record: Record = self.tables.unseal(&key, &rkey, &sealed)?;
-            if rkey[8..40] != me.0 {
-                record.recipient = None;
+        let mut records = Vec::new();
+        for hits in self.subject_records(&me)? {
+            for rkey in &hits.records {
+                let Some(sealed) = self.tables.records.get(rkey)? else {
+                    continue;
+                };
+                let mut record = self.tables.unseal(&hits.key.seal, rkey, &sealed)?;
+                if rkey[8..40] != hits.tag {
+                    record.recipient = None;
+                }
+                records.push(record);
             }
-            out.push(record);
         }
-        Ok(out)
+        Ok(SubjectData {
+            records,
+            suppression: self.suppress.entry(address)?,
+            bounce_run: self.suppress.bounce_run(address)?,
+        })
     }
 
-    /// Removes every record about `address`; returns how many.
+    /// Removes every record about `address` and its run of hard bounces; returns how many
+    /// records. Its suppression entry stays: forgetting an opt-out would mail the person again.
     pub fn erase(&self, address: &str) -> Result<usize, LedgerError> {
         self.sync()?;
         let me = self.pseudonyms.of(address);
         let mut n = 0;
-        for rkey in self.subject_records(&me.0)? {
-            if self.tables.records.remove(&rkey)?.is_some() {
-                n += 1;
+        for hits in self.subject_records(&me)? {
+            for rkey in &hits.records {
+                if self.tables.records.remove(rkey)?.is_some() {
+                    n += 1;
+                }
+            }
+            for k in &hits.index {
+                self.tables.subjects.remove(k)?;
             }
         }
-        for item in self.tables.subjects.scan_prefix(me.0) {
-            let (k, _) = item?;
-            self.tables.subjects.remove(k)?;
-        }
+        self.suppress.forget_bounces(address)?;
         self.db.flush()?;
         Ok(n)
     }
 
-    /// Record keys about a subject: as recipient (a prefix scan per day held), then as sender
-    /// (its index entries). Costs what the subject has, plus one seek per retained day.
-    fn subject_records(&self, pseudonym: &[u8; 32]) -> Result<Vec<Vec<u8>>, LedgerError> {
-        let mut keys = Vec::new();
+    /// A subject's index entries, day by day: its records as recipient (a prefix scan of
+    /// `records` under its tag of the day), and as sender (its entries in `subjects`). Costs
+    /// what the subject has, plus two seeks per retained day.
+    fn subject_records(&self, me: &Pseudonym) -> Result<Vec<DayHits>, LedgerError> {
+        let mut out = Vec::new();
         for day in self.tables.epochs.days() {
+            let Some(key) = self.tables.epochs.existing(&day) else {
+                continue;
+            };
+            let tag = key.tag(Some(me));
             let mut prefix = day.into_bytes();
-            prefix.extend_from_slice(pseudonym);
+            prefix.extend_from_slice(&tag);
+            let mut hits = DayHits {
+                key,
+                tag,
+                records: Vec::new(),
+                index: Vec::new(),
+            };
             for item in self.tables.records.scan_prefix(&prefix) {
-                keys.push(item?.0.to_vec());
+                hits.records.push(item?.0.to_vec());
             }
+            for item in self.tables.subjects.scan_prefix(&prefix) {
+                let (k, v) = item?;
+                hits.index.push(k.to_vec());
+                hits.records
+                    .extend(v.chunks_exact(RECORD_KEY_LEN).map(<[u8]>::to_vec));
+            }
+            hits.records.sort();
+            hits.records.dedup();
+            out.push(hits);
         }
-        for item in self.tables.subjects.scan_prefix(pseudonym) {
-            let (_, v) = item?;
-            keys.extend(
-                v.chunks(RECORD_KEY_LEN)
-                    .filter(|c| c.len() == RECORD_KEY_LEN)
-                    .map(<[u8]>::to_vec),
-            );
-        }
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
+        Ok(out)
     }
 
-    /// Deletes records of days older than the retention period and destroys their keys.
-    /// Runs at start (catching up after downtime) and then periodically.
+    /// Deletes records, index entries and runs of hard bounces of days older than the
+    /// retention period, then destroys those days' keys. Runs at start (catching up after
+    /// downtime) and then periodically (see [`crate::daemon::retention_pass`]).
     pub fn purge(&self, now: i64) -> Result<Purged, LedgerError> {
         self.sync()?;
         let cutoff = day_of(now - self.config.retention_days as i64 * 86_400);
-        let mut purged = Purged::default();
-        let mut batch = sled::Batch::default();
-        for item in self.tables.records.range(..cutoff.as_bytes()) {
-            let (k, _) = item?;
-            batch.remove(k);
-            purged.records += 1;
-        }
-        self.tables.records.apply_batch(batch)?;
-        // Index entries of purged records point nowhere; drop them too.
-        let mut stale = sled::Batch::default();
-        for item in self.tables.subjects.iter() {
-            let (k, _) = item?;
-            if k.len() >= 40 && k[32..40] < *cutoff.as_bytes() {
-                stale.remove(k);
-            }
-        }
-        self.tables.subjects.apply_batch(stale)?;
+        let mut purged = Purged {
+            records: remove_before(&self.tables.records, &cutoff)?,
+            ..Purged::default()
+        };
+        remove_before(&self.tables.subjects, &cutoff)?;
+        purged.bounce_runs = self.suppress.purge_bounces(&cutoff)?;
+        self.db.flush()?;
         for day in self.tables.epochs.days() {
             if day.as_str() < cutoff.as_str() {
                 self.tables.epochs.destroy(&day)?;
                 purged.days.push(day);
             }
         }
-        self.db.flush()?;
         Ok(purged)
     }
 
@@ -470,7 +517,9 @@ impl Ledger {
         rcpt: &str,
     ) -> Result<Option<Vec<u8>>, LedgerError> {
         self.sync()?;
-        let rkey = record_key(&day_of(received_at), &self.pseudonyms.of(rcpt).0, id, index);
+        let Some((_, rkey)) = self.record_key_of(id, received_at, index, rcpt) else {
+            return Ok(None);
+        };
         Ok(self.tables.records.get(rkey)?.map(|v| v.to_vec()))
     }
 
@@ -483,17 +532,25 @@ impl Ledger {
         rcpt: &str,
         sealed: &[u8],
     ) -> Result<Record, LedgerError> {
-        let day = day_of(received_at);
-        let key = self
-            .tables
-            .epochs
-            .existing(&day)
+        let (key, rkey) = self
+            .record_key_of(id, received_at, index, rcpt)
             .ok_or(LedgerError::Crypto(CryptoError::Open))?;
-        self.tables.unseal(
-            &key,
-            &record_key(&day, &self.pseudonyms.of(rcpt).0, id, index),
-            sealed,
-        )
+        self.tables.unseal(&key.seal, &rkey, sealed)
+    }
+
+    /// The day's key and the record key of recipient `index` (`rcpt`) of message `id`; none
+    /// once the day is purged.
+    fn record_key_of(
+        &self,
+        id: QueueId,
+        received_at: i64,
+        index: u32,
+        rcpt: &str,
+    ) -> Option<(Arc<DayKey>, Vec<u8>)> {
+        let day = day_of(received_at);
+        let key = self.tables.epochs.existing(&day)?;
+        let rkey = record_key(&day, &key.tag(Some(&self.pseudonyms.of(rcpt))), id, index);
+        Some((key, rkey))
     }
 
     /// A record by id (for tests and the admin API).
@@ -528,7 +585,7 @@ impl Ledger {
         for item in self.tables.records.scan_prefix(day.as_bytes()) {
             let (k, v) = item?;
             if k.len() == RECORD_KEY_LEN && k[40..56] == id.0 {
-                out.push(self.tables.unseal(&key, &k, &v)?);
+                out.push(self.tables.unseal(&key.seal, &k, &v)?);
             }
         }
         Ok(out)
@@ -551,12 +608,16 @@ impl Drop for Ledger {
     }
 }
 
-/// `sender pseudonym (32) ‖ day (8) ‖ queue id (16)`; the day at 32..40 lets purging find it.
-fn sender_key(pseudonym: &[u8; 32], day: &str, id: QueueId) -> Vec<u8> {
-    let mut k = pseudonym.to_vec();
-    k.extend_from_slice(day.as_bytes());
-    k.extend_from_slice(&id.0);
-    k
+/// Removes every entry of `tree` whose key starts with a day before `cutoff`; returns how many.
+fn remove_before(tree: &sled::Tree, cutoff: &str) -> Result<usize, LedgerError> {
+    let mut batch = sled::Batch::default();
+    let mut n = 0;
+    for item in tree.range(..cutoff.as_bytes()) {
+        batch.remove(item?.0);
+        n += 1;
+    }
+    tree.apply_batch(batch)?;
+    Ok(n)
 }
 
 fn load_or_make(master: &Key, path: &Path, purpose: &str) -> Result<Key, LedgerError> {
@@ -572,7 +633,7 @@ fn load_or_make(master: &Key, path: &Path, purpose: &str) -> Result<Key, LedgerE
 pub(crate) struct Tables {
     records: sled::Tree,
     subjects: sled::Tree,
-    epochs: Epochs,
+    epochs: Arc<Epochs>,
     strict_domains: Vec<String>,
 }
 

@@ -122,7 +122,7 @@ fn purge_keeps_day_d_until_retention_then_shreds_it() {
         l.open_raw(q, T0, 0, "r@dest.test", &copied).is_err(),
         "a copy taken before the purge stays sealed"
     );
-    assert!(l.export("r@dest.test").unwrap().is_empty());
+    assert!(l.export("r@dest.test").unwrap().records.is_empty());
 }
 
 #[test]
@@ -155,7 +155,7 @@ fn strict_domains_keep_no_recipient_or_pseudonym() {
         (Outcome::Bounced, Some("5.1.1"))
     );
     assert!(
-        l.export("r@dest.test").unwrap().is_empty(),
+        l.export("r@dest.test").unwrap().records.is_empty(),
         "nothing links the subject to it"
     );
     assert_eq!(l.log_rcpt("r@dest.test", "private.test"), "-");
@@ -196,6 +196,7 @@ fn export_and_erase_touch_exactly_the_subject() {
     let mut got: Vec<(String, u32)> = l
         .export("bob@dest.test")
         .unwrap()
+        .records
         .into_iter()
         .map(|r| (r.queue_id, r.rcpt_index))
         .collect();
@@ -210,6 +211,7 @@ fn export_and_erase_touch_exactly_the_subject() {
     let as_sender = l
         .export("bob@dest.test")
         .unwrap()
+        .records
         .into_iter()
         .find(|r| r.queue_id == q3.to_string())
         .unwrap();
@@ -222,13 +224,13 @@ fn export_and_erase_touch_exactly_the_subject() {
         .add("bob@dest.test", Reason::Unsubscribe, T0, None)
         .unwrap();
     assert_eq!(l.erase("bob@dest.test").unwrap(), 3);
-    assert!(l.export("bob@dest.test").unwrap().is_empty());
+    assert!(l.export("bob@dest.test").unwrap().records.is_empty());
     assert!(
         l.get(q1, T0, 1, "eve@dest.test").unwrap().is_some(),
         "eve's record is untouched"
     );
     assert_eq!(
-        l.export("eve@dest.test").unwrap().len(),
+        l.export("eve@dest.test").unwrap().records.len(),
         1,
         "q3 went with bob's erasure; q1 stays"
     );
@@ -264,4 +266,183 @@ fn hard_bounces_suppress_at_the_threshold_and_deliveries_reset() {
     assert_eq!(l.suppress.list().unwrap().len(), 2);
     assert!(l.suppress.remove("x@dest.test").unwrap());
     assert!(l.suppress.check("x@dest.test", T0).unwrap().is_none());
+}
+
+#[test]
+fn one_mailbox_however_spelled_is_one_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    let spellings = [
+        ("\"bob\"@dest.test", "bob@dest.test"),
+        ("ann@bücher.test", "ann@xn--bcher-kva.test"),
+    ];
+    for (a, b) in spellings {
+        assert_eq!(l.pseudonyms().of(a), l.pseudonyms().of(b), "{a} vs {b}");
+    }
+    let (q1, q2) = (id(), id());
+    let shop = |rcpts: &[&str]| envelope("a@shop.test", rcpts, "shop.test", T0);
+    l.accepted(
+        q1,
+        &shop(&["\"bob\"@dest.test", "ann@bücher.test"]),
+        1,
+        &Signing::default(),
+    )
+    .unwrap();
+    l.accepted(
+        q2,
+        &shop(&["bob@dest.test", "ann@xn--bcher-kva.test"]),
+        1,
+        &Signing::default(),
+    )
+    .unwrap();
+
+    // Suppressing one spelling suppresses the other.
+    l.suppress
+        .add("bob@dest.test", Reason::Unsubscribe, T0, None)
+        .unwrap();
+    l.suppress
+        .add("ann@xn--bcher-kva.test", Reason::Complaint, T0, None)
+        .unwrap();
+    assert!(l.suppress.check("\"bob\"@dest.test", T0).unwrap().is_some());
+    assert!(l.suppress.check("ann@bücher.test", T0).unwrap().is_some());
+    assert_eq!(l.suppress.len(), 2, "one entry per person");
+
+    // Exporting or erasing one spelling finds the records written under the other.
+    assert_eq!(l.export("bob@dest.test").unwrap().records.len(), 2);
+    assert_eq!(l.erase("\"bob\"@dest.test").unwrap(), 2);
+    assert!(l.export("bob@dest.test").unwrap().records.is_empty());
+    assert_eq!(l.erase("ann@bücher.test").unwrap(), 2);
+    assert!(l
+        .export("ann@xn--bcher-kva.test")
+        .unwrap()
+        .records
+        .is_empty());
+}
+
+#[test]
+fn export_holds_the_suppression_entry_and_bounce_run_and_erase_keeps_only_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    l.suppress.hard_bounce("x@dest.test", T0).unwrap();
+    l.suppress.hard_bounce("X@dest.test", T0 + 60).unwrap();
+    l.suppress
+        .add("x@dest.test", Reason::Manual, T0 + 90, Some(T0 + 100))
+        .unwrap();
+    let data = l.export("x@dest.test").unwrap();
+    assert_eq!(
+        data.bounce_run,
+        Some(crate::suppress::BounceRun {
+            count: 2,
+            since: T0
+        })
+    );
+    let entry = data.suppression.expect("the entry, even once expired");
+    assert_eq!(
+        (entry.reason, entry.expires_at),
+        (Reason::Manual, Some(T0 + 100))
+    );
+
+    l.erase("x@dest.test").unwrap();
+    let data = l.export("x@dest.test").unwrap();
+    assert_eq!(data.bounce_run, None, "the counter goes with an erasure");
+    assert!(data.suppression.is_some(), "the opt-out stays");
+    assert!(
+        !l.suppress.hard_bounce("x@dest.test", T0 + 200).unwrap(),
+        "the run starts again from one"
+    );
+}
+
+#[test]
+fn bounce_runs_are_purged_with_the_day_they_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    l.suppress.hard_bounce("x@dest.test", T0).unwrap();
+    l.suppress
+        .hard_bounce("x@dest.test", T0 + 20 * DAY)
+        .unwrap();
+    l.suppress.hard_bounce("y@dest.test", T0 + 5 * DAY).unwrap();
+    assert_eq!(l.purge(T0 + 29 * DAY).unwrap().bounce_runs, 0);
+    assert_eq!(
+        l.suppress
+            .bounce_run("x@dest.test")
+            .unwrap()
+            .map(|r| r.count),
+        Some(2)
+    );
+    let purged = l.purge(T0 + 31 * DAY).unwrap();
+    assert_eq!(purged.bounce_runs, 1, "{purged:?}");
+    assert_eq!(purged.days, vec![day_of(T0)], "the run's day key goes too");
+    assert_eq!(l.suppress.bounce_run("x@dest.test").unwrap(), None);
+    assert!(l.suppress.bounce_run("y@dest.test").unwrap().is_some());
+    assert!(
+        !l.suppress
+            .hard_bounce("x@dest.test", T0 + 31 * DAY)
+            .unwrap(),
+        "a bounce after the purge starts a new run"
+    );
+    assert_eq!(
+        l.suppress
+            .bounce_run("x@dest.test")
+            .unwrap()
+            .map(|r| r.count),
+        Some(1)
+    );
+}
+
+#[test]
+fn no_pseudonym_in_sled_keys_and_a_purged_day_names_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    let (q1, q2) = (id(), id());
+    let env1 = envelope(
+        "sender@shop.test",
+        &["r1@dest.test", "r2@dest.test"],
+        "shop.test",
+        T0,
+    );
+    l.accepted(q1, &env1, 1, &Signing::default()).unwrap();
+    l.outcome(q1, &env1, 0, Outcome::Delivered, &Update::default(), T0 + 1)
+        .unwrap();
+    let env2 = envelope(
+        "sender@shop.test",
+        &["r1@dest.test"],
+        "shop.test",
+        T0 + 2 * DAY,
+    );
+    l.accepted(q2, &env2, 1, &Signing::default()).unwrap();
+    l.sync().unwrap();
+    l.flush().unwrap();
+    let pseudonyms: Vec<[u8; 32]> = ["r1@dest.test", "r2@dest.test", "sender@shop.test"]
+        .iter()
+        .map(|a| l.pseudonyms().of(a).0)
+        .collect();
+    let on_disk = crate::spool_test_support::all_bytes(dir.path());
+    for p in &pseudonyms {
+        assert!(
+            !crate::spool_test_support::contains(&on_disk, p),
+            "a pseudonym in sled"
+        );
+    }
+    // Both days are found by address while they are held.
+    assert_eq!(l.export("r1@dest.test").unwrap().records.len(), 2);
+    assert_eq!(l.export("sender@shop.test").unwrap().records.len(), 3);
+
+    let purged = l.purge(T0 + 31 * DAY).unwrap();
+    assert_eq!((purged.records, purged.days.len()), (2, 1));
+    let records = l.export("sender@shop.test").unwrap().records;
+    assert_eq!(records.len(), 1, "the later day's record remains");
+    assert_eq!(records[0].queue_id, q2.to_string());
+    drop(l);
+    let on_disk = crate::spool_test_support::all_bytes(dir.path());
+    for p in &pseudonyms {
+        assert!(!crate::spool_test_support::contains(&on_disk, p));
+        assert!(!crate::spool_test_support::contains(
+            &on_disk,
+            hex::encode(p).as_bytes()
+        ));
+        // The key the records had before tags: day ‖ pseudonym.
+        let mut old_key = day_of(T0).into_bytes();
+        old_key.extend_from_slice(p);
+        assert!(!crate::spool_test_support::contains(&on_disk, &old_key));
+    }
 }

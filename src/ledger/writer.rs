@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use super::{Outcome, Record, Tables, Update};
+use super::{record_key, sender_key, Outcome, Record, Tables, Update};
+use crate::crypto::Pseudonym;
+use crate::spool::QueueId;
 
 /// How long the writer lets events gather before writing them. It sleeps through this rather
 /// than waking for every event: at thousands of messages a second, a wake-up per event costs
@@ -18,21 +20,29 @@ use super::{Outcome, Record, Tables, Update};
 const COALESCE: Duration = Duration::from_millis(100);
 
 pub(super) enum Event {
+    /// A message's records, one per recipient with its pseudonym (none for a strict domain),
+    /// and its sender's pseudonym for the sender index.
     Accepted {
         day: String,
-        records: Vec<(Vec<u8>, Record)>,
-        /// Sender index entries: key, and the record keys it covers.
-        index: Vec<(Vec<u8>, Vec<u8>)>,
+        id: QueueId,
+        sender: Option<Pseudonym>,
+        records: Vec<(Option<Pseudonym>, Record)>,
     },
-    Outcome {
-        day: String,
-        rkey: Vec<u8>,
-        outcome: Outcome,
-        update: Update,
-        now: i64,
-    },
+    Outcome(OutcomeEvent),
     /// Answered once everything before it is applied.
     Sync(mpsc::Sender<()>),
+}
+
+/// The outcome of an attempt for recipient `index` of message `id`.
+pub(super) struct OutcomeEvent {
+    pub day: String,
+    pub id: QueueId,
+    pub index: u32,
+    /// The recipient's pseudonym; none for a strict domain.
+    pub subject: Option<Pseudonym>,
+    pub outcome: Outcome,
+    pub update: Update,
+    pub now: i64,
 }
 
 pub(super) fn run(tables: Arc<Tables>, rx: mpsc::Receiver<Event>) {
@@ -63,61 +73,88 @@ pub(super) fn run(tables: Arc<Tables>, rx: mpsc::Receiver<Event>) {
 }
 
 fn apply(tables: &Tables, events: Vec<Event>) -> Result<(), super::LedgerError> {
-    // rkey -> (day, record), in first-seen order so that the batch is deterministic.
-    let mut pending: HashMap<Vec<u8>, (String, Record)> = HashMap::new();
-    let mut index = sled::Batch::default();
+    let mut pending = Pending::default();
     let mut syncs = Vec::new();
     for event in events {
         match event {
             Event::Accepted {
                 day,
+                id,
+                sender,
                 records,
-                index: keys,
-            } => {
-                for (rkey, record) in records {
-                    pending.insert(rkey, (day.clone(), record));
-                }
-                for (k, v) in keys {
-                    index.insert(k, v);
-                }
-            }
-            Event::Outcome {
-                day,
-                rkey,
-                outcome,
-                update,
-                now,
-            } => {
-                if !pending.contains_key(&rkey) {
-                    // Not in this batch: the stored record, unless purged or erased meanwhile.
-                    let Some(key) = tables.epochs.existing(&day) else {
-                        continue;
-                    };
-                    let Some(sealed) = tables.records.get(&rkey)? else {
-                        continue;
-                    };
-                    let record = tables.unseal(&key, &rkey, &sealed)?;
-                    pending.insert(rkey.clone(), (day.clone(), record));
-                }
-                if let Some((_, record)) = pending.get_mut(&rkey) {
-                    let strict = tables.is_strict(&record.sending_domain);
-                    apply_update(record, outcome, &update, now, strict);
-                }
-            }
+            } => pending.accepted(tables, &day, id, sender, records)?,
+            Event::Outcome(event) => pending.outcome(tables, event)?,
             Event::Sync(tx) => syncs.push(tx),
         }
     }
     let mut batch = sled::Batch::default();
-    for (rkey, (day, record)) in &pending {
+    for (rkey, (day, record)) in &pending.records {
         let key = tables.epochs.key(day)?;
-        batch.insert(rkey.as_slice(), tables.seal(&key, rkey, record)?);
+        batch.insert(rkey.as_slice(), tables.seal(&key.seal, rkey, record)?);
     }
     tables.records.apply_batch(batch)?;
-    tables.subjects.apply_batch(index)?;
+    tables.subjects.apply_batch(pending.index)?;
     for s in syncs {
         let _ = s.send(());
     }
     Ok(())
+}
+
+/// What one batch writes: every record it touches, folded to its latest state, and sender
+/// index entries.
+#[derive(Default)]
+struct Pending {
+    /// Record key -> (day, record).
+    records: HashMap<Vec<u8>, (String, Record)>,
+    index: sled::Batch,
+}
+
+impl Pending {
+    /// A new message: its records, under keys that name recipients by their tag of the day,
+    /// and its sender's index entry, which lists those keys.
+    fn accepted(
+        &mut self,
+        tables: &Tables,
+        day: &str,
+        id: QueueId,
+        sender: Option<Pseudonym>,
+        records: Vec<(Option<Pseudonym>, Record)>,
+    ) -> Result<(), super::LedgerError> {
+        let key = tables.epochs.key(day)?;
+        let mut covered = Vec::new();
+        for (subject, record) in records {
+            let rkey = record_key(day, &key.tag(subject.as_ref()), id, record.rcpt_index);
+            covered.extend_from_slice(&rkey);
+            self.records.insert(rkey, (day.to_string(), record));
+        }
+        if let Some(sender) = sender {
+            self.index
+                .insert(sender_key(day, &key.tag(Some(&sender)), id), covered);
+        }
+        Ok(())
+    }
+
+    /// An attempt's outcome, folded into the record in this batch or the stored one.
+    fn outcome(&mut self, tables: &Tables, e: OutcomeEvent) -> Result<(), super::LedgerError> {
+        // No key: the day was purged meanwhile, and its record with it.
+        let Some(key) = tables.epochs.existing(&e.day) else {
+            return Ok(());
+        };
+        let rkey = record_key(&e.day, &key.tag(e.subject.as_ref()), e.id, e.index);
+        if !self.records.contains_key(&rkey) {
+            // Not in this batch: the stored record, unless erased meanwhile.
+            let Some(sealed) = tables.records.get(&rkey)? else {
+                return Ok(());
+            };
+            let record = tables.unseal(&key.seal, &rkey, &sealed)?;
+            self.records.insert(rkey.clone(), (e.day.clone(), record));
+        }
+        if let Some((_, record)) = self.records.get_mut(&rkey) {
+            let strict = tables.is_strict(&record.sending_domain);
+            apply_update(record, e.outcome, &e.update, e.now, strict);
+        }
+        Ok(())
+    }
 }
 
 fn apply_update(record: &mut Record, outcome: Outcome, update: &Update, now: i64, strict: bool) {

@@ -279,6 +279,13 @@ impl Spool {
         })
     }
 
+    /// Deletes what recovery set aside in `quarantine/` before `cutoff` (Unix time): mail
+    /// that could not be read back, kept for an operator to examine, but no longer than the
+    /// retention period. Returns how many files went.
+    pub fn purge_quarantine(&self, cutoff: i64) -> std::io::Result<usize> {
+        recovery::purge_quarantine(&self.shared.dir.join("quarantine"), cutoff)
+    }
+
     /// The spool directory (segments, keys, quarantine).
     pub fn dir(&self) -> &Path {
         &self.shared.dir

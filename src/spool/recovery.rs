@@ -5,7 +5,8 @@
 //! from a crash mid-batch, a flipped bit, a missing key) is copied to `quarantine/` and reported:
 //! never a panic and never a silent drop. A torn tail can only belong to a batch that was never
 //! synced and so never acknowledged, but it is quarantined all the same, because the scan cannot
-//! prove that.
+//! prove that. Quarantined copies are personal data like any message: they are deleted
+//! `privacy.retention_days` after they were set aside ([`purge_quarantine`]).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -301,4 +302,27 @@ fn quarantine(
         reason: reason.to_string(),
         path,
     });
+}
+
+/// Deletes the files of `quarantine/` (record copies and their key copies) last written before
+/// `cutoff` (Unix time); returns how many. A key copy is rewritten with every record of its
+/// segment set aside, so it never goes before the records it opens.
+pub(super) fn purge_quarantine(qdir: &Path, cutoff: i64) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(qdir)? {
+        let entry = entry?;
+        let written = entry
+            .metadata()?
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if written < cutoff {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        crate::crypto::sync_dir(qdir)?;
+    }
+    Ok(removed)
 }

@@ -195,6 +195,21 @@ async fn corrupt_and_truncated_records_are_quarantined_not_fatal() {
         .quarantined
         .iter()
         .any(|q| q.reason.contains("truncated")));
+
+    // Kept for an operator to examine, but no longer than the retention period.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert_eq!(spool.purge_quarantine(now - 30 * 86_400).unwrap(), 0);
+    assert!(report.quarantined.iter().all(|q| q.path.exists()));
+    assert_eq!(
+        spool.purge_quarantine(now + 1).unwrap(),
+        3,
+        "two records and their segment's key copy"
+    );
+    let quarantine = spool.dir().join("quarantine");
+    assert_eq!(std::fs::read_dir(quarantine).unwrap().count(), 0);
 }
 
 #[tokio::test]
