@@ -293,13 +293,8 @@ impl Deliverer {
         hosts: &[(String, u16)],
         policy: TlsPolicy,
     ) -> Result<Connection, RcptOutcome> {
-        for (host, port) in hosts {
-            if let Some(mut conn) = self.pool.take(&pool_key(host, *port, policy)) {
-                if conn.reset().await.is_ok() {
-                    return Ok(conn);
-                }
-                tokio::spawn(conn.quit());
-            }
+        if let Some(conn) = self.pooled(hosts, policy).await {
+            return Ok(conn);
         }
         let mut last = None;
         let mut tries = 0;
@@ -352,6 +347,19 @@ impl Deliverer {
             outcome.status = outcome.status.with_class(4);
         }
         Err(outcome)
+    }
+
+    /// An idle pooled connection to one of `hosts` that still answers RSET.
+    async fn pooled(&self, hosts: &[(String, u16)], policy: TlsPolicy) -> Option<Connection> {
+        for (host, port) in hosts {
+            if let Some(mut conn) = self.pool.take(&pool_key(host, *port, policy)) {
+                if conn.reset().await.is_ok() {
+                    return Some(conn);
+                }
+                tokio::spawn(conn.quit());
+            }
+        }
+        None
     }
 
     async fn open(
