@@ -413,6 +413,28 @@ async fn a_server_greeting_with_our_own_name_is_a_loop_and_the_null_sender_gets_
     assert!(contains(&got[0].data, b"loops back to myself"));
     assert_eq!(remote.connections.load(Ordering::SeqCst), 2);
     assert!(server.spool.live().is_empty());
+
+    // The same when the name comes in the EHLO reply instead of the greeting.
+    remote.set(|s| {
+        s.greeting = "220 mx.other.test ESMTP\r\n".into();
+        s.ehlo = "250-postern.example.test hello\r\n250 8BITMIME\r\n".into();
+    });
+    submit(
+        server.relay,
+        "app@sender.test",
+        &["c@other.test"],
+        "Subject: l\r\n\r\nhi\r\n",
+    )
+    .await;
+    assert_eq!(queue.run_due().await, 2, "the message and its DSN");
+    let got = sink.received();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(contains(&got[1].data, b"Status: 5.4.6"));
+    assert!(contains(
+        &got[1].data,
+        b"Final-Recipient: rfc822; c@other.test"
+    ));
+    assert!(server.spool.live().is_empty());
 }
 
 #[tokio::test]
