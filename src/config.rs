@@ -77,6 +77,14 @@ pub struct ServerConfig {
     /// Addresses this host sends from, for the SPF record `postern dns-records` suggests.
     #[serde(default)]
     pub public_addresses: Vec<IpAddr>,
+    /// After SIGTERM, open sessions and queue work get this long; outbound attempts in flight
+    /// are abandoned at once (their mail stays in the spool and is retried after restart).
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// How a listener treats its clients.
@@ -193,6 +201,10 @@ pub struct LimitsConfig {
     pub max_errors: usize,
     #[serde(default = "default_line_endings")]
     pub line_endings: LineEndingPolicy,
+    /// A message arriving with this many `Received:` headers or more is refused with
+    /// `554 5.4.6` (RFC 5321 6.3: a mail loop); Postfix's `hopcount_limit` is 50 too.
+    #[serde(default = "default_max_hops")]
+    pub max_hops: usize,
 }
 
 impl Default for LimitsConfig {
@@ -205,6 +217,7 @@ impl Default for LimitsConfig {
             data_timeout: default_data_timeout(),
             max_errors: default_max_errors(),
             line_endings: default_line_endings(),
+            max_hops: default_max_hops(),
         }
     }
 }
@@ -229,6 +242,9 @@ fn default_max_errors() -> usize {
 }
 fn default_line_endings() -> LineEndingPolicy {
     LineEndingPolicy::Reject
+}
+fn default_max_hops() -> usize {
+    50
 }
 
 /// `[spool]`
@@ -337,9 +353,29 @@ pub struct DeliveryConfig {
     /// Send one "delayed" notice to the sender after this long; unset: never.
     #[serde(default, with = "humantime_serde")]
     pub delay_warning: Option<Duration>,
-    /// Messages being delivered at once, over all destinations.
+    /// Outbound SMTP sessions at once, over all destinations. Only a session holds one: a
+    /// message waiting for DNS or for its destination's limits does not.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Messages being worked on at once (read from the spool, waiting for DNS or their
+    /// destination, or being sent); the rest wait in the due index. Postfix's
+    /// `qmgr_message_active_limit` is 20,000 too.
+    #[serde(default = "default_max_active_messages")]
+    pub max_active_messages: usize,
+    /// Addresses of mail exchangers tried in one attempt (Postfix: `smtp_mx_address_limit`).
+    #[serde(default = "default_max_mx_addresses")]
+    pub max_mx_addresses: usize,
+    /// One attempt (routing, waiting for the destination, connecting, the transaction) ends
+    /// after this long, whatever the remote server does.
+    #[serde(default = "default_attempt_timeout", with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Consecutive failed connections (refused, timed out, no greeting) after which a
+    /// destination is marked down; its messages are then deferred without trying.
+    #[serde(default = "default_destination_down_after")]
+    pub destination_down_after: u32,
+    /// How long a destination stays marked down before it is tried again.
+    #[serde(default = "default_destination_down_for", with = "humantime_serde")]
+    pub destination_down_for: Duration,
     /// Per-destination overrides.
     #[serde(default, rename = "destination")]
     pub destinations: Vec<DestinationConfig>,
@@ -413,6 +449,21 @@ fn default_max_queue_lifetime() -> Duration {
 }
 fn default_max_in_flight() -> usize {
     1000
+}
+fn default_max_active_messages() -> usize {
+    20_000
+}
+fn default_max_mx_addresses() -> usize {
+    5
+}
+fn default_attempt_timeout() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_destination_down_after() -> u32 {
+    3
+}
+fn default_destination_down_for() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 
 /// `[dns]`

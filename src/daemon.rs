@@ -77,6 +77,7 @@ pub struct Daemon {
     /// Held (flock) for the daemon's life.
     _lock: std::fs::File,
     clock: Arc<dyn Clock>,
+    grace: Duration,
     /// Cancelling it starts a graceful shutdown.
     pub shutdown: CancellationToken,
     run_queue: bool,
@@ -115,6 +116,7 @@ impl Daemon {
         let retention = retention_pass(&ledger, &spool, options.clock.now())?;
         retention.log();
         let shutdown = CancellationToken::new();
+        let grace = config.server.shutdown_grace;
         let config = Arc::new(config);
         let clock = options.clock.clone();
         let queue = Queue::new(
@@ -136,6 +138,8 @@ impl Daemon {
             clock: clock.clone(),
         };
         let server = Server::bind(parts, shutdown.clone()).await?;
+        let own = server.local_addrs().into_iter().map(|(a, _)| a).collect();
+        queue.deliverer().set_own_addresses(own);
         Ok(Daemon {
             server,
             spool,
@@ -146,6 +150,7 @@ impl Daemon {
             admin_path,
             _lock: lock,
             clock,
+            grace,
             shutdown,
             run_queue: options.run_queue,
         })
@@ -154,6 +159,11 @@ impl Daemon {
     /// Reloads DKIM keys, certificate and accounts (what SIGHUP does).
     pub fn reload_handle(&self) -> crate::server::ReloadHandle {
         self.server.reload_handle()
+    }
+
+    /// How long a shutdown may take (`server.shutdown_grace`).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.grace
     }
 
     /// Bound listener addresses, in configuration order.

@@ -313,7 +313,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
         // Handlers first: a signal that arrives once the listeners are up must find them
         // installed (SIGHUP's default action would kill the daemon). Handling SIGXFSZ turns
@@ -352,8 +352,13 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         for (addr, mode) in daemon.local_addrs() {
             tracing::info!(%addr, ?mode, "listening");
         }
-        daemon.run(Duration::from_secs(30)).await;
+        let grace = daemon.shutdown_grace();
+        daemon.run(grace).await;
         tracing::info!("stopped");
         anyhow::Ok(())
-    })
+    });
+    // Tasks still running (abandoned deliveries, sessions past the grace) are dropped here, not
+    // waited for: the stop stays within the grace whatever remote peers do.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }

@@ -7,79 +7,106 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::tls::{TlsClient, TlsInfo};
 use crate::config::TlsPolicy;
+use crate::proto::{parse_response, EnhancedStatusCode, Response, ResponseError};
 
-/// A reply from the remote server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteReply {
-    pub code: u16,
-    /// All lines' text, joined with a space.
-    pub text: String,
-    /// The lines' text, one by one (EHLO keywords are one per line).
-    pub lines: Vec<String>,
+/// The step of a session something happened in (for errors and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Greeting,
+    Ehlo,
+    Helo,
+    StartTls,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    EndOfData,
+    Rset,
+    Quit,
 }
 
-impl RemoteReply {
-    /// The enhanced status code at the start of the text, if the server sent one.
-    pub fn enhanced(&self) -> Option<&str> {
-        let first = self.text.split_whitespace().next()?;
-        let parts: Vec<&str> = first.split('.').collect();
-        let valid = parts.len() == 3
-            && matches!(parts[0], "2" | "4" | "5")
-            && parts[1..]
-                .iter()
-                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
-        valid.then_some(first)
-    }
-
-    /// "550 5.1.1 User unknown", for diagnostics.
-    pub fn to_line(&self) -> String {
-        format!("{} {}", self.code, self.text)
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Greeting => "greeting",
+            Stage::Ehlo => "EHLO",
+            Stage::Helo => "HELO",
+            Stage::StartTls => "STARTTLS",
+            Stage::Auth => "AUTH",
+            Stage::Mail => "MAIL",
+            Stage::Rcpt => "RCPT",
+            Stage::Data => "DATA",
+            Stage::EndOfData => "end of data",
+            Stage::Rset => "RSET",
+            Stage::Quit => "QUIT",
+        })
     }
 }
 
 /// Why a connection or transaction failed as a whole.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Display` is for logs, so it never includes the remote server's reply text (it often quotes
+/// the address); the full reply travels in [`ClientError::Rejected`] for the DSN and the sealed
+/// ledger.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
+    /// `reason` is the operating system's, not the remote's.
     #[error("connect to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("timeout waiting for {0}")]
-    Timeout(&'static str),
+    Timeout(Stage),
     #[error("connection lost during {0}")]
-    Lost(&'static str),
-    #[error("protocol error: {0}")]
-    Protocol(String),
+    Lost(Stage),
+    #[error("unreadable reply during {stage}: {error}")]
+    Protocol { stage: Stage, error: ResponseError },
+    #[error("{host} offers no AUTH PLAIN or LOGIN")]
+    NoAuthMechanism { host: String },
     /// The server answered a whole-session command (greeting, EHLO, MAIL, DATA) negatively.
-    #[error("{stage}: {}", reply.to_line())]
-    Rejected {
-        stage: &'static str,
-        reply: RemoteReply,
-    },
-    /// TLS was required and could not be had, or the handshake failed.
+    #[error("{stage} refused: {} {}", .reply.code, .reply.status())]
+    Rejected { stage: Stage, reply: Response },
+    /// TLS was required and could not be had, or the handshake failed (our own words).
     #[error("TLS: {0}")]
     Tls(String),
-    /// The message needs an extension the server lacks (SMTPUTF8) or exceeds its SIZE.
-    #[error("{reason}")]
-    Unsupported {
-        status: &'static str,
-        reason: String,
+    #[error("{host} does not support SMTPUTF8, which this message requires")]
+    NoSmtpUtf8 { host: String },
+    #[error("message size {size} exceeds {host}'s limit of {limit}")]
+    TooBig {
+        host: String,
+        size: usize,
+        limit: u64,
     },
+    /// The server gives our own name in its greeting or EHLO reply: it is us (RFC 5321 6.3).
+    #[error("{host} announces itself as this server at {stage}: mail loops back to myself")]
+    LoopsBack { host: String, stage: Stage },
 }
 
 impl ClientError {
+    /// The RFC 3463 status this failure reports.
+    pub fn status(&self) -> EnhancedStatusCode {
+        match self {
+            ClientError::Rejected { reply, .. } => reply.status(),
+            ClientError::NoSmtpUtf8 { .. } => EnhancedStatusCode::new(5, 6, 7),
+            ClientError::TooBig { .. } => EnhancedStatusCode::new(5, 3, 4),
+            ClientError::Tls(_) => EnhancedStatusCode::new(4, 7, 5),
+            ClientError::LoopsBack { .. } => EnhancedStatusCode::new(5, 4, 6),
+            ClientError::NoAuthMechanism { .. } => EnhancedStatusCode::new(4, 7, 0),
+            ClientError::Connect { .. }
+            | ClientError::Timeout(_)
+            | ClientError::Lost(_)
+            | ClientError::Protocol { .. } => EnhancedStatusCode::new(4, 4, 1),
+        }
+    }
+
     /// True when a later attempt may succeed.
     pub fn is_temporary(&self) -> bool {
-        match self {
-            ClientError::Rejected { reply, .. } => reply.code < 500,
-            ClientError::Unsupported { .. } => false,
-            _ => true,
-        }
+        self.status().is_transient()
     }
 }
 
@@ -118,9 +145,6 @@ enum Stream {
     Closed,
 }
 
-/// Largest reply accepted from a server; more is a protocol error, not unbounded memory.
-const MAX_REPLY: usize = 64 * 1024;
-
 /// An open SMTP connection after EHLO (and STARTTLS, when done).
 pub struct Connection {
     stream: Stream,
@@ -139,9 +163,9 @@ pub struct Connection {
 #[derive(Debug, Clone)]
 pub struct Transaction {
     /// One reply per recipient, in the order given.
-    pub rcpt: Vec<RemoteReply>,
+    pub rcpt: Vec<Response>,
     /// The reply to the end of data; None when no recipient was accepted.
-    pub data: Option<RemoteReply>,
+    pub data: Option<Response>,
 }
 
 impl Connection {
@@ -180,13 +204,14 @@ impl Connection {
             transactions: 0,
             opts: opts.clone(),
         };
-        let greeting = conn.read_reply("greeting").await?;
+        let greeting = conn.read_reply(Stage::Greeting).await?;
         if greeting.code != 220 {
             return Err(ClientError::Rejected {
-                stage: "greeting",
+                stage: Stage::Greeting,
                 reply: greeting,
             });
         }
+        conn.check_not_myself(&greeting, Stage::Greeting)?;
         conn.hello().await?;
         match policy {
             TlsPolicy::None => {}
@@ -205,19 +230,20 @@ impl Connection {
 
     async fn hello(&mut self) -> Result<(), ClientError> {
         let ehlo = self
-            .command(&format!("EHLO {}", self.opts.helo), "EHLO")
+            .command(&format!("EHLO {}", self.opts.helo), Stage::Ehlo)
             .await?;
         if ehlo.code == 250 {
+            self.check_not_myself(&ehlo, Stage::Ehlo)?;
             self.ext = parse_extensions(&ehlo);
             return Ok(());
         }
         // A server without ESMTP: HELO, and no extensions.
         let helo = self
-            .command(&format!("HELO {}", self.opts.helo), "HELO")
+            .command(&format!("HELO {}", self.opts.helo), Stage::Helo)
             .await?;
         if helo.code != 250 {
             return Err(ClientError::Rejected {
-                stage: "HELO",
+                stage: Stage::Helo,
                 reply: helo,
             });
         }
@@ -225,11 +251,25 @@ impl Connection {
         Ok(())
     }
 
+    /// A server that names itself with our own hostname is this server (an MX or route
+    /// pointing back at us): delivering would loop, so the attempt fails at once (5.4.6).
+    fn check_not_myself(&self, reply: &Response, stage: Stage) -> Result<(), ClientError> {
+        match reply.first_word() {
+            Some(name) if name.eq_ignore_ascii_case(&self.opts.helo) => {
+                Err(ClientError::LoopsBack {
+                    host: self.host.clone(),
+                    stage,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn starttls(&mut self, policy: TlsPolicy, tls: &TlsClient) -> Result<(), ClientError> {
-        let reply = self.command("STARTTLS", "STARTTLS").await?;
+        let reply = self.command("STARTTLS", Stage::StartTls).await?;
         if reply.code != 220 {
             return Err(ClientError::Rejected {
-                stage: "STARTTLS",
+                stage: Stage::StartTls,
                 reply,
             });
         }
@@ -238,7 +278,7 @@ impl Connection {
             self.input.clear();
         }
         let Stream::Plain(socket) = std::mem::replace(&mut self.stream, Stream::Closed) else {
-            return Err(ClientError::Protocol("STARTTLS on a TLS connection".into()));
+            return Err(ClientError::Tls("STARTTLS on a TLS connection".into()));
         };
         let (stream, info) = tls
             .connect(socket, &self.host, policy, self.opts.reply_timeout)
@@ -257,35 +297,35 @@ impl Connection {
         }
         let reply = if self.ext.auth_plain {
             let token = crate::proto::encode_base64(&format!("\0{username}\0{password}"));
-            self.command(&format!("AUTH PLAIN {token}"), "AUTH").await?
+            self.command(&format!("AUTH PLAIN {token}"), Stage::Auth)
+                .await?
         } else if self.ext.auth_login {
-            let r = self.command("AUTH LOGIN", "AUTH").await?;
+            let r = self.command("AUTH LOGIN", Stage::Auth).await?;
             if r.code != 334 {
                 return Err(ClientError::Rejected {
-                    stage: "AUTH",
+                    stage: Stage::Auth,
                     reply: r,
                 });
             }
             let r = self
-                .command(&crate::proto::encode_base64(username), "AUTH")
+                .command(&crate::proto::encode_base64(username), Stage::Auth)
                 .await?;
             if r.code != 334 {
                 return Err(ClientError::Rejected {
-                    stage: "AUTH",
+                    stage: Stage::Auth,
                     reply: r,
                 });
             }
-            self.command(&crate::proto::encode_base64(password), "AUTH")
+            self.command(&crate::proto::encode_base64(password), Stage::Auth)
                 .await?
         } else {
-            return Err(ClientError::Protocol(format!(
-                "{} offers no AUTH PLAIN or LOGIN",
-                self.host
-            )));
+            return Err(ClientError::NoAuthMechanism {
+                host: self.host.clone(),
+            });
         };
         if reply.code != 235 {
             return Err(ClientError::Rejected {
-                stage: "AUTH",
+                stage: Stage::Auth,
                 reply,
             });
         }
@@ -301,23 +341,16 @@ impl Connection {
         needs: Needs,
     ) -> Result<Transaction, ClientError> {
         if needs.smtputf8 && !self.ext.smtputf8 {
-            return Err(ClientError::Unsupported {
-                status: "5.6.7",
-                reason: format!(
-                    "{} does not support SMTPUTF8, which this message requires",
-                    self.host
-                ),
+            return Err(ClientError::NoSmtpUtf8 {
+                host: self.host.clone(),
             });
         }
         if let Some(limit) = self.ext.size.filter(|l| *l > 0) {
             if body.len() as u64 > limit {
-                return Err(ClientError::Unsupported {
-                    status: "5.3.4",
-                    reason: format!(
-                        "message size {} exceeds {}'s limit of {limit}",
-                        body.len(),
-                        self.host
-                    ),
+                return Err(ClientError::TooBig {
+                    host: self.host.clone(),
+                    size: body.len(),
+                    limit,
                 });
             }
         }
@@ -340,47 +373,47 @@ impl Connection {
                 batch.push_str(&format!("RCPT TO:<{r}>\r\n"));
             }
             batch.push_str("DATA\r\n");
-            self.write(batch.as_bytes(), "MAIL").await?;
-            let mail_reply = self.read_reply("MAIL").await?;
+            self.write(batch.as_bytes(), Stage::Mail).await?;
+            let mail_reply = self.read_reply(Stage::Mail).await?;
             for _ in rcpts {
-                rcpt_replies.push(self.read_reply("RCPT").await?);
+                rcpt_replies.push(self.read_reply(Stage::Rcpt).await?);
             }
-            data_reply = self.read_reply("DATA").await?;
+            data_reply = self.read_reply(Stage::Data).await?;
             if mail_reply.code != 250 {
                 self.after_failed_transaction(data_reply.code == 354)
                     .await?;
                 return Err(ClientError::Rejected {
-                    stage: "MAIL",
+                    stage: Stage::Mail,
                     reply: mail_reply,
                 });
             }
         } else {
-            let mail_reply = self.command(&mail, "MAIL").await?;
+            let mail_reply = self.command(&mail, Stage::Mail).await?;
             if mail_reply.code != 250 {
                 self.reset().await?;
                 return Err(ClientError::Rejected {
-                    stage: "MAIL",
+                    stage: Stage::Mail,
                     reply: mail_reply,
                 });
             }
             for r in rcpts {
-                rcpt_replies.push(self.command(&format!("RCPT TO:<{r}>"), "RCPT").await?);
+                rcpt_replies.push(self.command(&format!("RCPT TO:<{r}>"), Stage::Rcpt).await?);
             }
-            if !rcpt_replies.iter().any(|r| r.code / 100 == 2) {
+            if !rcpt_replies.iter().any(Response::is_success) {
                 self.reset().await?;
                 return Ok(Transaction {
                     rcpt: rcpt_replies,
                     data: None,
                 });
             }
-            data_reply = self.command("DATA", "DATA").await?;
+            data_reply = self.command("DATA", Stage::Data).await?;
         }
-        let accepted = rcpt_replies.iter().any(|r| r.code / 100 == 2);
+        let accepted = rcpt_replies.iter().any(Response::is_success);
         if data_reply.code != 354 {
             if accepted {
                 self.reset().await?;
                 return Err(ClientError::Rejected {
-                    stage: "DATA",
+                    stage: Stage::Data,
                     reply: data_reply,
                 });
             }
@@ -393,16 +426,16 @@ impl Connection {
         }
         if !accepted {
             // The server took DATA although no recipient was accepted: end it empty.
-            self.write(b".\r\n", "DATA").await?;
-            let _ = self.read_reply("DATA").await?;
+            self.write(b".\r\n", Stage::Data).await?;
+            let _ = self.read_reply(Stage::Data).await?;
             return Ok(Transaction {
                 rcpt: rcpt_replies,
                 data: None,
             });
         }
         let stuffed = dot_stuff(body);
-        self.write(&stuffed, "DATA").await?;
-        let end = self.read_reply("end of data").await?;
+        self.write(&stuffed, Stage::Data).await?;
+        let end = self.read_reply(Stage::EndOfData).await?;
         self.transactions += 1;
         Ok(Transaction {
             rcpt: rcpt_replies,
@@ -412,18 +445,18 @@ impl Connection {
 
     async fn after_failed_transaction(&mut self, data_open: bool) -> Result<(), ClientError> {
         if data_open {
-            self.write(b".\r\n", "DATA").await?;
-            self.read_reply("DATA").await?;
+            self.write(b".\r\n", Stage::Data).await?;
+            self.read_reply(Stage::Data).await?;
         }
         self.reset().await
     }
 
     /// RSET, to start a clean transaction on a reused connection.
     pub async fn reset(&mut self) -> Result<(), ClientError> {
-        let reply = self.command("RSET", "RSET").await?;
+        let reply = self.command("RSET", Stage::Rset).await?;
         if reply.code != 250 {
             return Err(ClientError::Rejected {
-                stage: "RSET",
+                stage: Stage::Rset,
                 reply,
             });
         }
@@ -433,23 +466,19 @@ impl Connection {
     /// Says QUIT and closes, ignoring errors (the work is done either way).
     pub async fn quit(mut self) -> Result<(), ClientError> {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let _ = self.write(b"QUIT\r\n", "QUIT").await;
-            let _ = self.read_reply("QUIT").await;
+            let _ = self.write(b"QUIT\r\n", Stage::Quit).await;
+            let _ = self.read_reply(Stage::Quit).await;
         })
         .await;
         Ok(())
     }
 
-    async fn command(
-        &mut self,
-        line: &str,
-        stage: &'static str,
-    ) -> Result<RemoteReply, ClientError> {
+    async fn command(&mut self, line: &str, stage: Stage) -> Result<Response, ClientError> {
         self.write(format!("{line}\r\n").as_bytes(), stage).await?;
         self.read_reply(stage).await
     }
 
-    async fn write(&mut self, bytes: &[u8], stage: &'static str) -> Result<(), ClientError> {
+    async fn write(&mut self, bytes: &[u8], stage: Stage) -> Result<(), ClientError> {
         let timeout = self.opts.reply_timeout;
         let result = tokio::time::timeout(timeout, async {
             match &mut self.stream {
@@ -466,15 +495,14 @@ impl Connection {
         }
     }
 
-    async fn read_reply(&mut self, stage: &'static str) -> Result<RemoteReply, ClientError> {
+    async fn read_reply(&mut self, stage: Stage) -> Result<Response, ClientError> {
         let timeout = self.opts.reply_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(reply) = parse_reply(&mut self.input)? {
-                return Ok(reply);
-            }
-            if self.input.len() > MAX_REPLY {
-                return Err(ClientError::Protocol("reply too long".into()));
+            match parse_response(&mut self.input) {
+                Ok(Some(reply)) => return Ok(reply),
+                Ok(None) => {}
+                Err(error) => return Err(ClientError::Protocol { stage, error }),
             }
             self.input.reserve(4096);
             let read = tokio::time::timeout_at(deadline, async {
@@ -502,44 +530,7 @@ async fn write_all<S: AsyncRead + AsyncWrite + Unpin>(
     s.flush().await
 }
 
-/// Takes one complete reply off the front of `buf`, if there is one.
-pub fn parse_reply(buf: &mut BytesMut) -> Result<Option<RemoteReply>, ClientError> {
-    let mut pos = 0;
-    let mut code = None;
-    let mut text = Vec::new();
-    loop {
-        let Some(nl) = buf[pos..].iter().position(|b| *b == b'\n') else {
-            return Ok(None);
-        };
-        let raw = &buf[pos..pos + nl];
-        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-            return Err(ClientError::Protocol(format!(
-                "malformed reply line {:?}",
-                String::from_utf8_lossy(&line[..line.len().min(80)])
-            )));
-        }
-        let this: u16 =
-            (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
-        if *code.get_or_insert(this) != this {
-            return Err(ClientError::Protocol(
-                "reply lines with different codes".into(),
-            ));
-        }
-        text.push(String::from_utf8_lossy(line.get(4..).unwrap_or(b"")).into_owned());
-        pos += nl + 1;
-        if line.get(3) != Some(&b'-') {
-            buf.advance(pos);
-            return Ok(Some(RemoteReply {
-                code: this,
-                text: text.join(" "),
-                lines: text,
-            }));
-        }
-    }
-}
-
-fn parse_extensions(ehlo: &RemoteReply) -> Extensions {
+fn parse_extensions(ehlo: &Response) -> Extensions {
     let mut ext = Extensions::default();
     // The first line is the server's name and greeting; each later line is one keyword.
     for line in ehlo.lines.iter().skip(1) {
@@ -585,33 +576,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replies_parse_across_lines_and_reject_garbage() {
-        let mut buf =
-            BytesMut::from(&b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n354 go"[..]);
-        let r = parse_reply(&mut buf).unwrap().unwrap();
-        assert_eq!(r.code, 250);
+    fn extensions_from_the_ehlo_reply() {
+        let mut buf = BytesMut::from(&b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n"[..]);
+        let r = parse_response(&mut buf).unwrap().unwrap();
         let ext = parse_extensions(&r);
         assert!(ext.pipelining && !ext.starttls);
         assert_eq!(ext.size, Some(1000));
-        assert!(parse_reply(&mut buf).unwrap().is_none(), "incomplete line");
-        buf.extend_from_slice(b"\r\n");
-        assert_eq!(parse_reply(&mut buf).unwrap().unwrap().code, 354);
-        let mut bad = BytesMut::from(&b"hello\r\n"[..]);
-        assert!(parse_reply(&mut bad).is_err());
-        let mut mixed = BytesMut::from(&b"250-a\r\n450 b\r\n"[..]);
-        assert!(parse_reply(&mut mixed).is_err());
     }
 
     #[test]
-    fn enhanced_codes() {
-        let r = |t: &str| RemoteReply {
-            code: 550,
-            text: t.into(),
-            lines: vec![t.into()],
+    fn error_display_leaves_the_remote_text_out() {
+        let mut buf = BytesMut::from(&b"550 5.1.1 <secret@dest.test> unknown\r\n"[..]);
+        let reply = parse_response(&mut buf).unwrap().unwrap();
+        let e = ClientError::Rejected {
+            stage: Stage::Mail,
+            reply,
         };
-        assert_eq!(r("5.1.1 User unknown").enhanced(), Some("5.1.1"));
-        assert_eq!(r("User unknown").enhanced(), None);
-        assert_eq!(r("5.1 nope").enhanced(), None);
+        assert_eq!(e.to_string(), "MAIL refused: 550 5.1.1");
+        assert!(!e.is_temporary());
+        assert_eq!(e.status(), EnhancedStatusCode::new(5, 1, 1));
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! Per-destination traffic shaping: concurrent connections and messages per minute.
+//! Per-destination traffic shaping: concurrent connections, messages per minute, and the
+//! "dead destination" feedback (Postfix's name): after repeated failed connections a destination
+//! is marked down for a while, and its messages are deferred together instead of each one
+//! spending a connect or greeting timeout on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +15,23 @@ pub(super) struct Limits {
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// When the next message to each rate-limited destination may start.
     next_start: Mutex<HashMap<String, Instant>>,
+    /// Connection health of destinations that failed lately.
+    health: Mutex<HashMap<String, Health>>,
+}
+
+/// Consecutive failed connections, and until when the destination counts as down.
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    down_until: Option<Instant>,
+}
+
+/// When a destination is marked down.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DownPolicy {
+    /// Consecutive failed connections that mark it down (0: never).
+    pub after: u32,
+    pub period: Duration,
 }
 
 impl Limits {
@@ -25,6 +45,35 @@ impl Limits {
                 .clone()
         };
         sem.acquire_owned().await.ok()
+    }
+
+    /// True while `key` is marked down.
+    pub(super) fn is_down(&self, key: &str) -> bool {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health
+            .get(key)
+            .and_then(|h| h.down_until)
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// A connection to `key` could not be made (refused, timed out, no greeting). Returns true
+    /// when this marks the destination down.
+    pub(super) fn connect_failed(&self, key: &str, policy: DownPolicy) -> bool {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let h = health.entry(key.to_string()).or_default();
+        h.failures += 1;
+        let already = h.down_until.is_some_and(|t| Instant::now() < t);
+        if policy.after > 0 && h.failures >= policy.after && !already {
+            h.down_until = Some(Instant::now() + policy.period);
+            return true;
+        }
+        false
+    }
+
+    /// A connection to `key` worked: it is healthy again.
+    pub(super) fn connected(&self, key: &str) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.remove(key);
     }
 
     /// Waits until a message to `key` may start under `per_minute` (evenly spaced, no burst).
@@ -61,6 +110,27 @@ mod tests {
         limits.pace("other", Some(30)).await;
         limits.pace("unlimited", None).await;
         assert_eq!(t1.elapsed(), Duration::ZERO, "keys are independent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_connect_failures_mark_a_destination_down_for_a_while() {
+        let limits = Limits::default();
+        let policy = DownPolicy {
+            after: 3,
+            period: Duration::from_secs(60),
+        };
+        assert!(!limits.connect_failed("d", policy));
+        assert!(!limits.connect_failed("d", policy));
+        assert!(!limits.is_down("d"));
+        assert!(limits.connect_failed("d", policy), "third failure in a row");
+        assert!(limits.is_down("d") && !limits.is_down("other"));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!limits.is_down("d"), "tried again after the period");
+        limits.connected("d");
+        assert!(
+            !limits.connect_failed("d", policy),
+            "a success resets the count"
+        );
     }
 
     #[tokio::test]

@@ -3,22 +3,27 @@
 //! [`Deliverer::deliver`] routes (smarthost, or MX by preference with the implicit MX and null
 //! MX rules), applies the destination's limits and TLS policy, reuses an idle connection to the
 //! same host when there is one, and runs one SMTP transaction for all the recipients. Every
-//! recipient comes back [`Status::Delivered`], [`Status::Temporary`] or [`Status::Permanent`];
-//! what to do about it (retry, bounce) is the queue's business.
+//! recipient comes back with a typed [`RcptOutcome`] (delivered, transient or permanent, with
+//! its RFC 3463 status); what to do about it (retry, bounce) is the queue's business.
 
 pub mod client;
 mod limits;
+mod outcome;
 mod pool;
 pub mod tls;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use client::{ClientError, ClientOptions, Connection, Needs, RemoteReply};
-use tls::{TlsClient, TlsInfo, TlsSetupError};
+use tokio::sync::Semaphore;
+
+use client::{ClientError, ClientOptions, Connection, Needs};
+pub use outcome::{Cause, RcptOutcome};
+use tls::{TlsClient, TlsSetupError};
 
 use crate::config::{Config, DeliveryConfig, SmarthostAuth, TlsPolicy};
 use crate::dns::{DnsError, MxHost, Resolver};
+use crate::proto::EnhancedStatusCode;
 
 /// Why delivery could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -27,32 +32,6 @@ pub enum DeliveryError {
     Dns(#[from] DnsError),
     #[error("outbound TLS: {0}")]
     Tls(#[from] TlsSetupError),
-}
-
-/// A recipient's fate after one attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Delivered,
-    /// Try again later (4xx, connection failure, DNS trouble, TLS required but missing).
-    Temporary,
-    /// Give up now and bounce (5xx, null MX, no such domain).
-    Permanent,
-}
-
-/// The outcome for one recipient.
-#[derive(Debug, Clone)]
-pub struct RcptOutcome {
-    /// Index into the envelope's recipient list.
-    pub index: usize,
-    pub status: Status,
-    /// RFC 3463 status, e.g. "5.1.1".
-    pub code: String,
-    /// RFC 3464 Diagnostic-Code value, e.g. "smtp; 550 5.1.1 User unknown".
-    pub diagnostic: String,
-    /// The host that answered, when one did.
-    pub remote: Option<String>,
-    pub remote_ip: Option<SocketAddr>,
-    pub tls: Option<TlsInfo>,
 }
 
 /// One transaction to do: a message's recipients at one domain.
@@ -85,6 +64,31 @@ pub struct Deliverer {
     limits: limits::Limits,
     opts: ClientOptions,
     smarthosts: Vec<(String, u16)>,
+    /// Outbound SMTP sessions at once (`max_in_flight`): held only while talking to a server.
+    sessions: Arc<Semaphore>,
+    /// Our own listening addresses and public addresses: an MX among them is a loop.
+    own: OwnAddresses,
+}
+
+/// The addresses that reach this server.
+#[derive(Default)]
+struct OwnAddresses {
+    /// Set once the listeners are bound.
+    listeners: std::sync::OnceLock<Vec<SocketAddr>>,
+    public: Vec<IpAddr>,
+}
+
+impl OwnAddresses {
+    /// True when connecting to `addr` would reach one of our own listeners.
+    fn contains(&self, addr: SocketAddr) -> bool {
+        let listeners = self.listeners.get().map_or(&[][..], Vec::as_slice);
+        listeners.iter().any(|l| {
+            l.port() == addr.port()
+                && (l.ip() == addr.ip()
+                    || (l.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || self.public.contains(&addr.ip()))))
+        })
+    }
 }
 
 /// Parses "host", "host:port", "[v6]:port" or "v6".
@@ -130,7 +134,18 @@ impl Deliverer {
                 reply_timeout: d.reply_timeout,
             },
             smarthosts,
+            sessions: Arc::new(Semaphore::new(d.max_in_flight.max(1))),
+            own: OwnAddresses {
+                listeners: Default::default(),
+                public: config.server.public_addresses.clone(),
+            },
         })
+    }
+
+    /// Tells the deliverer where this server listens (once, after binding), so that an MX
+    /// pointing back at us fails at once instead of looping.
+    pub fn set_own_addresses(&self, addrs: Vec<SocketAddr>) {
+        let _ = self.own.listeners.set(addrs);
     }
 
     /// Idle pooled connections (for tests and metrics).
@@ -144,147 +159,207 @@ impl Deliverer {
         futures::future::join_all(conns.into_iter().map(Connection::quit)).await;
     }
 
-    /// Delivers one message to the job's recipients; one outcome per recipient.
+    /// Delivers one message to the job's recipients; one outcome per recipient. The whole
+    /// attempt ends after `attempt_timeout`, whatever the remote server does.
     pub async fn deliver(&self, job: Job<'_>) -> Vec<RcptOutcome> {
-        // Where to go: the smarthosts, or the domain's mail exchangers.
-        let (hosts, mx): (Vec<(String, u16)>, Vec<MxHost>) = if self.smarthosts.is_empty() {
-            if let Some(ip) = crate::dns::literal(job.domain) {
-                (vec![(ip.to_string(), self.config.port)], Vec::new())
-            } else {
-                match self.resolver.mx(job.domain).await {
-                    Ok(mx) => (
-                        mx.iter()
-                            .map(|h| (h.name.clone(), self.config.port))
-                            .collect(),
-                        mx,
-                    ),
-                    Err(e) => return all(&job, dns_failure(&e)),
-                }
-            }
-        } else {
-            (self.smarthosts.clone(), Vec::new())
+        match tokio::time::timeout(self.config.attempt_timeout, self.attempt(&job)).await {
+            Ok(outcomes) => outcomes,
+            Err(_) => all(
+                &job,
+                RcptOutcome::new(EnhancedStatusCode::new(4, 4, 2), Cause::DeadlinePassed),
+            ),
+        }
+    }
+
+    /// Where to go: the smarthosts, or the domain's mail exchangers (with their MX records,
+    /// which decide the destination's limits).
+    async fn route(&self, domain: &str) -> Result<(Vec<(String, u16)>, Vec<MxHost>), DnsError> {
+        if !self.smarthosts.is_empty() {
+            return Ok((self.smarthosts.clone(), Vec::new()));
+        }
+        if let Some(ip) = crate::dns::literal(domain) {
+            return Ok((vec![(ip.to_string(), self.config.port)], Vec::new()));
+        }
+        let mx = self.resolver.mx(domain).await?;
+        let hosts = mx
+            .iter()
+            .map(|h| (h.name.clone(), self.config.port))
+            .collect();
+        Ok((hosts, mx))
+    }
+
+    /// One attempt. Waiting for DNS and for the destination's limits holds no session slot, so
+    /// a slow or stuck destination never keeps mail for other destinations waiting.
+    async fn attempt(&self, job: &Job<'_>) -> Vec<RcptOutcome> {
+        let (hosts, mx) = match self.route(job.domain).await {
+            Ok(route) => route,
+            Err(e) => return all(job, RcptOutcome::from_dns(&e)),
         };
         let dest = self.destination(job.domain, &mx);
+        let down = || RcptOutcome::new(EnhancedStatusCode::new(4, 4, 1), Cause::DestinationDown);
+        if self.limits.is_down(&dest.key) {
+            return all(job, down());
+        }
         let Some(_slot) = self.limits.slot(&dest.key, dest.max_connections).await else {
-            return all(
-                &job,
-                failure(
-                    Status::Temporary,
-                    "4.3.0",
-                    "x-postern; shutting down".into(),
-                ),
-            );
+            let stopping = RcptOutcome::new(EnhancedStatusCode::new(4, 3, 0), Cause::ShuttingDown);
+            return all(job, stopping);
         };
         self.limits.pace(&dest.key, dest.per_minute).await;
-
-        let mut conn = match self.connection(&hosts, dest.policy).await {
-            Ok(c) => c,
-            Err(outcome) => return all(&job, outcome),
+        // Marked down while this message waited its turn: deferred with the others.
+        if self.limits.is_down(&dest.key) {
+            return all(job, down());
+        }
+        let Ok(_session) = self.sessions.acquire().await else {
+            let stopping = RcptOutcome::new(EnhancedStatusCode::new(4, 3, 0), Cause::ShuttingDown);
+            return all(job, stopping);
         };
+        let conn = self.connection(job.domain, &hosts, dest.policy).await;
+        match &conn {
+            Ok(_) => self.limits.connected(&dest.key),
+            Err(o) if o.is_unreachable() => {
+                if self.limits.connect_failed(&dest.key, self.down_policy()) {
+                    tracing::warn!(destination = %dest.key, period = ?self.config.destination_down_for, "destination marked down after repeated connection failures");
+                }
+            }
+            Err(_) => {}
+        }
+        match conn {
+            Ok(conn) => self.transaction(job, conn, dest.policy).await,
+            Err(outcome) => all(job, outcome),
+        }
+    }
+
+    fn down_policy(&self) -> limits::DownPolicy {
+        limits::DownPolicy {
+            after: self.config.destination_down_after,
+            period: self.config.destination_down_for,
+        }
+    }
+
+    /// Runs the transaction on `conn`, then pools or closes it.
+    async fn transaction(
+        &self,
+        job: &Job<'_>,
+        mut conn: Connection,
+        policy: TlsPolicy,
+    ) -> Vec<RcptOutcome> {
         let rcpts: Vec<&str> = job.rcpts.iter().map(|(_, r)| *r).collect();
         let result = conn.send(job.from, &rcpts, job.body, job.needs).await;
-        let remote = Some(conn.host.clone());
-        let (remote_ip, tls) = (Some(conn.addr), conn.tls.clone());
-        let outcomes: Vec<RcptOutcome> = match result {
+        let outcomes: Vec<RcptOutcome> = match &result {
             Ok(tx) => job
                 .rcpts
                 .iter()
                 .zip(&tx.rcpt)
                 .map(|((index, _), rcpt_reply)| {
-                    let decisive = match (&tx.data, rcpt_reply.code / 100) {
-                        (_, 4 | 5) | (None, _) => rcpt_reply,
-                        (Some(data), _) => data,
+                    // A refused recipient is decided by its RCPT reply, the others by the data's.
+                    let decisive = match &tx.data {
+                        Some(data) if rcpt_reply.is_success() => data,
+                        _ => rcpt_reply,
                     };
-                    let mut o = from_reply(decisive);
-                    o.index = *index;
-                    o
+                    RcptOutcome {
+                        index: *index,
+                        ..RcptOutcome::from_reply(decisive)
+                    }
                 })
                 .collect(),
-            Err(e) => {
-                let o = client_failure(&e);
-                job.rcpts
-                    .iter()
-                    .map(|(i, _)| RcptOutcome {
-                        index: *i,
-                        ..o.clone()
-                    })
-                    .collect()
-            }
+            Err(e) => all(job, RcptOutcome::from_client(e)),
         };
-        // Reuse only a connection that just completed a transaction cleanly.
-        let reusable =
-            result_ok(&outcomes) && conn.transactions < self.config.messages_per_connection;
-        if reusable {
+        let (remote, remote_ip, tls) = (conn.host.clone(), conn.addr, conn.tls.clone());
+        // Reuse only a connection whose transaction ended in a reply (a refusal resets it);
+        // after a timeout or a lost connection its state is unknown.
+        let clean = matches!(result, Ok(_) | Err(ClientError::Rejected { .. }));
+        if clean && conn.transactions < self.config.messages_per_connection {
             self.pool
-                .put(pool_key(&conn.host, conn.addr.port(), dest.policy), conn);
+                .put(pool_key(&conn.host, conn.addr.port(), policy), conn);
         } else {
             tokio::spawn(conn.quit());
         }
         outcomes
             .into_iter()
             .map(|o| RcptOutcome {
-                remote: o.remote.or(remote.clone()),
-                remote_ip,
+                remote: o.remote.or(Some(remote.clone())),
+                remote_ip: Some(remote_ip),
                 tls: tls.clone(),
                 ..o
             })
             .collect()
     }
 
-    /// An idle connection to one of `hosts`, or a new one to the first that answers.
+    /// An idle connection to one of `hosts`, or a new one to the first that answers, trying
+    /// at most `max_mx_addresses` addresses.
     async fn connection(
         &self,
+        domain: &str,
         hosts: &[(String, u16)],
         policy: TlsPolicy,
     ) -> Result<Connection, RcptOutcome> {
-        for (host, port) in hosts {
-            if let Some(mut conn) = self.pool.take(&pool_key(host, *port, policy)) {
-                if conn.reset().await.is_ok() {
-                    return Ok(conn);
-                }
-                tokio::spawn(conn.quit());
-            }
+        if let Some(conn) = self.pooled(hosts, policy).await {
+            return Ok(conn);
         }
         let mut last = None;
         let mut tries = 0;
         let mut any_temporary_dns = false;
         for (host, port) in hosts {
+            if tries >= self.config.max_mx_addresses {
+                break;
+            }
             let addrs = match self.resolver.addresses(host).await {
                 Ok(a) => a,
                 Err(e) => {
                     any_temporary_dns |= e.is_temporary();
-                    last = Some(dns_failure(&e));
+                    last = Some(RcptOutcome::from_dns(&e));
                     continue;
                 }
             };
             for ip in addrs {
-                if tries >= 10 {
+                let addr = SocketAddr::new(ip, *port);
+                if self.own.contains(addr) {
+                    tracing::warn!(domain, host = %host, %addr, "mail exchanger is this server: mail loops back to myself");
+                    return Err(RcptOutcome::new(
+                        EnhancedStatusCode::new(5, 4, 6),
+                        Cause::LoopsBack {
+                            domain: domain.to_string(),
+                        },
+                    ));
+                }
+                if tries >= self.config.max_mx_addresses {
                     break;
                 }
                 tries += 1;
-                let addr = SocketAddr::new(ip, *port);
                 match self.open(addr, host, policy).await {
                     Ok(conn) => return Ok(conn),
+                    // It greeted with our own name: it is us, whatever other hosts there are.
+                    Err(e @ ClientError::LoopsBack { .. }) => {
+                        tracing::warn!(domain, host = %host, %addr, error = %e, "mail loops back to myself");
+                        return Err(RcptOutcome::from_client(&e));
+                    }
                     Err(e) => {
                         tracing::info!(host = %host, %addr, error = %e, "connection failed");
-                        last = Some(client_failure(&e));
+                        last = Some(RcptOutcome::from_client(&e));
                     }
                 }
             }
         }
-        let mut outcome = last.unwrap_or_else(|| {
-            failure(
-                Status::Temporary,
-                "4.4.1",
-                "x-postern; no host to try".into(),
-            )
-        });
+        let mut outcome = last
+            .unwrap_or_else(|| RcptOutcome::new(EnhancedStatusCode::new(4, 4, 1), Cause::NoHost));
         // One unreachable host among several is no reason to give up on the others later.
         if tries > 0 || any_temporary_dns {
-            outcome.status = Status::Temporary;
-            outcome.code = format!("4{}", &outcome.code[1..]);
+            outcome.status = outcome.status.with_class(4);
         }
         Err(outcome)
+    }
+
+    /// An idle pooled connection to one of `hosts` that still answers RSET.
+    async fn pooled(&self, hosts: &[(String, u16)], policy: TlsPolicy) -> Option<Connection> {
+        for (host, port) in hosts {
+            if let Some(mut conn) = self.pool.take(&pool_key(host, *port, policy)) {
+                if conn.reset().await.is_ok() {
+                    return Some(conn);
+                }
+                tokio::spawn(conn.quit());
+            }
+        }
+        None
     }
 
     async fn open(
@@ -344,11 +419,6 @@ fn pool_key(host: &str, port: u16, policy: TlsPolicy) -> String {
     format!("{host}:{port}:{policy:?}")
 }
 
-fn result_ok(outcomes: &[RcptOutcome]) -> bool {
-    // A whole-transaction failure (connection lost, timeout) marks every outcome with no reply.
-    outcomes.iter().all(|o| o.diagnostic.starts_with("smtp;"))
-}
-
 fn all(job: &Job<'_>, outcome: RcptOutcome) -> Vec<RcptOutcome> {
     job.rcpts
         .iter()
@@ -357,74 +427,6 @@ fn all(job: &Job<'_>, outcome: RcptOutcome) -> Vec<RcptOutcome> {
             ..outcome.clone()
         })
         .collect()
-}
-
-fn failure(status: Status, code: &str, diagnostic: String) -> RcptOutcome {
-    RcptOutcome {
-        index: 0,
-        status,
-        code: code.to_string(),
-        diagnostic,
-        remote: None,
-        remote_ip: None,
-        tls: None,
-    }
-}
-
-fn from_reply(reply: &RemoteReply) -> RcptOutcome {
-    let (status, default) = match reply.code / 100 {
-        2 => (Status::Delivered, "2.0.0"),
-        4 => (Status::Temporary, "4.0.0"),
-        _ => (Status::Permanent, "5.0.0"),
-    };
-    // An enhanced code whose class contradicts the reply code is ignored (RFC 3463 section 2).
-    let code = reply
-        .enhanced()
-        .filter(|c| c.as_bytes()[0] == default.as_bytes()[0])
-        .unwrap_or(default);
-    failure(
-        status,
-        code,
-        format!("smtp; {}", one_line(&reply.to_line())),
-    )
-}
-
-fn client_failure(e: &ClientError) -> RcptOutcome {
-    match e {
-        ClientError::Rejected { reply, .. } => from_reply(reply),
-        ClientError::Unsupported { status, reason } => {
-            failure(Status::Permanent, status, format!("x-postern; {reason}"))
-        }
-        ClientError::Tls(reason) => failure(
-            Status::Temporary,
-            "4.7.5",
-            format!("x-postern; {}", one_line(reason)),
-        ),
-        other => failure(
-            Status::Temporary,
-            "4.4.1",
-            format!("x-postern; {}", one_line(&other.to_string())),
-        ),
-    }
-}
-
-fn dns_failure(e: &DnsError) -> RcptOutcome {
-    let (status, code) = match e {
-        DnsError::NullMx(_) => (Status::Permanent, "5.1.10"),
-        DnsError::NoSuchDomain(_) => (Status::Permanent, "5.1.2"),
-        DnsError::NoAddresses(_) => (Status::Permanent, "5.4.4"),
-        DnsError::Temporary { .. } | DnsError::Config(_) => (Status::Temporary, "4.4.3"),
-    };
-    failure(status, code, format!("x-postern; {e}"))
-}
-
-/// Diagnostics go into DSN header fields: one line, bounded.
-fn one_line(s: &str) -> String {
-    let flat: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    flat.chars().take(900).collect()
 }
 
 #[cfg(test)]
@@ -451,22 +453,5 @@ mod tests {
         );
         assert_eq!(parse_host_port("relay.test:99999", 25), None);
         assert_eq!(parse_host_port("bad host", 25), None);
-    }
-
-    #[test]
-    fn reply_classes_and_codes() {
-        let r = |code, text: &str| RemoteReply {
-            code,
-            text: text.into(),
-            lines: vec![text.into()],
-        };
-        let o = from_reply(&r(550, "5.1.1 No such user"));
-        assert_eq!((o.status, o.code.as_str()), (Status::Permanent, "5.1.1"));
-        assert_eq!(o.diagnostic, "smtp; 550 5.1.1 No such user");
-        let o = from_reply(&r(451, "try later"));
-        assert_eq!((o.status, o.code.as_str()), (Status::Temporary, "4.0.0"));
-        let o = from_reply(&r(450, "5.1.1 contradictory"));
-        assert_eq!(o.code, "4.0.0");
-        assert_eq!(from_reply(&r(250, "2.0.0 ok")).status, Status::Delivered);
     }
 }

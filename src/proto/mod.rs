@@ -1,4 +1,5 @@
-//! The SMTP wire protocol, server side: pure parsing and formatting, no I/O.
+//! The SMTP wire protocol: pure parsing and formatting, no I/O (server side, plus the client's
+//! reply parser).
 //!
 //! Everything here works on byte slices and buffers handed in by the
 //! caller, never panics on any input, and keeps memory bounded by the
@@ -17,6 +18,8 @@
 //!   CR/LF, size) and is used directly for BDAT chunks.
 //! - [`auth`]: decoding of AUTH PLAIN and LOGIN responses (RFC 4954, 4616).
 //! - [`reply`]: [`Reply`], rendered with RFC 3463 enhanced status codes.
+//! - [`response`]: the other direction, for the SMTP client: [`parse_response`] reads a
+//!   remote server's [`Response`] and its [`EnhancedStatusCode`].
 //!
 //! Policy that needs session state (command order, whether an extension was
 //! advertised, whether a non-ASCII address came with SMTPUTF8) belongs to the
@@ -28,6 +31,7 @@ pub mod command;
 pub mod data;
 pub mod line;
 pub mod reply;
+pub mod response;
 
 pub use address::{Address, AddressError};
 pub use auth::{decode_base64_text, decode_plain, encode_base64, AuthError};
@@ -37,3 +41,4 @@ pub use command::{
 pub use data::{BodyChecker, BodyError, BodyLimits, DataDecoder, LineEndings, MAX_TEXT_LINE};
 pub use line::{CommandFramer, FramedLine, MAX_COMMAND_LINE};
 pub use reply::Reply;
+pub use response::{parse_response, EnhancedStatusCode, Response, ResponseError};

@@ -11,9 +11,9 @@
 //! Time comes from a [`Clock`]: [`Queue::run`] follows it in production, and tests move a
 //! [`crate::clock::ManualClock`] and call [`Queue::run_due`].
 
+mod due;
 mod schedule;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,28 +21,19 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use due::Due;
 pub use schedule::{RcptSchedule, Schedule};
 
 use crate::bounce;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::client::Needs;
-use crate::delivery::{Deliverer, Job, RcptOutcome, Status};
+use crate::delivery::{Deliverer, Job, RcptOutcome};
 use crate::ledger::{Ledger, Outcome, Update};
 use crate::spool::{Envelope, Liveness, QueueId, Spool, SpoolError, StoredMessage};
 
 /// A retry after a local error (the spool could not be read or updated).
 const LOCAL_RETRY: i64 = 60;
-
-#[derive(Default)]
-struct Due {
-    /// (due time, id), earliest first.
-    order: BTreeSet<(i64, QueueId)>,
-    /// Each id's entry in `order`, so rescheduling replaces rather than duplicates.
-    at: HashMap<QueueId, i64>,
-    /// Being processed now; not to be dispatched twice.
-    running: HashSet<QueueId>,
-}
 
 /// The scheduler over the spool.
 pub struct Queue {
@@ -53,8 +44,12 @@ pub struct Queue {
     config: Arc<Config>,
     due: Mutex<Due>,
     wake: Notify,
-    slots: Arc<Semaphore>,
+    /// Messages being worked on (`max_active_messages`). Sessions are limited separately, by
+    /// the deliverer, and only while one talks to a server.
+    active: Arc<Semaphore>,
     tasks: TaskTracker,
+    /// Cancelled at shutdown: attempts in flight are abandoned (the mail stays in the spool).
+    abandon: CancellationToken,
 }
 
 impl Queue {
@@ -67,7 +62,8 @@ impl Queue {
         config: Arc<Config>,
     ) -> Arc<Queue> {
         let queue = Arc::new(Queue {
-            slots: Arc::new(Semaphore::new(config.delivery.max_in_flight)),
+            active: Arc::new(Semaphore::new(config.delivery.max_active_messages.max(1))),
+            abandon: CancellationToken::new(),
             spool,
             deliverer,
             ledger,
@@ -97,7 +93,7 @@ impl Queue {
 
     /// Messages waiting (not counting those being processed).
     pub fn len(&self) -> usize {
-        self.lock().at.len()
+        self.lock().waiting()
     }
 
     /// True when nothing waits.
@@ -115,47 +111,30 @@ impl Queue {
     }
 
     fn schedule(&self, id: QueueId, when: i64) {
-        let mut due = self.lock();
-        if let Some(old) = due.at.insert(id, when) {
-            due.order.remove(&(old, id));
-        }
-        due.order.insert((when, id));
-        drop(due);
+        self.lock().schedule(id, when);
         self.wake.notify_one();
     }
 
-    /// Takes every message due at `now` that is not already running.
-    fn take_due(&self, now: i64) -> Vec<QueueId> {
-        let mut due = self.lock();
-        let mut ids = Vec::new();
-        while let Some(&(when, id)) = due.order.first() {
-            if when > now {
-                break;
-            }
-            due.order.pop_first();
-            due.at.remove(&id);
-            if due.running.insert(id) {
-                ids.push(id);
-            }
-        }
-        ids
-    }
-
     fn next_due(&self) -> Option<i64> {
-        self.lock().order.first().map(|(t, _)| *t)
+        self.lock().next_due()
     }
 
     /// Starts every message due now, each as its own task.
     fn dispatch(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let now = self.clock.now();
-        self.take_due(now)
-            .into_iter()
+        let ids = self.lock().take_due(now);
+        ids.into_iter()
             .map(|id| {
                 let queue = self.clone();
                 self.tasks.spawn(async move {
-                    let _slot = queue.slots.clone().acquire_owned().await;
+                    let mut running = Running {
+                        queue: &queue,
+                        id,
+                        decided: false,
+                    };
+                    let _active = queue.active.clone().acquire_owned().await;
                     queue.process(id).await;
-                    queue.lock().running.remove(&id);
+                    running.decided = true;
                 })
             })
             .collect()
@@ -177,8 +156,9 @@ impl Queue {
         }
     }
 
-    /// Runs until `shutdown`, then waits (up to `drain`) for deliveries in progress.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, drain: Duration) {
+    /// Runs until `shutdown`, then abandons attempts in flight and waits (up to `grace`) for
+    /// the work that records state to finish.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
         loop {
             self.dispatch();
             let now = self.clock.now();
@@ -190,16 +170,19 @@ impl Queue {
                 _ = tokio::time::sleep(Duration::from_secs(wait.max(1))) => {}
             }
         }
+        self.abandon.cancel();
         self.tasks.close();
-        if tokio::time::timeout(drain, self.tasks.wait())
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                "shutdown: deliveries still running after the drain period; they will be retried"
+                "shutdown: queue work still running after the grace period; it will be retried"
             );
         }
-        self.deliverer.close_idle().await;
+        // Polite QUITs to idle connections, but not past the grace period.
+        let _ = tokio::time::timeout_at(deadline, self.deliverer.close_idle()).await;
     }
 
     /// One attempt at one message.
@@ -240,49 +223,55 @@ impl Queue {
         }
         let mut outcomes: Vec<RcptOutcome> = Vec::new();
         if now >= expires_at {
-            outcomes.extend(pending.iter().map(|&i| expired(i, &sched.rcpts[i])));
+            outcomes.extend(pending.iter().map(|&i| RcptOutcome {
+                index: i,
+                ..expired(&sched.rcpts[i])
+            }));
         } else {
-            outcomes.extend(self.attempt(&msg, &pending).await);
+            // At shutdown the attempt is dropped where it stands: nothing is recorded, the
+            // message stays as it was in the spool and is retried after the restart.
+            tokio::select! {
+                o = self.attempt(&msg, &pending) => outcomes.extend(o),
+                _ = self.abandon.cancelled() => {
+                    self.schedule(id, now + LOCAL_RETRY);
+                    return;
+                }
+            }
         }
+        // What follows dates from the end of the attempt: a slow failure must not make the
+        // next retry come early.
+        let now = self.clock.now();
 
         let mut failed = Vec::new();
         for o in &outcomes {
             let rcpt = &msg.envelope.recipients[o.index];
             self.log_outcome(&msg, o);
-            let outcome = match o.status {
-                Status::Delivered => Outcome::Delivered,
-                Status::Temporary => Outcome::Deferred,
-                Status::Permanent if o.code == "4.4.7" => Outcome::Expired,
-                Status::Permanent => Outcome::Bounced,
-            };
-            self.record(&msg, o.index, outcome, &update_of(o), now);
-            match o.status {
-                Status::Delivered => {
-                    finals.push(o.index);
-                    let _ = self.ledger.suppress.delivered(rcpt);
-                }
-                Status::Permanent => {
-                    finals.push(o.index);
-                    failed.push(o);
-                    // A remote 5xx about the mailbox is a hard bounce; enough in a row suppress it.
-                    if o.diagnostic.starts_with("smtp; 5") && o.code.starts_with("5.1.") {
-                        if let Ok(true) = self.ledger.suppress.hard_bounce(rcpt, now) {
-                            let who = self.ledger.log_rcpt(rcpt, &msg.envelope.sending_domain);
-                            tracing::info!(rcpt = %who, "suppressed after repeated hard bounces");
-                        }
+            self.record(&msg, o.index, ledger_outcome(o), &update_of(o), now);
+            if o.is_delivered() {
+                finals.push(o.index);
+                let _ = self.ledger.suppress.delivered(rcpt);
+            } else if o.is_permanent() {
+                finals.push(o.index);
+                failed.push(o);
+                // A remote 5xx about the mailbox is a hard bounce; enough in a row suppress it.
+                if o.is_hard_bounce() {
+                    if let Ok(true) = self.ledger.suppress.hard_bounce(rcpt, now) {
+                        let who = self.ledger.log_rcpt(rcpt, &msg.envelope.sending_domain);
+                        tracing::info!(rcpt = %who, "suppressed after repeated hard bounces");
                     }
                 }
-                Status::Temporary => sched.deferred(
+            } else {
+                sched.deferred(
                     o.index,
                     now,
                     &self.config.delivery.retry_schedule,
                     expires_at,
                     schedule::Failure {
-                        status: &o.code,
-                        diagnostic: &o.diagnostic,
+                        status: &o.status.to_string(),
+                        diagnostic: &o.diagnostic(),
                         remote: o.remote.as_deref(),
                     },
-                ),
+                );
             }
         }
 
@@ -292,10 +281,8 @@ impl Queue {
             self.notify_sender(&msg, bounce::Kind::Failure, &failed, now)
                 .await;
         }
-        let still_pending: Vec<&RcptOutcome> = outcomes
-            .iter()
-            .filter(|o| o.status == Status::Temporary)
-            .collect();
+        let still_pending: Vec<&RcptOutcome> =
+            outcomes.iter().filter(|o| o.is_transient()).collect();
         if let Some(after) = self.config.delivery.delay_warning {
             if !sched.warned
                 && !still_pending.is_empty()
@@ -375,12 +362,18 @@ impl Queue {
             tracing::info!(queue_id = %msg.id, "not notifying: the message had the null sender");
             return;
         }
+        // The notice's text fields, owned here and borrowed by the entries.
+        let texts: Vec<(String, String)> = outcomes
+            .iter()
+            .map(|o| (o.status.to_string(), o.diagnostic()))
+            .collect();
         let entries: Vec<bounce::Entry<'_>> = outcomes
             .iter()
-            .map(|o| bounce::Entry {
+            .zip(&texts)
+            .map(|(o, (status, diagnostic))| bounce::Entry {
                 rcpt: &msg.envelope.recipients[o.index],
-                status: &o.code,
-                diagnostic: &o.diagnostic,
+                status,
+                diagnostic,
                 remote: o.remote.as_deref(),
             })
             .collect();
@@ -428,20 +421,43 @@ impl Queue {
     }
 }
 
-fn expired(index: usize, r: &RcptSchedule) -> RcptOutcome {
-    let diagnostic = if r.last_diagnostic.is_empty() {
-        "x-postern; delivery time expired".to_string()
-    } else {
-        r.last_diagnostic.clone()
-    };
+/// A message being processed; dropping it marks the message finished in the index, also when
+/// the attempt is abandoned half way (shutdown): then it comes back after [`LOCAL_RETRY`].
+struct Running<'a> {
+    queue: &'a Queue,
+    id: QueueId,
+    /// `process` ran to its end and scheduled (or destroyed) the message itself.
+    decided: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let fallback = (!self.decided).then(|| self.queue.clock.now() + LOCAL_RETRY);
+        self.queue.lock().finish(self.id, fallback);
+        // A reschedule parked while it ran is now due: the dispatcher must look again.
+        self.queue.wake.notify_one();
+    }
+}
+
+/// The expiry of a recipient, reporting its last temporary failure.
+fn expired(r: &RcptSchedule) -> RcptOutcome {
+    let last = Some(r.last_diagnostic.clone()).filter(|d| !d.is_empty());
     RcptOutcome {
-        index,
-        status: Status::Permanent,
-        code: "4.4.7".into(),
-        diagnostic,
         remote: r.last_remote.clone(),
-        remote_ip: None,
-        tls: None,
+        ..RcptOutcome::expired(last)
+    }
+}
+
+/// How the ledger files an outcome.
+fn ledger_outcome(o: &RcptOutcome) -> Outcome {
+    if o.is_delivered() {
+        Outcome::Delivered
+    } else if o.is_expired() {
+        Outcome::Expired
+    } else if o.is_permanent() {
+        Outcome::Bounced
+    } else {
+        Outcome::Deferred
     }
 }
 
@@ -480,8 +496,8 @@ impl Queue {
 
 fn update_of(o: &RcptOutcome) -> Update {
     Update {
-        code: Some(o.code.clone()),
-        text: Some(o.diagnostic.clone()),
+        code: Some(o.status.to_string()),
+        text: Some(o.diagnostic()),
         remote_host: o.remote.clone(),
         remote_ip: o.remote_ip.map(|a| a.to_string()),
         tls: o.tls.as_ref().map(|t| t.version_cipher.clone()),
@@ -498,15 +514,13 @@ fn log_outcome(id: QueueId, rcpt: &str, o: &RcptOutcome) {
         .unwrap_or("none");
     let verified = o.tls.as_ref().is_some_and(|t| t.verified);
     let remote = o.remote.as_deref().unwrap_or("-");
-    match o.status {
-        Status::Delivered => {
-            tracing::info!(queue_id = %id, rcpt, remote, tls, verified, status = %o.code, "delivered")
-        }
-        Status::Temporary => {
-            tracing::info!(queue_id = %id, rcpt, remote, status = %o.code, "deferred")
-        }
-        Status::Permanent => {
-            tracing::info!(queue_id = %id, rcpt, remote, status = %o.code, "bounced")
-        }
+    // The status code only: the reply text may quote the address.
+    let status = o.status;
+    if o.is_delivered() {
+        tracing::info!(queue_id = %id, rcpt, remote, tls, verified, %status, "delivered")
+    } else if o.is_transient() {
+        tracing::info!(queue_id = %id, rcpt, remote, %status, "deferred")
+    } else {
+        tracing::info!(queue_id = %id, rcpt, remote, %status, "bounced")
     }
 }

@@ -19,6 +19,18 @@ pub struct Trace<'a> {
     pub date: chrono::DateTime<chrono::Utc>,
 }
 
+/// How many `Received:` fields a header section holds: the hop count of RFC 5321 6.3.
+/// Only field names at the start of a line count, never continuation lines or the body.
+pub fn hops(headers: &[u8]) -> usize {
+    headers
+        .split(|b| *b == b'\n')
+        .filter(|line| {
+            line.get(..9)
+                .is_some_and(|name| name.eq_ignore_ascii_case(b"received:"))
+        })
+        .count()
+}
+
 /// Renders the header, folded, with CRLF line endings.
 pub fn header(t: &Trace<'_>) -> String {
     // RFC 3848 (and RFC 6531 for UTF8SMTP) protocol names.
@@ -70,7 +82,15 @@ fn sanitize(helo: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use chrono::TimeZone;
+
+    #[test]
+    fn hop_count() {
+        let h = b"Received: from a\r\n\tby b\r\nX-Received: no\r\nRECEIVED: from c\r\n received: folded\r\n";
+        assert_eq!(hops(h), 2);
+        assert_eq!(hops(b""), 0);
+    }
 
     #[test]
     fn renders_protocol_tls_and_no_recipient() {

@@ -384,6 +384,14 @@ impl Session {
                 return Ok(());
             }
         };
+        // A mail loop (RFC 5321 6.3): refused here, before it is stored, so the previous hop
+        // bounces it; nothing of it stays with us.
+        let hops = received::hops(crate::bounce::headers(&body));
+        if hops >= self.ctx.config.limits.max_hops {
+            tracing::info!(hops, "refused: too many hops, mail loop");
+            self.reply(Reply::new(554, "5.4.6", "Too many hops: mail loop"));
+            return Ok(());
+        }
         let queue_id = id.to_string();
         let now = chrono::DateTime::from_timestamp(self.ctx.clock.now(), 0)
             .unwrap_or_else(chrono::Utc::now);
