@@ -17,6 +17,7 @@
 //!   CR/LF, size) and is used directly for BDAT chunks.
 //! - [`auth`]: decoding of AUTH PLAIN and LOGIN responses (RFC 4954, 4616).
 //! - [`reply`]: [`Reply`], rendered with RFC 3463 enhanced status codes.
+//! - [`proxy`]: PROXY protocol v1 and v2 headers from a load balancer.
 //!
 //! Policy that needs session state (command order, whether an extension was
 //! advertised, whether a non-ASCII address came with SMTPUTF8) belongs to the
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod command;
 pub mod data;
 pub mod line;
+pub mod proxy;
 pub mod reply;
 
 pub use address::{Address, AddressError};
