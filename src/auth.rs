@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 
 use crate::config::{AccountConfig, SenderPolicy};
@@ -93,10 +93,7 @@ impl Accounts {
     fn verify_blocking(&self, username: &str, password: &str) -> Option<Arc<Account>> {
         let account = self.accounts.get(username);
         let hash = account.map_or(DUMMY_HASH, |a| a.hash.as_str());
-        let parsed = PasswordHash::new(hash).ok()?;
-        let ok = Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
+        let ok = verify_in_place(hash, password.as_bytes());
         account.filter(|_| ok).cloned()
     }
 }
@@ -104,7 +101,7 @@ impl Accounts {
 /// Which queue of the [`CheckPool`] a check waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
-    /// A client with no recent failed login: served first.
+    /// A client with no recent failed login: served first, newest first.
     Clean,
     /// A client that failed recently: served when no clean check waits, so a guessing flood
     /// delays other guessers, not a legitimate login.
@@ -164,12 +161,17 @@ impl CheckPool {
     ) -> Option<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let _ = tx.send(f());
+            // The session is gone (client left, timeout): the check would be wasted.
+            if !tx.is_closed() {
+                let _ = tx.send(f());
+            }
         });
         {
             let mut q = self.shared.queues.lock().unwrap_or_else(|p| p.into_inner());
             match priority {
-                Priority::Clean => q.clean.push_back(job),
+                // Newest first: a flood from many fresh addresses queues ahead of a legitimate
+                // client only what arrives after it, not everything that came before.
+                Priority::Clean => q.clean.push_front(job),
                 Priority::Suspect => q.suspect.push_back(job),
             }
         }
@@ -206,6 +208,53 @@ fn worker(shared: &PoolShared) {
         };
         job();
     }
+}
+
+thread_local! {
+    /// Each pool thread's argon2 working memory, allocated once and reused for every check.
+    /// Allocating 19 MiB per check made glibc raise its trim threshold and keep freed blocks
+    /// in every malloc arena: hundreds of MiB resident under a guessing flood.
+    static MEMORY: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Verifies `password` against a PHC string, computing in this thread's reused memory; the
+/// comparison is constant-time ([`argon2::password_hash::Output`]'s equality).
+fn verify_in_place(hash: &str, password: &[u8]) -> bool {
+    use argon2::password_hash::Output;
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        argon2::Algorithm::try_from(parsed.algorithm),
+        argon2::Params::try_from(&parsed),
+    ) else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from) {
+        Some(Ok(v)) => v,
+        None => argon2::Version::default(),
+        Some(Err(_)) => return false,
+    };
+    let blocks = params.block_count();
+    let argon = Argon2::new(algorithm, version, params);
+    let mut out = vec![0u8; expected.len()];
+    MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        argon
+            .hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+            .is_ok()
+            && Output::new(&out).is_ok_and(|o| o == expected)
+    })
 }
 
 /// argon2id of a random string, with the default parameters: burnt for unknown users.
