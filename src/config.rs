@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The committed `config.toml`, used when `postern serve` is given no `--config`.
 pub const EMBEDDED_DEFAULTS: &str = include_str!("../config.toml");
@@ -77,6 +77,10 @@ pub struct ServerConfig {
     /// Addresses this host sends from, for the SPF record `postern dns-records` suggests.
     #[serde(default)]
     pub public_addresses: Vec<IpAddr>,
+    /// More `[[account]]` entries, in a file of their own that `postern account` edits and
+    /// SIGHUP reloads. A missing file holds no accounts.
+    #[serde(default)]
+    pub accounts_file: Option<PathBuf>,
     /// After SIGTERM, open sessions and queue work get this long; outbound attempts in flight
     /// are abandoned at once (their mail stays in the spool and is retried after restart).
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
@@ -105,6 +109,14 @@ pub enum ListenerMode {
 pub struct ListenerConfig {
     pub addr: SocketAddr,
     pub mode: ListenerMode,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from a load balancer,
+    /// whose client address then stands for the connection. Connections without one, or
+    /// from an address not in `proxy_from`, are refused.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The load balancers' addresses (CIDR); required with `proxy_protocol`.
+    #[serde(default)]
+    pub proxy_from: Vec<IpNet>,
 }
 
 /// `[tls]`: the server certificate. When neither file exists a self-signed pair is generated.
@@ -140,14 +152,38 @@ pub struct RelayConfig {
     /// Clients that may relay without AUTH on a relay listener.
     #[serde(default = "default_networks")]
     pub networks: Vec<IpNet>,
+    /// The sender rules and limits for those clients (counted per client address).
+    #[serde(default)]
+    pub sender_domains: Vec<String>,
+    #[serde(default)]
+    pub messages_per_hour: Option<u64>,
+    #[serde(default)]
+    pub recipients_per_message: Option<u64>,
+    #[serde(default)]
+    pub recipients_per_hour: Option<u64>,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             networks: default_networks(),
+            sender_domains: Vec::new(),
+            messages_per_hour: None,
+            recipients_per_message: None,
+            recipients_per_hour: None,
         }
     }
+}
+
+/// Which senders a client may use and how much it may send: an account's, or the relay
+/// networks'. Empty `sender_domains` and unset limits allow anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderPolicy {
+    /// Domains (exact, lowercase) allowed in MAIL FROM and in the `From:` header.
+    pub sender_domains: Vec<String>,
+    pub messages_per_hour: Option<u64>,
+    pub recipients_per_message: Option<u64>,
+    pub recipients_per_hour: Option<u64>,
 }
 
 fn default_networks() -> Vec<IpNet> {
@@ -158,6 +194,16 @@ fn default_networks() -> Vec<IpNet> {
 }
 
 impl RelayConfig {
+    /// The rules for unauthenticated relay clients.
+    pub fn policy(&self) -> SenderPolicy {
+        SenderPolicy {
+            sender_domains: lowercase(&self.sender_domains),
+            messages_per_hour: self.messages_per_hour,
+            recipients_per_message: self.recipients_per_message,
+            recipients_per_hour: self.recipients_per_hour,
+        }
+    }
+
     /// Whether `ip` may relay without authenticating.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = match ip {
@@ -205,6 +251,33 @@ pub struct LimitsConfig {
     /// `554 5.4.6` (RFC 5321 6.3: a mail loop); Postfix's `hopcount_limit` is 50 too.
     #[serde(default = "default_max_hops")]
     pub max_hops: usize,
+    /// Concurrent connections from one client address (IPv6: one /64); more get `421 4.7.0`.
+    /// Clients in `relay.networks` are exempt, as from the next key.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// New connections per minute from one client address; more get `421 4.7.0`.
+    #[serde(default = "default_connections_per_ip_per_minute")]
+    pub connections_per_ip_per_minute: u64,
+    /// A whole session, however busy, ends with `421 4.4.2` after this long.
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// NOOP, RSET, VRFY, HELP, EHLO and HELO allowed between two accepted messages; the next
+    /// one ends the session with `421 4.7.0`.
+    #[serde(default = "default_max_idle_commands")]
+    pub max_idle_commands: usize,
+    /// Failed AUTH attempts from one client address before it is refused (`421 4.7.0`) until
+    /// `auth_cooldown` has passed since its last failure.
+    #[serde(default = "default_max_auth_failures")]
+    pub max_auth_failures: u64,
+    #[serde(default = "default_auth_cooldown", with = "humantime_serde")]
+    pub auth_cooldown: Duration,
+    /// Wait before replying to a failed AUTH; doubles with each further failure from the same
+    /// address, up to 30 s.
+    #[serde(default = "default_auth_failure_delay", with = "humantime_serde")]
+    pub auth_failure_delay: Duration,
+    /// Threads for password checks; 0: one per core.
+    #[serde(default)]
+    pub auth_threads: usize,
 }
 
 impl Default for LimitsConfig {
@@ -218,8 +291,38 @@ impl Default for LimitsConfig {
             max_errors: default_max_errors(),
             line_endings: default_line_endings(),
             max_hops: default_max_hops(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            connections_per_ip_per_minute: default_connections_per_ip_per_minute(),
+            session_timeout: default_session_timeout(),
+            max_idle_commands: default_max_idle_commands(),
+            max_auth_failures: default_max_auth_failures(),
+            auth_cooldown: default_auth_cooldown(),
+            auth_failure_delay: default_auth_failure_delay(),
+            auth_threads: 0,
         }
     }
+}
+
+fn default_max_connections_per_ip() -> usize {
+    20
+}
+fn default_connections_per_ip_per_minute() -> u64 {
+    60
+}
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_idle_commands() -> usize {
+    100
+}
+fn default_max_auth_failures() -> u64 {
+    5
+}
+fn default_auth_cooldown() -> Duration {
+    Duration::from_secs(900)
+}
+fn default_auth_failure_delay() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_max_message_size() -> usize {
@@ -268,13 +371,80 @@ fn default_segment_size() -> u64 {
     64 << 20
 }
 
-/// `[[account]]`: an SMTP AUTH identity.
-#[derive(Debug, Clone, Deserialize)]
+/// `[[account]]`: an SMTP AUTH identity, with what it may send.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     pub username: String,
-    /// An argon2 PHC string (`postern account hash` prints one); never the password itself.
+    /// An argon2id PHC string (`postern account add` or `hash` makes one); never the password.
     pub password_hash: String,
+    /// Client addresses (CIDR) this account may log in from; empty: anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ips: Vec<IpNet>,
+    /// Domains allowed in MAIL FROM and `From:`; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sender_domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_hour: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_per_message: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_per_hour: Option<u64>,
+}
+
+impl AccountConfig {
+    /// The account's sender rules and limits.
+    pub fn policy(&self) -> SenderPolicy {
+        SenderPolicy {
+            sender_domains: lowercase(&self.sender_domains),
+            messages_per_hour: self.messages_per_hour,
+            recipients_per_message: self.recipients_per_message,
+            recipients_per_hour: self.recipients_per_hour,
+        }
+    }
+}
+
+fn lowercase(domains: &[String]) -> Vec<String> {
+    domains
+        .iter()
+        .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+        .collect()
+}
+
+/// The accounts file (`server.accounts_file`): `[[account]]` entries and nothing else.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsFile {
+    #[serde(default, rename = "account")]
+    pub accounts: Vec<AccountConfig>,
+}
+
+impl AccountsFile {
+    /// Reads the file; a missing file is an empty one.
+    pub fn load(path: &Path) -> Result<AccountsFile, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The file's text (comments are not kept).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Invalid {
+            key: "account".into(),
+            reason: e.to_string(),
+        })
+    }
 }
 
 /// How hard outbound delivery insists on TLS.
@@ -587,6 +757,50 @@ pub struct DkimKeyConfig {
     pub subdomains: bool,
 }
 
+fn is_domain(s: &str) -> bool {
+    let s = s.trim_end_matches('.');
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+/// Checks `[[account]]` entries, from the config and the accounts file together.
+pub fn validate_accounts(accounts: &[AccountConfig]) -> Result<(), ConfigError> {
+    let invalid = |key: String, reason: &str| {
+        Err(ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        })
+    };
+    for (i, account) in accounts.iter().enumerate() {
+        let name = &account.username;
+        if name.is_empty() || name.chars().any(char::is_control) {
+            return invalid(format!("account[{i}].username"), "must be non-empty text");
+        }
+        if accounts[..i].iter().any(|a| &a.username == name) {
+            return invalid(format!("account[{i}].username"), "is defined twice");
+        }
+        let argon2id = argon2::PasswordHash::new(&account.password_hash)
+            .is_ok_and(|h| h.algorithm.as_str() == "argon2id");
+        if !argon2id {
+            return invalid(
+                format!("account[{i}].password_hash"),
+                "is not an argon2id PHC string (make one with `postern account hash`)",
+            );
+        }
+        for (j, d) in account.sender_domains.iter().enumerate() {
+            if !is_domain(d) {
+                return invalid(
+                    format!("account[{i}].sender_domains[{j}]"),
+                    "must be a domain name",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -614,6 +828,10 @@ impl Config {
             message: e.to_string(),
         })?;
         config.base_dir = base_dir.to_path_buf();
+        if let Some(file) = &config.server.accounts_file {
+            let more = AccountsFile::load(&config.path(file))?;
+            config.accounts.extend(more.accounts);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -645,6 +863,14 @@ impl Config {
                 );
             }
         }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.proxy_protocol && l.proxy_from.is_empty() {
+                return invalid(
+                    &format!("listener[{i}].proxy_from"),
+                    "proxy_protocol needs the load balancers' addresses",
+                );
+            }
+        }
         let limits = &self.limits;
         if limits.max_message_size < 1024 {
             return invalid("limits.max_message_size", "must be at least 1024 bytes");
@@ -657,8 +883,19 @@ impl Config {
         }
         if limits.command_timeout < Duration::from_secs(1)
             || limits.data_timeout < Duration::from_secs(1)
+            || limits.session_timeout < Duration::from_secs(1)
         {
             return invalid("limits", "timeouts must be at least one second");
+        }
+        if limits.max_connections_per_ip == 0
+            || limits.connections_per_ip_per_minute == 0
+            || limits.max_idle_commands == 0
+            || limits.max_auth_failures == 0
+        {
+            return invalid("limits", "per-client limits must be at least 1");
+        }
+        if limits.auth_cooldown < Duration::from_secs(1) {
+            return invalid("limits.auth_cooldown", "must be at least one second");
         }
         if self.spool.segment_size < 1 << 20 {
             return invalid("spool.segment_size", "must be at least 1 MiB");
@@ -738,14 +975,12 @@ impl Config {
                 );
             }
         }
-        for (i, account) in self.accounts.iter().enumerate() {
-            if account.username.is_empty() {
-                return invalid(&format!("account[{i}].username"), "must not be empty");
-            }
-            if argon2::PasswordHash::new(&account.password_hash).is_err() {
+        validate_accounts(&self.accounts)?;
+        for (i, d) in self.relay.sender_domains.iter().enumerate() {
+            if !is_domain(d) {
                 return invalid(
-                    &format!("account[{i}].password_hash"),
-                    "is not an argon2 PHC string (make one with `postern account hash`)",
+                    &format!("relay.sender_domains[{i}]"),
+                    "must be a domain name",
                 );
             }
         }

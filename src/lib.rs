@@ -6,7 +6,8 @@
 //! - [`config`]: `config.toml`, its defaults and validation.
 //! - [`proto`]: the SMTP wire protocol as pure, I/O-free parsing (fuzzed in `fuzz/`).
 //! - [`server`]: listeners and sessions; drives `proto` over TCP and TLS.
-//! - [`auth`]: SMTP accounts (argon2). [`tls`]: the inbound certificate.
+//! - [`auth`]: SMTP accounts (argon2) and the password-check pool. [`tls`]: the inbound certificate.
+//! - [`limits`]: counters for failed logins, connection rates and sending limits, behind a trait.
 //! - [`dkim`]: signing with mail-auth, key generation, the DNS records to publish.
 //! - [`spool`]: encrypted append-only segments with group commit; `250` only after fdatasync.
 //! - [`queue`]: due times, retries, expiry, notices; [`clock`] makes its time injectable.
@@ -38,6 +39,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod ledger;
+pub mod limits;
 pub mod proto;
 pub mod queue;
 pub mod server;

@@ -33,10 +33,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// SMTP accounts.
+    /// SMTP accounts in the accounts file (`server.accounts_file`); SIGHUP makes the
+    /// running daemon read it again.
     Account {
         #[command(subcommand)]
         command: AccountCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
     },
     /// DKIM keys.
     Dkim {
@@ -124,8 +127,24 @@ enum DkimCommand {
 
 #[derive(Subcommand)]
 enum AccountCommand {
-    /// Reads a password from standard input and prints its argon2 hash for `[[account]]`.
+    /// Reads a password from standard input and prints its argon2id hash for `[[account]]`.
     Hash,
+    /// Adds an account; the password is asked for (or read from standard input).
+    Add {
+        name: String,
+        /// A network it may log in from (CIDR; repeat for more); default anywhere.
+        #[arg(long = "allowed-ip")]
+        allowed_ips: Vec<ipnet::IpNet>,
+        /// A domain it may send from (repeat for more); default any.
+        #[arg(long = "sender-domain")]
+        sender_domains: Vec<String>,
+    },
+    /// Sets a new password for an account.
+    Passwd { name: String },
+    /// Removes an account.
+    Remove { name: String },
+    /// Lists the accounts of the accounts file and the configuration, without hashes.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -135,7 +154,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(config),
         Command::Account {
             command: AccountCommand::Hash,
+            ..
         } => hash_password(),
+        Command::Account { command, config } => account(config, command),
         Command::Dkim {
             command:
                 DkimCommand::Keygen {
@@ -182,6 +203,123 @@ fn hash_password() -> anyhow::Result<()> {
     let password = line.trim_end_matches(['\r', '\n']);
     anyhow::ensure!(!password.is_empty(), "no password on standard input");
     println!("{}", postern::auth::hash_password(password)?);
+    Ok(())
+}
+
+/// Reads a password: from a prompt without echo on a terminal, else one line of stdin.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdin().is_terminal();
+    let stty = |arg: &str| {
+        let _ = std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .status();
+    };
+    if terminal {
+        eprint!("Password: ");
+        std::io::stderr().flush()?;
+        stty("-echo");
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if terminal {
+        stty("echo");
+        eprintln!();
+    }
+    read?;
+    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    Ok(password)
+}
+
+/// Edits the accounts file: read, change, validate with the configuration's own accounts,
+/// then replace it atomically (mode 0600).
+fn account(config: Option<PathBuf>, command: AccountCommand) -> anyhow::Result<()> {
+    use postern::config::{validate_accounts, AccountConfig, AccountsFile};
+    let config = load(config)?;
+    let path = config.server.accounts_file.as_ref().map(|p| config.path(p));
+    let path =
+        path.ok_or_else(|| anyhow::anyhow!("set server.accounts_file in the configuration first"))?;
+    let mut file = AccountsFile::load(&path)?;
+    // Config::parse appends the file's accounts after the configuration's own.
+    let inline = config.accounts.len() - file.accounts.len();
+    let position = |file: &AccountsFile, name: &str| {
+        file.accounts
+            .iter()
+            .position(|a| a.username == name)
+            .ok_or_else(|| anyhow::anyhow!("no account {name:?} in {}", path.display()))
+    };
+    match command {
+        AccountCommand::Hash => unreachable!("handled in main"),
+        AccountCommand::List => {
+            list_accounts(&config.accounts);
+            return Ok(());
+        }
+        AccountCommand::Add {
+            name,
+            allowed_ips,
+            sender_domains,
+        } => {
+            anyhow::ensure!(
+                !config.accounts.iter().any(|a| a.username == name),
+                "account {name:?} already exists"
+            );
+            file.accounts.push(AccountConfig {
+                username: name,
+                password_hash: postern::auth::hash_password(&read_password()?)?,
+                allowed_ips,
+                sender_domains,
+                ..Default::default()
+            });
+        }
+        AccountCommand::Passwd { name } => {
+            let i = position(&file, &name)?;
+            file.accounts[i].password_hash = postern::auth::hash_password(&read_password()?)?;
+        }
+        AccountCommand::Remove { name } => {
+            let i = position(&file, &name)?;
+            file.accounts.remove(i);
+        }
+    }
+    let mut all = config.accounts[..inline].to_vec();
+    all.extend(file.accounts.iter().cloned());
+    validate_accounts(&all)?;
+    write_private(&path, &file.to_toml()?)?;
+    println!(
+        "{} updated; send SIGHUP to the daemon to apply",
+        path.display()
+    );
+    Ok(())
+}
+
+fn list_accounts(accounts: &[postern::config::AccountConfig]) {
+    for a in accounts {
+        let ips: Vec<String> = a.allowed_ips.iter().map(|n| n.to_string()).collect();
+        println!(
+            "{}\tallowed_ips=[{}]\tsender_domains=[{}]",
+            a.username,
+            ips.join(","),
+            a.sender_domains.join(",")
+        );
+    }
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, mode 0600.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
 

@@ -20,6 +20,7 @@
 //! - [`reply`]: [`Reply`], rendered with RFC 3463 enhanced status codes.
 //! - [`response`]: the other direction, for the SMTP client: [`parse_response`] reads a
 //!   remote server's [`Response`] and its [`EnhancedStatusCode`].
+//! - [`proxy`]: PROXY protocol v1 and v2 headers from a load balancer.
 //!
 //! Policy that needs session state (command order, whether an extension was
 //! advertised, whether a non-ASCII address came with SMTPUTF8) belongs to the
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod command;
 pub mod data;
 pub mod line;
+pub mod proxy;
 pub mod reply;
 pub mod response;
 

@@ -5,6 +5,9 @@
 //! `127.0.0.1:0` and learn the ports. [`Server::run`] accepts until the cancellation token
 //! fires, then waits for sessions to finish their current transaction.
 
+mod admit;
+mod policy;
+mod proxy;
 mod received;
 mod session;
 mod stream;
@@ -21,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Accounts;
-use crate::config::{Config, ListenerMode};
+use crate::config::{Config, ListenerConfig, ListenerMode};
 use crate::queue::Queue;
 use crate::spool::Spool;
 
@@ -49,6 +52,12 @@ pub(crate) struct Context {
     pub clock: Arc<dyn crate::clock::Clock>,
     /// Fires on shutdown: sessions between commands say 421 and close.
     pub shutdown: CancellationToken,
+    /// Failed logins, connection rates and sending limits.
+    pub limits: Arc<dyn crate::limits::LimitStore>,
+    /// Password checks run here, never on the reactor or the shared blocking pool.
+    pub auth_pool: crate::auth::CheckPool,
+    /// Open connections per client address.
+    pub(crate) open: Arc<admit::OpenConnections>,
 }
 
 /// What a reload replaces without a restart. A session takes a snapshot when it starts, so it
@@ -112,7 +121,7 @@ pub struct Parts {
 /// A server with its listeners bound.
 pub struct Server {
     ctx: Arc<Context>,
-    listeners: Vec<(TcpListener, ListenerMode)>,
+    listeners: Vec<(TcpListener, ListenerConfig)>,
 }
 
 impl Server {
@@ -135,9 +144,13 @@ impl Server {
                     addr: l.addr,
                     source,
                 })?;
-            listeners.push((listener, l.mode));
+            listeners.push((listener, l.clone()));
         }
         let accounts = Arc::new(Accounts::from_config(&config.accounts));
+        let auth_pool = match config.limits.auth_threads {
+            0 => crate::auth::CheckPool::per_core(),
+            n => crate::auth::CheckPool::new(n),
+        };
         Ok(Server {
             ctx: Arc::new(Context {
                 config,
@@ -151,6 +164,9 @@ impl Server {
                 ledger,
                 clock,
                 shutdown,
+                limits: Arc::new(crate::limits::LocalLimits::default()),
+                auth_pool,
+                open: Arc::default(),
             }),
             listeners,
         })
@@ -167,7 +183,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<(SocketAddr, ListenerMode)> {
         self.listeners
             .iter()
-            .filter_map(|(l, m)| l.local_addr().ok().map(|a| (a, *m)))
+            .filter_map(|(l, c)| l.local_addr().ok().map(|a| (a, c.mode)))
             .collect()
     }
 
@@ -176,12 +192,18 @@ impl Server {
         let sessions = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.ctx.config.limits.max_connections));
         let mut accept_loops = Vec::new();
-        for (listener, mode) in self.listeners {
+        for (listener, config) in self.listeners {
             let ctx = self.ctx.clone();
             let sessions = sessions.clone();
             let slots = slots.clone();
+            let how = session::Listener {
+                mode: config.mode,
+                proxy_from: config
+                    .proxy_protocol
+                    .then(|| Arc::from(config.proxy_from.as_slice())),
+            };
             accept_loops.push(tokio::spawn(accept_loop(
-                ctx, listener, mode, sessions, slots,
+                ctx, listener, how, sessions, slots,
             )));
         }
         for l in accept_loops {
@@ -200,7 +222,7 @@ impl Server {
 async fn accept_loop(
     ctx: Arc<Context>,
     listener: TcpListener,
-    mode: ListenerMode,
+    how: session::Listener,
     sessions: TaskTracker,
     slots: Arc<Semaphore>,
 ) {
@@ -222,8 +244,9 @@ async fn accept_loop(
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let ctx = ctx.clone();
+                let how = how.clone();
                 sessions.spawn(async move {
-                    session::run(ctx, socket, peer, mode).await;
+                    session::run(ctx, socket, peer, how).await;
                     drop(permit);
                 });
             }

@@ -1,7 +1,14 @@
 //! One SMTP session: the state machine that drives [`crate::proto`] over a connection.
 //!
 //! Replies to pipelined commands are collected and flushed only when the input holds no further
-//! complete command (RFC 2920), so a pipelining client costs one write per batch.
+//! complete command (RFC 2920), so a pipelining client costs one write per batch. Input is read
+//! only once every complete command in hand has been answered, and pending replies are written
+//! out once they pass [`MAX_PENDING_OUTPUT`], so a client that sends without reading stalls on
+//! its own full socket buffer instead of growing ours.
+//!
+//! Hostile clients meet, besides the per-read timeouts: a deadline for the whole session, a
+//! budget of commands that do no work (NOOP, RSET, VRFY, HELP, EHLO, HELO), and for AUTH a
+//! per-address count of failures with a cool-down and a growing delay before each refusal.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,11 +18,14 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::policy::Sender;
 use super::received::{self, Trace};
 use super::stream::Stream;
 use super::Context;
+use crate::auth::Priority;
 use crate::config::{LineEndingPolicy, ListenerMode};
 use crate::ledger::Signing;
+use crate::limits::{client_key, retry_text, LimitKey};
 use crate::proto::{
     self, AuthMechanism, BodyChecker, BodyLimits, BodyType, Command, CommandFramer, DataDecoder,
     FramedLine, LineEndings, MailParams, Reply, ReversePath,
@@ -31,6 +41,17 @@ enum End {
 }
 
 type Flow = Result<(), End>;
+
+/// RFC 4954 4: an AUTH command or response line may be up to 12,288 octets, CRLF included;
+/// every other command keeps the 512-octet limit.
+const MAX_AUTH_LINE: usize = 12_288;
+
+/// Replies held for a client that pipelines; past this they are written out before any more
+/// input is processed.
+const MAX_PENDING_OUTPUT: usize = 64 * 1024;
+
+/// The longest wait before a failed AUTH is answered.
+const MAX_AUTH_DELAY: Duration = Duration::from_secs(30);
 
 /// The envelope being built between MAIL and the end of DATA/BDAT.
 struct Transaction {
@@ -56,17 +77,45 @@ struct Session {
     /// Version and cipher once TLS is up.
     tls: Option<String>,
     auth_user: Option<String>,
+    /// The account logged in as: its sender rules and limits apply.
+    account: Option<Arc<crate::auth::Account>>,
     tx: Option<Transaction>,
     errors: usize,
+    /// Commands that did no work since the last accepted message.
+    idle_commands: usize,
+    /// The session ends when this passes, however active it is.
+    deadline: tokio::time::Instant,
+}
+
+/// How a listener treats its connections.
+#[derive(Clone)]
+pub(super) struct Listener {
+    pub mode: ListenerMode,
+    /// Set on a PROXY-protocol listener: the balancers allowed to send the header.
+    pub proxy_from: Option<Arc<[ipnet::IpNet]>>,
 }
 
 /// Runs a session to its end. Never panics on client input; errors end in a reply or a close.
 pub(super) async fn run(
     ctx: Arc<Context>,
-    socket: TcpStream,
+    mut socket: TcpStream,
     peer: SocketAddr,
-    mode: ListenerMode,
+    listener: Listener,
 ) {
+    let mode = listener.mode;
+    // Behind a balancer, the client is the one the PROXY header names, for everything below.
+    let peer = match &listener.proxy_from {
+        None => peer,
+        Some(proxies) => match super::proxy::client_address(&mut socket, peer, proxies).await {
+            Ok(client) => client,
+            Err(reply) => return refuse(socket, reply).await,
+        },
+    };
+    let _slot = match super::admit::admit(&ctx, peer.ip()) {
+        Ok(slot) => slot,
+        Err(reply) => return refuse(socket, reply).await,
+    };
+    let deadline = tokio::time::Instant::now() + ctx.config.limits.session_timeout;
     let mut s = Session {
         live: ctx.live(),
         ctx,
@@ -75,13 +124,16 @@ pub(super) async fn run(
         stream: Stream::Plain(socket),
         input: BytesMut::with_capacity(4096),
         output: Vec::with_capacity(1024),
-        framer: CommandFramer::new(proto::MAX_COMMAND_LINE),
+        framer: CommandFramer::new(MAX_AUTH_LINE),
         helo: None,
         esmtp: false,
         tls: None,
         auth_user: None,
+        account: None,
         tx: None,
         errors: 0,
+        idle_commands: 0,
+        deadline,
     };
     tracing::debug!(peer = %peer.ip(), ?mode, "connection");
     if mode == ListenerMode::Submissions && s.start_tls().await.is_err() {
@@ -98,15 +150,54 @@ pub(super) async fn run(
     let _ = s.stream.shutdown().await;
 }
 
+/// Answers a connection that may not be served, and closes it. What the client already sent
+/// is read and dropped for a moment (a "lingering close"): closing with unread input makes
+/// the kernel send a reset, which can destroy the reply before the client reads it.
+async fn refuse(mut socket: TcpStream, reply: Reply) {
+    let mut out = Vec::new();
+    reply.write_to(&mut out);
+    let close = async {
+        socket.write_all(&out).await?;
+        socket.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match socket.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+}
+
+/// How long to wait before answering the `strikes`-th failed AUTH from an address: `base`,
+/// doubled for each earlier failure, at most [`MAX_AUTH_DELAY`].
+fn auth_failure_delay(strikes: u64, base: Duration) -> Duration {
+    let doublings = strikes.saturating_sub(1).min(16) as u32;
+    base.saturating_mul(1 << doublings).min(MAX_AUTH_DELAY)
+}
+
+/// True for an over-long command line that RFC 4954 allows: AUTH, up to [`MAX_AUTH_LINE`].
+fn is_auth_line(line: &[u8]) -> bool {
+    line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ")
+}
+
 impl Session {
     async fn serve(&mut self) -> Flow {
         loop {
             while let Some(framed) = self.framer.next_line(&mut self.input) {
                 match framed {
-                    FramedLine::TooLong => {
-                        self.error(Reply::new(500, "5.5.2", "Line too long"))?;
+                    FramedLine::Line(line)
+                        if line.len() + 2 <= proto::MAX_COMMAND_LINE || is_auth_line(&line) =>
+                    {
+                        self.command(&line).await?
                     }
-                    FramedLine::Line(line) => self.command(&line).await?,
+                    _ => self.error(Reply::new(500, "5.5.2", "Line too long"))?,
+                }
+                if self.output.len() > MAX_PENDING_OUTPUT {
+                    self.flush().await?;
                 }
             }
             self.flush().await?;
@@ -119,6 +210,17 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.error(e.reply()),
         };
+        if matches!(
+            command,
+            Command::Noop
+                | Command::Rset
+                | Command::Vrfy
+                | Command::Help
+                | Command::Ehlo(_)
+                | Command::Helo(_)
+        ) {
+            self.idle_command()?;
+        }
         match command {
             Command::Ehlo(name) => self.hello(name, true),
             Command::Helo(name) => self.hello(name, false),
@@ -155,6 +257,21 @@ impl Session {
             Command::StartTls => self.starttls().await,
             Command::Auth { mechanism, initial } => self.auth(mechanism, initial).await,
         }
+    }
+
+    /// Counts a command that does no work; past the budget the session ends.
+    fn idle_command(&mut self) -> Flow {
+        self.idle_commands += 1;
+        if self.idle_commands <= self.ctx.config.limits.max_idle_commands {
+            return Ok(());
+        }
+        tracing::info!(peer = %self.peer.ip(), "too many commands without a message; closing");
+        self.reply(Reply::new(
+            421,
+            "4.7.0",
+            "Too many commands without a message; closing connection",
+        ));
+        Err(End::Closed)
     }
 
     fn hello(&mut self, name: String, esmtp: bool) -> Flow {
@@ -204,6 +321,21 @@ impl Session {
         }
         if (params.body.is_some() || params.smtputf8) && !self.esmtp {
             return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
+        }
+        if let Some(sender) = self.sender() {
+            let domain = match &from {
+                ReversePath::Null => None,
+                ReversePath::Address(a) => Some(a.domain_lowercase()),
+            };
+            if let Err(refusal) = sender.check_mail_from(domain.as_deref()) {
+                tracing::info!(peer = %self.peer.ip(), "refused: sender domain not allowed");
+                return self.error(refusal);
+            }
+            if let Err(refusal) = sender.count_message(&*self.ctx.limits, self.ctx.clock.now()) {
+                tracing::info!(peer = %self.peer.ip(), "deferred: messages per hour");
+                self.reply(refusal);
+                return Ok(());
+            }
         }
         let from = match from {
             ReversePath::Null => String::new(),
@@ -266,6 +398,18 @@ impl Session {
             self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
             return Ok(());
         }
+        let so_far = tx.rcpts.len();
+        if let Some(sender) = self.sender() {
+            let counted = sender.count_recipient(&*self.ctx.limits, so_far, now);
+            if let Err(refusal) = counted {
+                tracing::info!(peer = %self.peer.ip(), "deferred: recipient limit");
+                self.reply(refusal);
+                return Ok(());
+            }
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
+        };
         tx.rcpts.push(rcpt);
         self.reply(Reply::new(250, "2.1.5", "Recipient OK"));
         Ok(())
@@ -408,6 +552,14 @@ impl Session {
         });
         // Parsed once here; DKIM signs for the same domain.
         let from_domain = crate::dkim::from_domain(crate::bounce::headers(&body));
+        // Before signing: DKIM then signs only for domains the sender may use.
+        let allowed = self
+            .sender()
+            .map(|s| s.check_from_header(from_domain.as_deref()));
+        if let Some(Err(refusal)) = allowed {
+            tracing::info!(peer = %self.peer.ip(), "refused: From: domain not allowed");
+            return self.error(refusal);
+        }
         let sending_domain = from_domain
             .clone()
             .or_else(|| tx.from.rsplit_once('@').map(|(_, d)| d.to_lowercase()))
@@ -443,6 +595,7 @@ impl Session {
                     tracing::error!(queue_id = %queue_id, error = %e, "ledger write failed");
                 }
                 self.ctx.queue.submitted(id);
+                self.idle_commands = 0;
                 tracing::info!(
                     peer = %self.peer.ip(),
                     queue_id = %queue_id,
@@ -531,6 +684,7 @@ impl Session {
         self.esmtp = false;
         self.tx = None;
         self.auth_user = None;
+        self.account = None;
         Ok(())
     }
 
@@ -570,13 +724,18 @@ impl Session {
         if self.auth_user.is_some() || self.tx.is_some() {
             return self.error(Reply::new(503, "5.5.1", "AUTH not allowed now"));
         }
+        let failures = LimitKey::AuthFailures(client_key(self.peer.ip()));
+        let (strikes, until) = self.ctx.limits.strikes(&failures, self.ctx.clock.now());
+        if strikes >= self.ctx.config.limits.max_auth_failures {
+            return self.auth_locked(until);
+        }
         let credentials = match mechanism {
             AuthMechanism::Plain => {
                 let response = match initial {
                     Some(r) => r,
                     None => match self.challenge("").await? {
-                        Some(r) => r,
-                        None => return self.auth_cancelled(),
+                        Ok(r) => r,
+                        Err(refusal) => return self.error(refusal),
                     },
                 };
                 // "=" is an empty initial response (RFC 4954 section 4).
@@ -591,12 +750,13 @@ impl Session {
                 let user = match initial {
                     Some(r) => r,
                     None => match self.challenge("VXNlcm5hbWU6").await? {
-                        Some(r) => r,
-                        None => return self.auth_cancelled(),
+                        Ok(r) => r,
+                        Err(refusal) => return self.error(refusal),
                     },
                 };
-                let Some(pass) = self.challenge("UGFzc3dvcmQ6").await? else {
-                    return self.auth_cancelled();
+                let pass = match self.challenge("UGFzc3dvcmQ6").await? {
+                    Ok(r) => r,
+                    Err(refusal) => return self.error(refusal),
                 };
                 proto::decode_base64_text(&user)
                     .and_then(|u| Ok((u, proto::decode_base64_text(&pass)?)))
@@ -606,36 +766,96 @@ impl Session {
             Ok(c) => c,
             Err(e) => return self.error(e.reply()),
         };
-        if self.live.accounts.verify(&user, &pass).await {
-            tracing::info!(peer = %self.peer.ip(), "authenticated");
-            self.auth_user = Some(user);
-            self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
-            Ok(())
+        let priority = if strikes == 0 {
+            Priority::Clean
         } else {
-            tracing::warn!(peer = %self.peer.ip(), "authentication failed");
-            self.error(Reply::new(
-                535,
-                "5.7.8",
-                "Authentication credentials invalid",
-            ))
+            Priority::Suspect
+        };
+        let accounts = self.live.accounts.clone();
+        let pool = &self.ctx.auth_pool;
+        match accounts.verify(pool, priority, &user, &pass).await {
+            Some(account) if account.allows_ip(self.peer.ip()) => {
+                tracing::info!(peer = %self.peer.ip(), "authenticated");
+                self.auth_user = Some(user);
+                self.account = Some(account);
+                self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
+                Ok(())
+            }
+            Some(account) => {
+                tracing::warn!(peer = %self.peer.ip(), account = %account.username, "login refused: address not in the account's allowed_ips");
+                self.auth_failed(&failures).await
+            }
+            None => self.auth_failed(&failures).await,
         }
     }
 
-    fn auth_cancelled(&mut self) -> Flow {
-        self.error(Reply::new(501, "5.7.0", "Authentication cancelled"))
+    /// The sender rules in force: the account's after AUTH, the relay networks' for a client
+    /// relaying without it, none otherwise.
+    fn sender(&self) -> Option<Sender> {
+        if let Some(account) = &self.account {
+            return Some(Sender::account(&account.username, &account.policy));
+        }
+        let relay = &self.ctx.config.relay;
+        relay
+            .allows(self.peer.ip())
+            .then(|| Sender::relay(self.peer.ip(), &relay.policy()))
     }
 
-    /// Sends a 334 challenge and reads one response line; None when the client sent `*`.
-    async fn challenge(&mut self, text: &str) -> Result<Option<String>, End> {
+    /// Counts a failed login against the client's address and answers it after a delay
+    /// that grows with each failure; the failure that reaches the limit closes the session.
+    async fn auth_failed(&mut self, failures: &LimitKey) -> Flow {
+        let limits = &self.ctx.config.limits;
+        let cooldown = limits.auth_cooldown.as_secs() as i64;
+        let strikes = self
+            .ctx
+            .limits
+            .strike(failures, cooldown, self.ctx.clock.now());
+        tracing::warn!(peer = %self.peer.ip(), strikes, "authentication failed");
+        tokio::time::sleep(auth_failure_delay(strikes, limits.auth_failure_delay)).await;
+        if strikes >= limits.max_auth_failures {
+            let (_, until) = self.ctx.limits.strikes(failures, self.ctx.clock.now());
+            return self.auth_locked(until);
+        }
+        self.error(Reply::new(
+            535,
+            "5.7.8",
+            "Authentication credentials invalid",
+        ))
+    }
+
+    /// Refuses AUTH from an address in its cool-down, and closes.
+    fn auth_locked(&mut self, until: crate::limits::RetryAt) -> Flow {
+        tracing::warn!(peer = %self.peer.ip(), "too many failed logins from this address; closing");
+        let retry = retry_text(until, self.ctx.clock.now());
+        self.reply(Reply::new(
+            421,
+            "4.7.0",
+            format!("Too many failed logins from your address; try again {retry}"),
+        ));
+        Err(End::Closed)
+    }
+
+    /// Sends a 334 challenge and reads one response line. The refusal to send instead: `*`
+    /// cancels (`501 5.7.0`), a line over [`MAX_AUTH_LINE`] is `500 5.5.6` (RFC 4954).
+    async fn challenge(&mut self, text: &str) -> Result<Result<String, Reply>, End> {
         self.reply(Reply::plain(334, text));
         self.flush().await?;
         loop {
             match self.framer.next_line(&mut self.input) {
                 Some(FramedLine::Line(line)) => {
                     let line = String::from_utf8_lossy(&line).trim().to_string();
-                    return Ok((line != "*").then_some(line));
+                    if line == "*" {
+                        return Ok(Err(Reply::new(501, "5.7.0", "Authentication cancelled")));
+                    }
+                    return Ok(Ok(line));
                 }
-                Some(FramedLine::TooLong) => return Ok(None),
+                Some(FramedLine::TooLong) => {
+                    return Ok(Err(Reply::new(
+                        500,
+                        "5.5.6",
+                        "Authentication exchange line is too long",
+                    )))
+                }
                 None => self.read_command_input().await?,
             }
         }
@@ -700,9 +920,17 @@ impl Session {
 
     async fn read_input(&mut self, timeout: Duration) -> Flow {
         self.input.reserve(8192);
-        match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.input)).await {
+        let left = self
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return self.session_expired().await;
+        }
+        let read = self.stream.read_buf(&mut self.input);
+        match tokio::time::timeout(timeout.min(left), read).await {
             Ok(Ok(0)) | Ok(Err(_)) => Err(End::Disconnected),
             Ok(Ok(_)) => Ok(()),
+            Err(_) if timeout > left => self.session_expired().await,
             Err(_) => {
                 tracing::info!(peer = %self.peer.ip(), "timeout");
                 self.reply(Reply::new(
@@ -714,5 +942,41 @@ impl Session {
                 Err(End::Closed)
             }
         }
+    }
+
+    /// The whole-session deadline passed (checked whenever input is awaited).
+    async fn session_expired(&mut self) -> Flow {
+        tracing::info!(peer = %self.peer.ip(), "session time limit reached");
+        self.reply(Reply::new(
+            421,
+            "4.4.2",
+            "Session time limit reached; closing connection",
+        ));
+        let _ = self.flush().await;
+        Err(End::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delay_before_a_failed_login_doubles_up_to_a_cap() {
+        let base = Duration::from_millis(500);
+        let delays: Vec<u64> = (1..=8)
+            .map(|n| auth_failure_delay(n, base).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        assert_eq!(auth_failure_delay(u64::MAX, base), MAX_AUTH_DELAY);
+        assert!(auth_failure_delay(3, Duration::ZERO).is_zero());
+    }
+
+    #[test]
+    fn only_auth_lines_may_pass_the_command_limit() {
+        assert!(is_auth_line(b"AUTH PLAIN AAAA"));
+        assert!(is_auth_line(b"auth plain AAAA"));
+        assert!(!is_auth_line(b"MAIL FROM:<a@b>"));
+        assert!(!is_auth_line(b"AUTHX"));
     }
 }

@@ -144,9 +144,16 @@ impl TestServer {
 
     /// A rustls client config that trusts this server's generated certificate.
     pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        client_tls_for(&self.cert_path())
+    }
+}
+
+/// A rustls client config that trusts the certificate in `cert` (PEM).
+pub fn client_tls_for(cert: &Path) -> Arc<rustls::ClientConfig> {
+    {
         postern::tls::install_provider();
         let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(self.cert_path()).expect("cert");
+        let pem = std::fs::read(cert).expect("cert");
         for cert in rustls_pemfile_certs(&pem) {
             roots.add(cert).expect("add root");
         }
@@ -221,6 +228,23 @@ impl Raw<TcpStream> {
             io: BufReader::new(stream),
         };
         let greeting = raw.reply().await;
+        (raw, greeting)
+    }
+
+    /// Connects from a chosen loopback source address (127.0.0.2 is outside the default
+    /// test `relay.networks` only when a test narrows them) and reads the greeting.
+    pub async fn connect_from(source: &str, addr: SocketAddr) -> (Raw<TcpStream>, Option<Reply>) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source.parse().expect("source ip"), 0))
+            .expect("bind source");
+        let stream = socket.connect(addr).await.expect("connect");
+        let mut raw = Raw {
+            io: BufReader::new(stream),
+        };
+        let greeting = tokio::time::timeout(Duration::from_secs(10), raw.try_reply())
+            .await
+            .expect("greeting within 10 s");
         (raw, greeting)
     }
 
