@@ -19,7 +19,7 @@ use crate::ledger::Ledger;
 use crate::queue::Queue;
 use crate::server::Parts;
 use crate::server::{Server, ServerError};
-use crate::spool::{RecoveryReport, Spool, SpoolError};
+use crate::spool::{RecoveryReport, Spool, SpoolError, SpoolOptions};
 use crate::tls::{CertSource, TlsError};
 
 /// Why the daemon could not start.
@@ -50,6 +50,8 @@ pub struct Options {
     pub clock: Arc<dyn Clock>,
     /// False for tests that drive the queue with [`Queue::run_due`] and a manual clock.
     pub run_queue: bool,
+    /// Faults to inject under the spool's file operations (tests); none by default.
+    pub spool_faults: Arc<crate::spool::Faults>,
 }
 
 impl Default for Options {
@@ -57,6 +59,7 @@ impl Default for Options {
         Options {
             clock: Arc::new(SystemClock),
             run_queue: true,
+            spool_faults: Arc::default(),
         }
     }
 }
@@ -114,7 +117,12 @@ impl Daemon {
         if purged.records > 0 {
             tracing::info!(records = purged.records, days = ?purged.days, "ledger: purged records past retention");
         }
-        let (spool, recovery) = Spool::open(&data_dir, master.clone(), config.spool.segment_size)?;
+        let spool_options = SpoolOptions {
+            segment_size: config.spool.segment_size,
+            min_free: config.spool.min_free,
+            faults: options.spool_faults.clone(),
+        };
+        let (spool, recovery) = Spool::open_with(&data_dir, master.clone(), spool_options)?;
         let shutdown = CancellationToken::new();
         let config = Arc::new(config);
         let clock = options.clock.clone();

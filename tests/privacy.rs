@@ -224,6 +224,7 @@ async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
         Options {
             clock: clock.clone(),
             run_queue: false,
+            ..Default::default()
         },
     )
     .await;
