@@ -357,14 +357,23 @@ pub struct SpoolConfig {
     /// A segment file is closed and a new one started past this many bytes.
     #[serde(default = "default_segment_size")]
     pub segment_size: u64,
+    /// Free space (bytes) kept on the data filesystem: below it new mail gets `452 4.3.1`, so
+    /// that delivery state of queued mail always has room (Postfix's `queue_minfree`).
+    #[serde(default = "default_min_free")]
+    pub min_free: u64,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             segment_size: default_segment_size(),
+            min_free: default_min_free(),
         }
     }
+}
+
+fn default_min_free() -> u64 {
+    100 << 20
 }
 
 fn default_segment_size() -> u64 {

@@ -19,7 +19,7 @@ use crate::ledger::{Ledger, Purged};
 use crate::queue::Queue;
 use crate::server::Parts;
 use crate::server::{Server, ServerError};
-use crate::spool::{RecoveryReport, Spool, SpoolError};
+use crate::spool::{RecoveryReport, Spool, SpoolError, SpoolOptions};
 use crate::tls::{CertSource, TlsError};
 
 /// Why the daemon could not start.
@@ -50,6 +50,8 @@ pub struct Options {
     pub clock: Arc<dyn Clock>,
     /// False for tests that drive the queue with [`Queue::run_due`] and a manual clock.
     pub run_queue: bool,
+    /// Faults to inject under the spool's file operations (tests); none by default.
+    pub spool_faults: Arc<crate::spool::Faults>,
 }
 
 impl Default for Options {
@@ -57,6 +59,7 @@ impl Default for Options {
         Options {
             clock: Arc::new(SystemClock),
             run_queue: true,
+            spool_faults: Arc::default(),
         }
     }
 }
@@ -111,7 +114,12 @@ impl Daemon {
         }
         let deliverer = Arc::new(Deliverer::new(&config)?);
         let ledger = Arc::new(Ledger::open(&data_dir, &master, &config.privacy)?);
-        let (spool, recovery) = Spool::open(&data_dir, master.clone(), config.spool.segment_size)?;
+        let spool_options = SpoolOptions {
+            segment_size: config.spool.segment_size,
+            min_free: config.spool.min_free,
+            faults: options.spool_faults.clone(),
+        };
+        let (spool, recovery) = Spool::open_with(&data_dir, master.clone(), spool_options)?;
         // Catches up after downtime; then hourly (see `run`).
         let retention = retention_pass(&ledger, &spool, options.clock.now())?;
         retention.log();

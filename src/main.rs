@@ -466,6 +466,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             recovered = report.recovered,
             segments = report.segments,
             quarantined = report.quarantined.len(),
+            unreadable = report.unreadable.len(),
             "spool recovered"
         );
         let reload = daemon.reload_handle();

@@ -14,6 +14,7 @@ async fn start_on_clock(extra: &str) -> (TestServer, Arc<ManualClock>) {
     let options = postern::daemon::Options {
         clock: clock.clone(),
         run_queue: false,
+        ..Default::default()
     };
     let (server, _queue) = TestServer::start_with(extra, options).await;
     (server, clock)

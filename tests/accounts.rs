@@ -27,6 +27,7 @@ async fn start(rules: &str) -> (TestServer, Arc<ManualClock>) {
     let options = postern::daemon::Options {
         clock: clock.clone(),
         run_queue: false,
+        ..Default::default()
     };
     let (server, _) = TestServer::start_with(&text, options).await;
     (server, clock)

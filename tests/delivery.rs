@@ -41,6 +41,7 @@ async fn rig(delivery: &str, more: &str, manual: bool) -> Rig {
         Options {
             clock: clock.clone(),
             run_queue: false,
+            ..Default::default()
         }
     } else {
         Options::default()
@@ -632,6 +633,7 @@ async fn a_restart_keeps_retry_times() {
                 Options {
                     clock,
                     run_queue: false,
+                    ..Default::default()
                 },
             )
             .await

@@ -224,6 +224,7 @@ async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
         Options {
             clock: clock.clone(),
             run_queue: false,
+            ..Default::default()
         },
     )
     .await;
@@ -367,6 +368,7 @@ async fn after_the_purge_nothing_on_disk_links_an_address_or_pseudonym_to_the_da
         Options {
             clock: clock.clone(),
             run_queue: false,
+            ..Default::default()
         },
     )
     .await;

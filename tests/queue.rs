@@ -206,6 +206,7 @@ async fn manual(extra: &str) -> (TestServer, Arc<Queue>, Arc<ManualClock>) {
     let options = Options {
         clock: clock.clone(),
         run_queue: false,
+        ..Default::default()
     };
     let (server, queue) = TestServer::start_with(extra, options).await;
     (server, queue, clock)

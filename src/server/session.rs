@@ -319,6 +319,16 @@ impl Session {
                 format!("Message size exceeds the limit of {limit} bytes"),
             ));
         }
+        // Below the spool's free-space reserve: turn the client away before it sends a body
+        // the spool would refuse, and keep the room for delivery state of queued mail.
+        if !self.ctx.spool.has_room(params.size.unwrap_or(0)) {
+            self.reply(Reply::new(
+                452,
+                "4.3.1",
+                "Insufficient system storage; try again later",
+            ));
+            return Ok(());
+        }
         if (params.body.is_some() || params.smtputf8) && !self.esmtp {
             return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
         }

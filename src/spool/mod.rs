@@ -18,10 +18,21 @@
 //! live records left is unlinked together with its key. A state record superseded by a newer
 //! one is punched only after the newer one is synced, so a crash in between leaves the old one.
 //!
+//! # When storage fails
+//! A failed append or `fdatasync` fails that batch's stores (the sessions answer 451/452) and
+//! retires the segment: after a failed sync the page cache may no longer match the disk, so the
+//! segment takes no more writes and the next batch starts a fresh one (with a fresh number,
+//! whatever the failed attempt left behind). State changes of queued mail (a recipient delivered,
+//! a message destroyed) are never lost to a full disk while the daemon runs: the index takes them
+//! at once, so the queue never delivers a final recipient again, and the writer keeps retrying
+//! the record (and any punch that failed) until it is on disk. Below `min_free` bytes of free
+//! space new mail is refused, so that those state records have room.
+//!
 //! # Not done yet
 //! Compaction: a long-deferred message keeps its (otherwise hollow, sparse) segment alive.
 
 mod envelope;
+mod faults;
 mod record;
 mod recovery;
 mod writer;
@@ -30,12 +41,14 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
 pub use envelope::{Envelope, MessageState};
-pub use recovery::{Quarantined, RecoveryReport};
+pub use faults::{FaultPoint, Faults};
+pub use recovery::{Quarantined, RecoveryReport, Unreadable};
 
 use crate::crypto::{CryptoError, Key};
 use record::{Header, Kind, HEADER_LEN};
@@ -129,18 +142,60 @@ struct Segment {
 struct Index {
     messages: HashMap<QueueId, Entry>,
     segments: HashMap<u64, Segment>,
+    /// Messages whose `current` state is newer than their last state record on disk.
+    unsynced: std::collections::BTreeSet<QueueId>,
 }
 
 struct Shared {
     dir: PathBuf,
     index: Mutex<Index>,
+    faults: Arc<Faults>,
+    /// Free bytes on the spool's filesystem, as the writer last saw them (`statvfs`).
+    free: AtomicU64,
+    /// The reserve kept for state records: new mail is refused below it.
+    min_free: u64,
 }
 
 impl Shared {
+    /// Reads the filesystem's free space (for unprivileged users, as `df` shows it).
+    fn refresh_free(&self) {
+        if let Ok(st) = rustix::fs::statvfs(&self.dir) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            self.free.store(free, Ordering::Relaxed);
+        }
+    }
+
+    fn has_room(&self, size: u64) -> bool {
+        let free = self.free.load(Ordering::Relaxed);
+        free.saturating_sub(size) >= self.min_free && free >= size
+    }
+
     fn index(&self) -> MutexGuard<'_, Index> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // loses mail (the disk is the truth), so keep serving rather than poison everyone.
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How to open a spool.
+#[derive(Clone)]
+pub struct SpoolOptions {
+    /// A segment file is closed and the next started past this many bytes.
+    pub segment_size: u64,
+    /// Free space (bytes) kept on the spool's filesystem for delivery state: below it, new
+    /// messages are refused (like Postfix's `queue_minfree`).
+    pub min_free: u64,
+    /// Injected faults (tests); `Faults::default()` injects none.
+    pub faults: Arc<Faults>,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions {
+            segment_size: 64 << 20,
+            min_free: 0,
+            faults: Arc::default(),
+        }
     }
 }
 
@@ -169,15 +224,33 @@ impl Spool {
         master: Key,
         segment_size: u64,
     ) -> Result<(Spool, RecoveryReport), SpoolError> {
+        let options = SpoolOptions {
+            segment_size,
+            ..SpoolOptions::default()
+        };
+        Spool::open_with(data_dir, master, options)
+    }
+
+    /// [`Spool::open`] with every option.
+    pub fn open_with(
+        data_dir: &Path,
+        master: Key,
+        options: SpoolOptions,
+    ) -> Result<(Spool, RecoveryReport), SpoolError> {
         let dir = data_dir.join("spool");
         create_private_dir(&dir)?;
         create_private_dir(&dir.join("quarantine"))?;
-        let (index, report, next_segment) = recovery::recover(&dir, &master)?;
+        let (index, report, next_segment) = recovery::recover(&dir, &master, &options.faults)?;
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             index: Mutex::new(index),
+            faults: options.faults,
+            free: AtomicU64::new(u64::MAX),
+            min_free: options.min_free,
         });
-        let writer = writer::Writer::start(shared.clone(), master, next_segment, segment_size)?;
+        shared.refresh_free();
+        let writer =
+            writer::Writer::start(shared.clone(), master, next_segment, options.segment_size)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -289,6 +362,30 @@ impl Spool {
     /// The spool directory (segments, keys, quarantine).
     pub fn dir(&self) -> &Path {
         &self.shared.dir
+    }
+
+    /// Whether a message of `size` bytes would leave the free-space reserve intact, as of the
+    /// writer's last look at the filesystem. Sessions ask at `MAIL FROM` so that a client is
+    /// turned away before it sends a body the spool would refuse anyway.
+    pub fn has_room(&self, size: u64) -> bool {
+        if self.shared.has_room(size) {
+            return true;
+        }
+        // Refused on a stale figure? Look again: space may be back. Costs a statvfs only on
+        // the refusal path.
+        self.shared.refresh_free();
+        self.shared.has_room(size)
+    }
+
+    /// The fault injector this spool was opened with.
+    pub fn faults(&self) -> &Faults {
+        &self.shared.faults
+    }
+
+    /// State changes answered but not yet on disk (the disk refused them); the writer retries
+    /// them. Zero in normal operation.
+    pub fn unsynced(&self) -> usize {
+        self.shared.index().unsynced.len()
     }
 
     fn send(&self, request: writer::Request) -> Result<(), SpoolError> {

@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::faults::{FaultPoint, Faults};
 use super::record::{Header, HeaderError, Kind, HEADER_LEN};
 use super::writer::remove_segment_files;
 use super::{key_path, key_purpose, Entry, Index, Loc, MessageState, QueueId, Segment, SpoolError};
@@ -27,7 +28,21 @@ pub struct RecoveryReport {
     pub segments: usize,
     /// Byte ranges that could not be read and were set aside.
     pub quarantined: Vec<Quarantined>,
+    /// Segments left in place, unread, because they could not be read at all.
+    pub unreadable: Vec<Unreadable>,
 }
+
+/// A segment recovery could not read; it stays on disk untouched.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub segment: u64,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Attempts at reading a segment or its key before it is reported unreadable.
+const READ_ATTEMPTS: u32 = 3;
+const READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One range set aside by recovery.
 #[derive(Debug)]
@@ -38,12 +53,15 @@ pub struct Quarantined {
     pub reason: String,
     /// Where the copied bytes are.
     pub path: PathBuf,
+    /// False when the copy could not be written: the segment is then kept as it is.
+    pub saved: bool,
 }
 
 /// Scans every segment under `dir`. Returns the index, the report and the next segment number.
 pub(super) fn recover(
     dir: &Path,
     master: &Key,
+    faults: &Faults,
 ) -> Result<(Index, RecoveryReport, u64), SpoolError> {
     let mut numbers = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -70,6 +88,8 @@ pub(super) fn recover(
     let mut index = Index::default();
     let mut report = RecoveryReport::default();
     let mut states: HashMap<QueueId, (Loc, MessageState)> = HashMap::new();
+    // Segments that must stay even if nothing in them is live (a quarantine copy failed).
+    let mut keep = std::collections::HashSet::new();
     for n in numbers {
         let seg_path = super::segment_path(dir, n);
         if !seg_path.exists() {
@@ -77,26 +97,26 @@ pub(super) fn recover(
             continue;
         }
         report.segments += 1;
-        let data = std::fs::read(&seg_path)?;
-        let key = match master.read_wrapped(&key_path(dir, n), &key_purpose(n)) {
-            Ok(k) => Arc::new(k),
+        let Some((data, key)) = open_segment(dir, n, master, faults, &mut report) else {
+            continue;
+        };
+        let file = match OpenOptions::new().read(true).write(true).open(&seg_path) {
+            Ok(f) => Arc::new(f),
             Err(e) => {
-                if data.iter().any(|b| *b != 0) {
-                    quarantine(
-                        dir,
-                        n,
-                        0,
-                        &data,
-                        &format!("segment key unusable: {e}"),
-                        &mut report,
-                    );
-                }
-                remove_segment_files(dir, n);
+                unreadable(
+                    n,
+                    &seg_path,
+                    &format!("cannot open for writing: {e}"),
+                    &mut report,
+                );
                 continue;
             }
         };
-        let file = Arc::new(OpenOptions::new().read(true).write(true).open(&seg_path)?);
+        let quarantined = report.quarantined.len();
         scan(dir, n, &data, &key, &mut index, &mut states, &mut report);
+        if report.quarantined[quarantined..].iter().any(|q| !q.saved) {
+            keep.insert(n);
+        }
         index.segments.insert(n, Segment { file, key, live: 0 });
     }
 
@@ -116,15 +136,20 @@ pub(super) fn recover(
         .map(|(id, _)| *id)
         .collect();
     for id in dead {
-        // Final but not yet punched when the previous run stopped: finish the job.
+        // Final but not yet punched when the previous run stopped: finish the job. A punch that
+        // fails now is tried again at the next start (the state record still says final).
         if let Some(e) = index.messages.remove(&id) {
             for loc in std::iter::once(e.message).chain(e.state) {
                 if let Some(seg) = index.segments.get(&loc.segment) {
-                    super::writer::punch_hole(
+                    let punched = super::writer::punch_hole(
                         &seg.file,
                         loc.offset + HEADER_LEN as u64,
                         loc.len as u64,
-                    )?;
+                    );
+                    if let Err(err) = punched {
+                        tracing::warn!(segment = loc.segment, error = %err, "spool recovery: cannot punch a final record; will retry at next start");
+                        keep.insert(loc.segment);
+                    }
                 }
             }
         }
@@ -142,16 +167,96 @@ pub(super) fn recover(
     let empty: Vec<u64> = index
         .segments
         .iter()
-        .filter(|(_, s)| s.live == 0)
+        .filter(|(n, s)| s.live == 0 && !keep.contains(n))
         .map(|(n, _)| *n)
         .collect();
     for n in empty {
         index.segments.remove(&n);
         remove_segment_files(dir, n);
     }
-    crate::crypto::sync_dir(dir)?;
+    if let Err(e) = crate::crypto::sync_dir(dir) {
+        tracing::warn!(error = %e, "spool recovery: cannot sync the spool directory");
+    }
     report.recovered = index.messages.len();
     Ok((index, report, next))
+}
+
+/// Reads a segment and its key, retrying errors that may pass. None when it cannot be read:
+/// then it is left as it is and reported, unless it holds nothing but zeros (all destroyed).
+fn open_segment(
+    dir: &Path,
+    n: u64,
+    master: &Key,
+    faults: &Faults,
+    report: &mut RecoveryReport,
+) -> Option<(Vec<u8>, Arc<Key>)> {
+    let seg_path = super::segment_path(dir, n);
+    let data = match retry(|| std::fs::read(&seg_path).map_err(|e| e.to_string())) {
+        Ok(d) => d,
+        Err(e) => {
+            unreadable(n, &seg_path, &format!("cannot read: {e}"), report);
+            return None;
+        }
+    };
+    let key_file = key_path(dir, n);
+    let key = retry(|| {
+        faults
+            .check(FaultPoint::ReadKey)
+            .map_err(|e| e.to_string())?;
+        master
+            .read_wrapped(&key_file, &key_purpose(n))
+            .map_err(|e| e.to_string())
+    });
+    match key {
+        Ok(k) => Some((data, Arc::new(k))),
+        Err(_) if data.iter().all(|b| *b == 0) => {
+            // Nothing but destroyed records: there is nothing to lose.
+            remove_segment_files(dir, n);
+            None
+        }
+        Err(e) => {
+            unreadable(
+                n,
+                &seg_path,
+                &format!("its key {} is unusable: {e}", key_file.display()),
+                report,
+            );
+            None
+        }
+    }
+}
+
+/// Runs `f` up to [`READ_ATTEMPTS`] times while it fails.
+fn retry<T>(mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt >= READ_ATTEMPTS => return Err(e),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "spool recovery: read failed; retrying");
+                std::thread::sleep(READ_RETRY_DELAY * attempt);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Reports a segment left in place because it cannot be read, and what the operator can do.
+fn unreadable(n: u64, path: &Path, reason: &str, report: &mut RecoveryReport) {
+    tracing::error!(
+        segment = n,
+        path = %path.display(),
+        reason,
+        "spool recovery: segment left in place unread; its messages wait. Check the disk and \
+         the file's permissions, and that server.master_key is the key this spool was written \
+         with, then restart Postern: the segment is read again at every start"
+    );
+    report.unreadable.push(Unreadable {
+        segment: n,
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    });
 }
 
 /// Scans one segment's bytes.
@@ -282,10 +387,11 @@ fn quarantine(
     let qdir = dir.join("quarantine");
     let path = qdir.join(format!("{n:08}-{offset}.rec"));
     let saved = File::create(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all()));
-    let _ = std::fs::copy(key_path(dir, n), qdir.join(format!("{n:08}.key")));
-    if let Err(e) = saved {
-        tracing::error!(segment = n, offset, error = %e, "spool recovery: cannot write quarantine copy");
+        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::copy(key_path(dir, n), qdir.join(format!("{n:08}.key"))))
+        .and_then(|_| crate::crypto::sync_dir(&qdir));
+    if let Err(e) = &saved {
+        tracing::error!(segment = n, offset, error = %e, "spool recovery: cannot write quarantine copy; the segment is kept as it is");
     }
     tracing::error!(
         segment = n,
@@ -301,6 +407,7 @@ fn quarantine(
         len: bytes.len() as u64,
         reason: reason.to_string(),
         path,
+        saved: saved.is_ok(),
     });
 }
 

@@ -1,6 +1,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
+use std::sync::Arc;
 
 fn envelope(rcpts: &[&str]) -> Envelope {
     Envelope {
@@ -235,4 +236,264 @@ async fn segments_rotate_and_empty_ones_are_removed() {
         1,
         "only the active segment remains"
     );
+}
+
+// ---- Storage faults: the spool recovers by itself, refuses new mail, never drops state. ----
+
+const ENOSPC: i32 = 28;
+const EIO: i32 = 5;
+
+fn open_with(dir: &Path, master: &Key, min_free: u64) -> (Spool, RecoveryReport) {
+    let options = SpoolOptions {
+        segment_size: 1 << 20,
+        min_free,
+        faults: Arc::default(),
+    };
+    Spool::open_with(dir, master.clone(), options).expect("spool opens")
+}
+
+fn is_disk_full(e: &SpoolError) -> bool {
+    matches!(e, SpoolError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull)
+}
+
+fn active_segment(spool: &Spool, id: QueueId) -> u64 {
+    spool.shared.index().messages[&id].message.segment
+}
+
+#[tokio::test]
+async fn enospc_on_append_refuses_that_batch_then_accepts_again_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let before = store(&spool, &envelope(&["a@x.test"]), b"before\r\n").await;
+    spool.faults().fail(FaultPoint::Append, 3, ENOSPC);
+    for _ in 0..3 {
+        let id = QueueId::generate().unwrap();
+        let err = spool
+            .store(id, &envelope(&["b@x.test"]), &[b"refused\r\n"])
+            .await
+            .expect_err("disk full");
+        assert!(is_disk_full(&err), "{err:?}");
+        assert!(spool.state(id).is_none(), "nothing half-accepted");
+    }
+    // Space is back: the next message is accepted, in a fresh segment.
+    let after = store(&spool, &envelope(&["c@x.test"]), b"after\r\n").await;
+    assert!(active_segment(&spool, after) > active_segment(&spool, before));
+    drop(spool);
+    let (spool, report) = open(dir.path(), &master);
+    let mut expected = vec![before, after];
+    expected.sort();
+    assert_eq!(
+        spool.live(),
+        expected,
+        "only acknowledged mail is recovered"
+    );
+    assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
+    assert_eq!(spool.read(after).await.unwrap().body, b"after\r\n");
+}
+
+#[tokio::test]
+async fn a_failed_fdatasync_is_never_retried_and_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let a = store(&spool, &envelope(&["a@x.test"]), b"first\r\n").await;
+    let seg_a = active_segment(&spool, a);
+    spool.faults().fail(FaultPoint::Sync, 1, EIO);
+    let b = QueueId::generate().unwrap();
+    let err = spool
+        .store(b, &envelope(&["b@x.test"]), &[b"second\r\n"])
+        .await
+        .expect_err("sync failed");
+    assert!(matches!(&err, SpoolError::Io(io) if io.raw_os_error() == Some(EIO)));
+    let c = store(&spool, &envelope(&["c@x.test"]), b"third\r\n").await;
+    assert_ne!(
+        active_segment(&spool, c),
+        seg_a,
+        "the segment whose sync failed takes no more writes"
+    );
+    // What was durable before the failure stays readable.
+    assert_eq!(spool.read(a).await.unwrap().body, b"first\r\n");
+    drop(spool);
+    let (spool, _) = open(dir.path(), &master);
+    assert!(
+        spool.state(b).is_none(),
+        "the unacknowledged one is not resurrected"
+    );
+    assert!(spool.state(a).is_some() && spool.state(c).is_some());
+}
+
+#[tokio::test]
+async fn a_segment_that_cannot_be_created_blocks_nothing_once_the_fault_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    store(&spool, &envelope(&["a@x.test"]), b"first\r\n").await;
+    // The active segment is retired by a failed sync, and the next two creations fail.
+    spool.faults().fail(FaultPoint::Sync, 1, EIO);
+    spool.faults().fail(FaultPoint::CreateSegment, 2, ENOSPC);
+    for _ in 0..3 {
+        let id = QueueId::generate().unwrap();
+        assert!(spool
+            .store(id, &envelope(&["b@x.test"]), &[b"x\r\n"])
+            .await
+            .is_err());
+    }
+    let ok = store(&spool, &envelope(&["c@x.test"]), b"accepted\r\n").await;
+    assert_eq!(spool.read(ok).await.unwrap().body, b"accepted\r\n");
+    let keys = std::fs::read_dir(spool.dir())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".key"))
+        })
+        .count();
+    assert_eq!(keys, segment_files(dir.path()).len(), "no orphan key files");
+}
+
+#[tokio::test]
+async fn state_the_disk_refuses_is_kept_in_memory_and_written_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store(&spool, &envelope(&["a@x.test", "b@x.test"]), b"m\r\n").await;
+    spool.faults().fail(FaultPoint::Append, 2, ENOSPC);
+    // The queue hears "done": recipient 0 is final and must never be delivered again.
+    assert_eq!(
+        spool.update(id, &[0], Some(b"s1".to_vec())).await.unwrap(),
+        Liveness::Live
+    );
+    assert_eq!(spool.state(id).unwrap().final_rcpts, vec![true, false]);
+    assert_eq!(spool.unsynced(), 1, "owed to the disk");
+    // The writer retries on its own (the fault fires once more, then clears).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while spool.unsynced() > 0 {
+        assert!(std::time::Instant::now() < deadline, "state never written");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(spool);
+    let (spool, _) = open(dir.path(), &master);
+    let state = spool.state(id).unwrap();
+    assert_eq!(
+        state.final_rcpts,
+        vec![true, false],
+        "the retried record is on disk"
+    );
+    assert_eq!(state.queue_data, b"s1");
+}
+
+#[tokio::test]
+async fn the_last_final_recipient_destroys_the_body_even_when_appends_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store(&spool, &envelope(&["a@x.test"]), &vec![b'z'; 5000]).await;
+    let loc = spool.shared.index().messages[&id].message;
+    spool.faults().fail(FaultPoint::Append, 100, ENOSPC);
+    assert_eq!(
+        spool.update(id, &[0], None).await.unwrap(),
+        Liveness::Destroyed
+    );
+    let bytes = std::fs::read(segment_path(spool.dir(), loc.segment)).unwrap();
+    let payload = &bytes[loc.offset as usize + HEADER_LEN..][..loc.len as usize];
+    assert!(payload.iter().all(|b| *b == 0), "punching needs no space");
+    spool.faults().clear();
+}
+
+#[tokio::test]
+async fn a_punch_that_fails_is_retried_and_the_queue_is_not_told_to_resend() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store(&spool, &envelope(&["a@x.test"]), &vec![b'z'; 5000]).await;
+    let loc = spool.shared.index().messages[&id].message;
+    spool.faults().fail(FaultPoint::Punch, 1, EIO);
+    assert_eq!(
+        spool.update(id, &[0], None).await.unwrap(),
+        Liveness::Destroyed
+    );
+    assert!(spool.state(id).is_none());
+    let path = segment_path(spool.dir(), loc.segment);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let bytes = std::fs::read(&path).unwrap();
+        let payload = &bytes[loc.offset as usize + HEADER_LEN..][..loc.len as usize];
+        if payload.iter().all(|b| *b == 0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "punch never retried");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_key_file_that_fails_once_at_recovery_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store(&spool, &envelope(&["a@x.test"]), b"keep me\r\n").await;
+    drop(spool);
+    let faults = Arc::new(Faults::default());
+    faults.fail(FaultPoint::ReadKey, 1, EIO);
+    let options = SpoolOptions {
+        segment_size: 1 << 20,
+        min_free: 0,
+        faults,
+    };
+    let (spool, report) = Spool::open_with(dir.path(), master.clone(), options).unwrap();
+    assert!(report.unreadable.is_empty(), "{:?}", report.unreadable);
+    assert_eq!(spool.read(id).await.unwrap().body, b"keep me\r\n");
+}
+
+#[tokio::test]
+async fn a_segment_that_cannot_be_read_stays_in_place_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store(&spool, &envelope(&["a@x.test"]), b"keep me\r\n").await;
+    let seg = active_segment(&spool, id);
+    let spool_dir = spool.dir().to_path_buf();
+    drop(spool);
+    let key = key_path(&spool_dir, seg);
+    let seg_bytes = std::fs::read(segment_path(&spool_dir, seg)).unwrap();
+    let key_bytes = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap(); // e.g. restored from a backup without its keys
+
+    let (spool, report) = open(dir.path(), &master);
+    assert!(spool.state(id).is_none());
+    assert_eq!(report.unreadable.len(), 1, "{report:?}");
+    assert_eq!(report.unreadable[0].segment, seg);
+    assert_eq!(
+        std::fs::read(segment_path(&spool_dir, seg)).unwrap(),
+        seg_bytes,
+        "left exactly as it was"
+    );
+    // The new writer never takes its number; once the key is back, the mail is too.
+    let other = store(&spool, &envelope(&["b@x.test"]), b"new\r\n").await;
+    assert!(active_segment(&spool, other) > seg);
+    drop(spool);
+    std::fs::write(&key, key_bytes).unwrap();
+    let (spool, report) = open(dir.path(), &master);
+    assert!(report.unreadable.is_empty());
+    assert_eq!(spool.read(id).await.unwrap().body, b"keep me\r\n");
+}
+
+#[tokio::test]
+async fn below_the_free_space_reserve_new_mail_is_refused_but_state_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open_with(dir.path(), &master, 0);
+    let id = store(&spool, &envelope(&["a@x.test", "b@x.test"]), b"m\r\n").await;
+    drop(spool);
+    // A reserve no filesystem here can meet.
+    let (spool, _) = open_with(dir.path(), &master, u64::MAX / 2);
+    assert!(!spool.has_room(0));
+    let refused = QueueId::generate().unwrap();
+    let err = spool
+        .store(refused, &envelope(&["c@x.test"]), &[b"no room\r\n"])
+        .await
+        .expect_err("below the reserve");
+    assert!(is_disk_full(&err), "{err:?}");
+    assert_eq!(spool.update(id, &[0], None).await.unwrap(), Liveness::Live);
+    assert_eq!(spool.unsynced(), 0, "state records still go to disk");
 }

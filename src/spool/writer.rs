@@ -1,12 +1,14 @@
 //! The spool's single writer thread: group commit, state updates and destruction.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::faults::FaultPoint;
 use super::record::{self, Kind, HEADER_LEN};
 use super::{
     key_path, key_purpose, segment_path, Entry, Index, Liveness, Loc, MessageState, QueueId,
@@ -37,17 +39,29 @@ pub(super) enum Request {
 /// Caps on one batch, so one pass never holds an unbounded amount of memory.
 const MAX_BATCH: usize = 4096;
 const MAX_BATCH_BYTES: usize = 64 << 20;
+/// How often the writer retries state records and punches the disk refused, when idle.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The segment being appended to.
+struct Active {
+    number: u64,
+    file: Arc<File>,
+    key: Arc<Key>,
+    /// Bytes in the segment: the offset of the next record.
+    len: u64,
+}
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
     master: Key,
     segment_size: u64,
-    /// Number, file and key of the segment being appended to.
-    active: u64,
-    file: Arc<File>,
-    key: Arc<Key>,
-    /// Bytes in the active segment: the offset of the next record.
-    len: u64,
+    /// None after a write or sync failure retired the last one, until a new one can be made.
+    active: Option<Active>,
+    /// The number the next segment gets. Only ever grows: a failed creation may leave files
+    /// behind, and a number is never tried twice.
+    next_number: u64,
+    /// Destroyed records whose punch (or its sync) failed; retried every pass.
+    unpunched: Vec<Loc>,
 }
 
 /// A record appended in this pass, waiting for the sync to succeed.
@@ -60,7 +74,9 @@ enum Pending {
     },
     Update {
         id: QueueId,
-        /// None when the update made every recipient final (nothing written, destroy instead).
+        /// Where the new state record went; None when nothing was written, because the update
+        /// made every recipient final (the message is destroyed instead) or because the disk
+        /// refused it (the state is kept in memory and retried).
         loc: Option<Loc>,
         state: MessageState,
         reply: oneshot::Sender<Result<Liveness, SpoolError>>,
@@ -78,21 +94,37 @@ impl Writer {
         first: u64,
         segment_size: u64,
     ) -> Result<Writer, SpoolError> {
-        let (file, key) = create_segment(&shared, &master, first)?;
-        Ok(Writer {
+        let mut writer = Writer {
             shared,
             master,
             segment_size,
-            active: first,
-            file,
-            key,
-            len: 0,
-        })
+            active: None,
+            next_number: first,
+            unpunched: Vec::new(),
+        };
+        // A full disk at start is no reason not to start: queued mail can still be delivered,
+        // and every pass tries again to make a segment for new mail.
+        if let Err(e) = writer.rotate() {
+            tracing::error!(error = %e, "spool: cannot create a segment; new mail is refused until one can be made");
+        }
+        Ok(writer)
     }
 
     pub(super) fn run(mut self, rx: mpsc::Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
+        loop {
+            let first = if self.has_backlog() {
+                match rx.recv_timeout(RETRY_INTERVAL) {
+                    Ok(r) => Some(r),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                }
+            };
+            let mut batch: Vec<Request> = first.into_iter().collect();
             let mut bytes = 0usize;
             while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
@@ -107,21 +139,47 @@ impl Writer {
             }
             self.pass(batch);
         }
+        // Last chance for state the disk refused before: written now or lost to a restart
+        // (where the older state on disk means a recipient may be tried once more).
+        if self.has_backlog() {
+            self.pass(Vec::new());
+        }
+    }
+
+    fn has_backlog(&self) -> bool {
+        !self.unpunched.is_empty() || !self.shared.index().unsynced.is_empty()
     }
 
     /// One group commit: append, sync once, answer, then punch what became dead.
     fn pass(&mut self, batch: Vec<Request>) {
-        if self.len >= self.segment_size {
-            if let Err(e) = self.rotate() {
-                tracing::error!(error = %e, "spool: cannot start a new segment");
-                fail_all(batch, &e);
-                return;
-            }
+        let wants_space = batch.iter().any(|r| matches!(r, Request::Store { .. }));
+        if wants_space {
+            self.shared.refresh_free();
         }
+        if let Err(e) = self.ensure_active() {
+            tracing::error!(error = %e, "spool: cannot start a new segment; refusing new mail until it can");
+        }
+        let (buf, pending) = self.encode(batch);
+        let written = match (&self.active, buf.is_empty()) {
+            (_, true) => Ok(()),
+            (None, false) => Err(std::io::Error::other("no spool segment to write to")),
+            (Some(_), false) => self.append_and_sync(&buf),
+        };
+        if let Err(e) = &written {
+            tracing::error!(error = %e, "spool: write or sync failed; new mail in this batch refused, state changes kept in memory and retried");
+        }
+        let (dead, finished) = self.publish(pending, written.as_ref().err());
+        self.punch_and_answer(dead, finished);
+    }
+
+    /// Appends every record of the batch to one buffer: stores, state records, and state
+    /// records still owed from passes whose write failed.
+    fn encode(&mut self, batch: Vec<Request>) -> (Vec<u8>, Vec<Pending>) {
         let mut buf = Vec::new();
         let mut pending = Vec::with_capacity(batch.len());
         // States written in this pass, so two updates of one message in a batch compose.
-        let mut updated: std::collections::HashMap<QueueId, MessageState> = Default::default();
+        let mut updated: HashMap<QueueId, MessageState> = HashMap::new();
+        let mut room = self.shared.free.load(std::sync::atomic::Ordering::Relaxed);
         for request in batch {
             match request {
                 Request::Store {
@@ -130,21 +188,22 @@ impl Writer {
                     rcpts,
                     reply,
                 } => {
-                    let start = buf.len();
-                    if let Err(e) =
-                        record::append(&mut buf, Kind::Message, id, &self.key, &plaintext)
-                    {
-                        buf.truncate(start);
-                        let _ = reply.send(Err(e.into()));
+                    // The free-space reserve, counting what this batch already takes.
+                    let size = plaintext.len() as u64;
+                    if room < size || room - size < self.shared.min_free {
+                        let _ = reply.send(Err(storage_full()));
                         continue;
                     }
-                    let loc = self.loc(start, buf.len());
-                    pending.push(Pending::Store {
-                        id,
-                        loc,
-                        rcpts,
-                        reply,
-                    });
+                    room -= size;
+                    match self.append_record(&mut buf, Kind::Message, id, &plaintext) {
+                        Ok(loc) => pending.push(Pending::Store {
+                            id,
+                            loc,
+                            rcpts,
+                            reply,
+                        }),
+                        Err(e) => drop(reply.send(Err(e))),
+                    }
                 }
                 Request::Update {
                     id,
@@ -152,40 +211,16 @@ impl Writer {
                     queue_data,
                     reply,
                 } => {
-                    let current = match updated.get(&id) {
-                        Some(s) => Some(s.clone()),
-                        None => self
-                            .shared
-                            .index()
-                            .messages
-                            .get(&id)
-                            .map(|e| e.current.clone()),
-                    };
-                    let Some(mut state) = current else {
+                    let Some(state) = self.next_state(&updated, id, &final_rcpts, queue_data)
+                    else {
                         let _ = reply.send(Err(SpoolError::NotFound));
                         continue;
                     };
-                    for i in final_rcpts {
-                        if let Some(flag) = state.final_rcpts.get_mut(i) {
-                            *flag = true;
-                        }
-                    }
-                    if let Some(data) = queue_data {
-                        state.queue_data = data;
-                    }
                     updated.insert(id, state.clone());
                     let loc = if state.all_final() {
                         None
                     } else {
-                        let start = buf.len();
-                        let plain = serde_json::to_vec(&state).unwrap_or_default();
-                        if let Err(e) = record::append(&mut buf, Kind::State, id, &self.key, &plain)
-                        {
-                            buf.truncate(start);
-                            let _ = reply.send(Err(e.into()));
-                            continue;
-                        }
-                        Some(self.loc(start, buf.len()))
+                        self.append_state(&mut buf, id, &state)
                     };
                     pending.push(Pending::Update {
                         id,
@@ -197,159 +232,295 @@ impl Writer {
                 Request::Destroy { id, reply } => pending.push(Pending::Destroy { id, reply }),
             }
         }
+        self.encode_owed(&mut buf, &updated, &mut pending);
+        (buf, pending)
+    }
 
-        if !buf.is_empty() {
-            if let Err(e) = self.append_and_sync(&buf) {
-                tracing::error!(error = %e, "spool: write or sync failed; nothing in this batch is acknowledged");
-                fail_pending(pending, &e);
-                return;
+    /// State records owed from earlier passes (the disk refused them), for messages this batch
+    /// did not update anyway.
+    fn encode_owed(
+        &mut self,
+        buf: &mut Vec<u8>,
+        updated: &HashMap<QueueId, MessageState>,
+        pending: &mut Vec<Pending>,
+    ) {
+        let owed: Vec<(QueueId, MessageState)> = {
+            let index = self.shared.index();
+            index
+                .unsynced
+                .iter()
+                .filter(|id| !updated.contains_key(id))
+                .filter_map(|id| index.messages.get(id).map(|e| (*id, e.current.clone())))
+                .collect()
+        };
+        for (id, state) in owed {
+            if let Some(loc) = self.append_state(buf, id, &state) {
+                let (reply, _) = oneshot::channel();
+                pending.push(Pending::Update {
+                    id,
+                    loc: Some(loc),
+                    state,
+                    reply,
+                });
             }
         }
+    }
 
-        // Durable: publish to the index and answer the stores before any punching.
+    /// The state a message will have after this update: the newest one (this batch's, else
+    /// the index's) with `final_rcpts` set and the queue's data replaced.
+    fn next_state(
+        &self,
+        updated: &HashMap<QueueId, MessageState>,
+        id: QueueId,
+        final_rcpts: &[usize],
+        queue_data: Option<Vec<u8>>,
+    ) -> Option<MessageState> {
+        let mut state = match updated.get(&id) {
+            Some(s) => s.clone(),
+            None => self.shared.index().messages.get(&id)?.current.clone(),
+        };
+        for &i in final_rcpts {
+            if let Some(flag) = state.final_rcpts.get_mut(i) {
+                *flag = true;
+            }
+        }
+        if let Some(data) = queue_data {
+            state.queue_data = data;
+        }
+        Some(state)
+    }
+
+    /// Seals a state record into `buf`; None when there is no segment to put it in (it is
+    /// then kept in memory and retried).
+    fn append_state(&self, buf: &mut Vec<u8>, id: QueueId, state: &MessageState) -> Option<Loc> {
+        let plain = serde_json::to_vec(state).ok()?;
+        self.append_record(buf, Kind::State, id, &plain).ok()
+    }
+
+    fn append_record(
+        &self,
+        buf: &mut Vec<u8>,
+        kind: Kind,
+        id: QueueId,
+        plain: &[u8],
+    ) -> Result<Loc, SpoolError> {
+        let active = self.active.as_ref().ok_or_else(no_segment)?;
+        let start = buf.len();
+        if let Err(e) = record::append(buf, kind, id, &active.key, plain) {
+            buf.truncate(start);
+            return Err(e.into());
+        }
+        Ok(Loc {
+            segment: active.number,
+            offset: active.len + start as u64,
+            len: (buf.len() - start - HEADER_LEN) as u32,
+        })
+    }
+
+    /// Applies the pass to the index. With `failed` set nothing of this pass reached the disk:
+    /// stores are refused, while updates are applied in memory all the same (the queue must
+    /// never deliver a final recipient again) and their records are owed. Returns the records
+    /// that are now dead and the answers that wait for them to be punched.
+    fn publish(
+        &mut self,
+        pending: Vec<Pending>,
+        failed: Option<&std::io::Error>,
+    ) -> (Vec<Loc>, Vec<Finished>) {
         let mut dead: Vec<Loc> = Vec::new();
         let mut finished = Vec::new();
-        {
-            let mut index = self.shared.index();
-            for p in pending {
-                match p {
-                    Pending::Store {
+        let mut index = self.shared.index();
+        for p in pending {
+            match p {
+                Pending::Store {
+                    id,
+                    loc,
+                    rcpts,
+                    reply,
+                } => {
+                    if let Some(e) = failed {
+                        let _ = reply.send(Err(SpoolError::Io(clone_io(e))));
+                        continue;
+                    }
+                    index.add_live(loc.segment);
+                    index.messages.insert(
                         id,
-                        loc,
-                        rcpts,
-                        reply,
-                    } => {
-                        index.add_live(loc.segment);
-                        index.messages.insert(
-                            id,
-                            Entry {
-                                message: loc,
-                                state: None,
-                                current: MessageState {
-                                    final_rcpts: vec![false; rcpts],
-                                    queue_data: Vec::new(),
-                                },
+                        Entry {
+                            message: loc,
+                            state: None,
+                            current: MessageState {
+                                final_rcpts: vec![false; rcpts],
+                                queue_data: Vec::new(),
                             },
-                        );
-                        let _ = reply.send(Ok(()));
-                    }
-                    Pending::Update {
-                        id,
-                        loc,
-                        state,
-                        reply,
-                    } => {
-                        let Some(entry) = index.messages.get_mut(&id) else {
-                            // Destroyed earlier in this same batch.
-                            let _ = reply.send(Ok(Liveness::Destroyed));
-                            continue;
-                        };
-                        entry.current = state;
-                        let liveness = match loc {
-                            Some(loc) => {
-                                if let Some(old) = entry.state.replace(loc) {
-                                    dead.push(old);
-                                }
-                                index.add_live(loc.segment);
-                                Liveness::Live
-                            }
-                            None => {
-                                dead.extend(index.remove(id));
-                                Liveness::Destroyed
-                            }
-                        };
-                        finished.push(Finished::Update(reply, liveness));
-                    }
-                    Pending::Destroy { id, reply } => {
-                        let found = index.remove(id);
-                        let result = if found.is_empty() {
-                            Err(SpoolError::NotFound)
-                        } else {
-                            Ok(())
-                        };
-                        dead.extend(found);
-                        finished.push(Finished::Destroy(reply, result));
-                    }
+                        },
+                    );
+                    let _ = reply.send(Ok(()));
+                }
+                Pending::Update {
+                    id,
+                    loc,
+                    state,
+                    reply,
+                } => {
+                    let loc = if failed.is_some() { None } else { loc };
+                    let liveness = index.apply(id, loc, state, &mut dead);
+                    finished.push(Finished::Update(reply, liveness));
+                }
+                Pending::Destroy { id, reply } => {
+                    let found = index.remove(id);
+                    let result = if found.is_empty() {
+                        Err(SpoolError::NotFound)
+                    } else {
+                        Ok(())
+                    };
+                    dead.extend(found);
+                    finished.push(Finished::Destroy(reply, result));
                 }
             }
         }
+        (dead, finished)
+    }
 
-        let result = self.punch(&dead);
+    /// Punches the dead records (and those whose punch failed before), then answers. A punch
+    /// that fails does not fail an update: the index already says the recipients are final, and
+    /// the punch is retried. An operator's destroy does hear of it, since the bytes are not yet
+    /// gone.
+    fn punch_and_answer(&mut self, mut dead: Vec<Loc>, finished: Vec<Finished>) {
+        dead.append(&mut self.unpunched);
+        let failed = self.punch(&dead);
+        if !failed.is_empty() {
+            tracing::error!(
+                records = failed.len(),
+                "spool: cannot punch out destroyed records; retrying"
+            );
+        }
+        let punch_error = !failed.is_empty();
+        self.unpunched = failed;
         for f in finished {
             match f {
-                Finished::Update(reply, liveness) => {
-                    let _ = reply.send(match &result {
-                        Ok(()) => Ok(liveness),
-                        Err(e) => Err(SpoolError::Io(clone_io(e))),
-                    });
-                }
+                Finished::Update(reply, liveness) => drop(reply.send(Ok(liveness))),
                 Finished::Destroy(reply, r) => {
-                    let _ = reply.send(match (&result, r) {
-                        (Err(e), _) => Err(SpoolError::Io(clone_io(e))),
-                        (Ok(()), r) => r,
-                    });
+                    let r = match r {
+                        Ok(()) if punch_error => Err(SpoolError::Io(std::io::Error::other(
+                            "destroyed records not yet punched out; retrying",
+                        ))),
+                        r => r,
+                    };
+                    let _ = reply.send(r);
                 }
             }
         }
     }
 
-    fn loc(&self, start: usize, end: usize) -> Loc {
-        Loc {
-            segment: self.active,
-            offset: self.len + start as u64,
-            len: (end - start - HEADER_LEN) as u32,
+    /// Makes sure there is a segment with room to append to.
+    fn ensure_active(&mut self) -> Result<(), SpoolError> {
+        match &self.active {
+            Some(a) if a.len < self.segment_size => Ok(()),
+            _ => self.rotate(),
         }
     }
 
     /// Appends `buf` at the end of the active segment and fdatasyncs it. On failure the file is
-    /// cut back so no half-written record stays, and the next pass starts a fresh segment (after
-    /// a failed fsync the page cache can no longer be trusted to match the disk).
+    /// cut back so no half-written record stays, and the segment is retired: after a failed
+    /// sync the page cache can no longer be trusted to match the disk (PostgreSQL's fsyncgate),
+    /// so the next pass starts a fresh segment rather than retrying the sync and trusting it.
     fn append_and_sync(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        let result = self
-            .file
-            .write_all_at(buf, self.len)
-            .and_then(|()| self.file.sync_data());
+        let Some(active) = self.active.as_mut() else {
+            return Err(std::io::Error::other("no spool segment to write to"));
+        };
+        let faults = &self.shared.faults;
+        let result = faults
+            .check(FaultPoint::Append)
+            .and_then(|()| active.file.write_all_at(buf, active.len))
+            .and_then(|()| faults.check(FaultPoint::Sync))
+            .and_then(|()| active.file.sync_data());
         match result {
             Ok(()) => {
-                self.len += buf.len() as u64;
+                active.len += buf.len() as u64;
                 Ok(())
             }
             Err(e) => {
-                let _ = self.file.set_len(self.len);
-                // Forces a rotation at the next pass.
-                self.len = self.segment_size.max(self.len);
+                let _ = active.file.set_len(active.len);
+                self.retire_active();
                 Err(e)
             }
         }
     }
 
-    /// Punches out dead records, syncs the segments touched, and unlinks emptied segments.
-    fn punch(&mut self, dead: &[Loc]) -> std::io::Result<()> {
-        if dead.is_empty() {
-            return Ok(());
+    /// Stops appending to the active segment. It stays (with its live records) until they are
+    /// all final, like any older segment; an empty one goes at once.
+    fn retire_active(&mut self) {
+        let Some(old) = self.active.take() else {
+            return;
+        };
+        let empty = {
+            let mut index = self.shared.index();
+            let empty = index.segments.get(&old.number).is_some_and(|s| s.live == 0);
+            if empty {
+                index.segments.remove(&old.number);
+            }
+            empty
+        };
+        if empty {
+            remove_segment_files(&self.shared.dir, old.number);
+            if let Err(e) = sync_dir(&self.shared.dir) {
+                tracing::warn!(error = %e, "spool: cannot sync the spool directory");
+            }
         }
-        let mut touched = BTreeSet::new();
-        let mut first_error = None;
+    }
+
+    /// Punches out dead records, syncs the segments touched, and unlinks emptied segments.
+    /// Returns the records whose punch (or its sync) failed, to be tried again.
+    fn punch(&mut self, dead: &[Loc]) -> Vec<Loc> {
+        if dead.is_empty() {
+            return Vec::new();
+        }
         let files: Vec<(Loc, Option<Arc<File>>)> = {
             let index = self.shared.index();
             dead.iter()
                 .map(|l| (*l, index.segments.get(&l.segment).map(|s| s.file.clone())))
                 .collect()
         };
+        let mut failed = Vec::new();
+        let mut touched: BTreeMap<u64, (Arc<File>, Vec<Loc>)> = BTreeMap::new();
         for (loc, file) in files {
             let Some(file) = file else { continue };
-            if let Err(e) = punch_hole(&file, loc.offset + HEADER_LEN as u64, loc.len as u64) {
-                first_error.get_or_insert(e);
+            let punched =
+                self.shared.faults.check(FaultPoint::Punch).and_then(|()| {
+                    punch_hole(&file, loc.offset + HEADER_LEN as u64, loc.len as u64)
+                });
+            match punched {
+                Ok(()) => touched
+                    .entry(loc.segment)
+                    .or_insert((file, Vec::new()))
+                    .1
+                    .push(loc),
+                Err(e) => {
+                    tracing::warn!(segment = loc.segment, error = %e, "spool: punch failed");
+                    failed.push(loc);
+                }
             }
-            touched.insert(loc.segment);
         }
+        for (file, locs) in touched.values() {
+            if let Err(e) = file.sync_data() {
+                tracing::warn!(error = %e, "spool: sync after punch failed");
+                failed.extend(locs.iter().copied());
+            }
+        }
+        let done: Vec<Loc> = touched.into_values().flat_map(|(_, l)| l).collect();
+        self.release(&done);
+        failed
+    }
+
+    /// Counts punched records off their segments and unlinks the segments left empty.
+    fn release(&mut self, done: &[Loc]) {
+        let active = self.active.as_ref().map(|a| a.number);
         let mut emptied = Vec::new();
         {
             let mut index = self.shared.index();
-            for loc in dead {
+            for loc in done {
                 if let Some(seg) = index.segments.get_mut(&loc.segment) {
                     seg.live = seg.live.saturating_sub(1);
-                    if seg.live == 0 && loc.segment != self.active {
+                    if seg.live == 0 && Some(loc.segment) != active {
                         emptied.push(loc.segment);
                     }
                 }
@@ -360,47 +531,28 @@ impl Writer {
                 index.segments.remove(n);
             }
         }
-        for n in touched.iter().filter(|n| !emptied.contains(n)) {
-            let file = self.shared.index().segments.get(n).map(|s| s.file.clone());
-            if let Some(file) = file {
-                if let Err(e) = file.sync_data() {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
         if !emptied.is_empty() {
             for n in &emptied {
                 remove_segment_files(&self.shared.dir, *n);
             }
             if let Err(e) = sync_dir(&self.shared.dir) {
-                first_error.get_or_insert(e);
+                tracing::warn!(error = %e, "spool: cannot sync the spool directory");
             }
         }
-        first_error.map_or(Ok(()), Err)
     }
 
-    /// Closes the active segment and opens the next one. The old one is unlinked at once if it
-    /// holds nothing live.
+    /// Retires the active segment and opens the next one, with a number never tried before.
     fn rotate(&mut self) -> Result<(), SpoolError> {
-        let next = self.active + 1;
-        let (file, key) = create_segment(&self.shared, &self.master, next)?;
-        let old = self.active;
-        self.active = next;
-        self.file = file;
-        self.key = key;
-        self.len = 0;
-        let empty = {
-            let mut index = self.shared.index();
-            let empty = index.segments.get(&old).is_some_and(|s| s.live == 0);
-            if empty {
-                index.segments.remove(&old);
-            }
-            empty
-        };
-        if empty {
-            remove_segment_files(&self.shared.dir, old);
-            sync_dir(&self.shared.dir)?;
-        }
+        let n = self.next_number;
+        self.next_number += 1;
+        let (file, key) = create_segment(&self.shared, &self.master, n)?;
+        self.retire_active();
+        self.active = Some(Active {
+            number: n,
+            file,
+            key,
+            len: 0,
+        });
         Ok(())
     }
 }
@@ -414,6 +566,41 @@ enum Finished {
 }
 
 impl Index {
+    /// Sets a message's state after an update. `loc` is where its new state record went, or
+    /// None when none reached the disk (owed, and retried) or none was needed (all final).
+    fn apply(
+        &mut self,
+        id: QueueId,
+        loc: Option<Loc>,
+        state: MessageState,
+        dead: &mut Vec<Loc>,
+    ) -> Liveness {
+        let all_final = state.all_final();
+        let Some(entry) = self.messages.get_mut(&id) else {
+            // Destroyed earlier in this same batch.
+            return Liveness::Destroyed;
+        };
+        entry.current = state;
+        if all_final {
+            self.unsynced.remove(&id);
+            dead.extend(self.remove(id));
+            return Liveness::Destroyed;
+        }
+        match loc {
+            Some(loc) => {
+                if let Some(old) = entry.state.replace(loc) {
+                    dead.push(old);
+                }
+                self.unsynced.remove(&id);
+                self.add_live(loc.segment);
+            }
+            None => {
+                self.unsynced.insert(id);
+            }
+        }
+        Liveness::Live
+    }
+
     fn add_live(&mut self, segment: u64) {
         if let Some(s) = self.segments.get_mut(&segment) {
             s.live += 1;
@@ -422,6 +609,7 @@ impl Index {
 
     /// Drops a message from the index; returns its records, now dead.
     fn remove(&mut self, id: QueueId) -> Vec<Loc> {
+        self.unsynced.remove(&id);
         match self.messages.remove(&id) {
             Some(e) => std::iter::once(e.message).chain(e.state).collect(),
             None => Vec::new(),
@@ -430,20 +618,32 @@ impl Index {
 }
 
 /// Creates a segment: key file first (fsync'd), then the empty segment, then the directory sync.
+/// On failure whatever was made is removed again (best effort; the number is not reused).
 fn create_segment(
     shared: &Shared,
     master: &Key,
     n: u64,
 ) -> Result<(Arc<File>, Arc<Key>), SpoolError> {
-    let key = Key::generate()?;
-    master.write_wrapped(&key_path(&shared.dir, n), &key_purpose(n), &key)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(segment_path(&shared.dir, n))?;
-    sync_dir(&shared.dir)?;
+    let made = (|| -> Result<(File, Key), SpoolError> {
+        shared.faults.check(FaultPoint::CreateSegment)?;
+        let key = Key::generate()?;
+        master.write_wrapped(&key_path(&shared.dir, n), &key_purpose(n), &key)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(segment_path(&shared.dir, n))?;
+        sync_dir(&shared.dir)?;
+        Ok((file, key))
+    })();
+    let (file, key) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            remove_segment_files(&shared.dir, n);
+            return Err(e);
+        }
+    };
     let file = Arc::new(file);
     let key = Arc::new(key);
     shared.index().segments.insert(
@@ -494,26 +694,13 @@ pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<
     }
 }
 
-fn fail_all(batch: Vec<Request>, e: &SpoolError) {
-    let err = || SpoolError::Io(std::io::Error::other(e.to_string()));
-    for r in batch {
-        match r {
-            Request::Store { reply, .. } => drop(reply.send(Err(err()))),
-            Request::Update { reply, .. } => drop(reply.send(Err(err()))),
-            Request::Destroy { reply, .. } => drop(reply.send(Err(err()))),
-        }
-    }
+/// The error a store gets when the free-space reserve would be crossed.
+fn storage_full() -> SpoolError {
+    SpoolError::Io(std::io::Error::from(std::io::ErrorKind::StorageFull))
 }
 
-fn fail_pending(pending: Vec<Pending>, e: &std::io::Error) {
-    let err = || SpoolError::Io(clone_io(e));
-    for p in pending {
-        match p {
-            Pending::Store { reply, .. } => drop(reply.send(Err(err()))),
-            Pending::Update { reply, .. } => drop(reply.send(Err(err()))),
-            Pending::Destroy { reply, .. } => drop(reply.send(Err(err()))),
-        }
-    }
+fn no_segment() -> SpoolError {
+    SpoolError::Io(std::io::Error::other("no spool segment to write to"))
 }
 
 /// One I/O error answers many requests; keep its errno so callers can tell "disk full".

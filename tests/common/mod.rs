@@ -89,6 +89,16 @@ impl TestServer {
         options: postern::daemon::Options,
     ) -> (TestServer, Arc<postern::queue::Queue>) {
         let dir = tempfile::tempdir().expect("tempdir");
+        TestServer::start_in(dir, extra, options).await
+    }
+
+    /// Starts with the data directory at `<dir>/data` (which the test may have prepared, e.g.
+    /// as a small filesystem of its own).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        extra: &str,
+        options: postern::daemon::Options,
+    ) -> (TestServer, Arc<postern::queue::Queue>) {
         let text = config_text(dir.path(), extra);
         let config = Config::parse(&text, "test", dir.path()).expect("test config is valid");
         let daemon = Daemon::start_with(config, options)

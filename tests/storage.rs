@@ -1,0 +1,197 @@
+//! Storage faults end to end: a disk that fills up and frees again, and delivery state the
+//! disk refuses. The spool's own unit tests cover each fault point; these check what a client
+//! and a receiving server see.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::sink::Sink;
+use common::{submit, Raw, TestServer};
+use postern::clock::{Clock, ManualClock, SystemClock};
+use postern::daemon::Options;
+use postern::spool::{FaultPoint, Faults};
+
+const ENOSPC: i32 = 28;
+
+/// Polls `cond` every 50 ms until it holds; fails the test after `secs` seconds.
+async fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn delivered_recipients_are_not_resent_while_state_cannot_be_written() {
+    let sink = Sink::start("127.0.0.1").await;
+    sink.behaviour
+        .lock()
+        .unwrap()
+        .rcpt_replies
+        .insert("later@dest.test".into(), "451 4.2.1 try later".into());
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let faults = Arc::new(Faults::default());
+    let options = Options {
+        clock: clock.clone(),
+        run_queue: false,
+        spool_faults: faults.clone(),
+    };
+    let extra = format!(
+        "[delivery]\nsmarthost = \"127.0.0.1:{}\"\ntls = \"none\"\n",
+        sink.addr.port()
+    );
+    let (server, queue) = TestServer::start_with(&extra, options).await;
+    submit(
+        server.relay,
+        "app@sender.test",
+        &["now@dest.test", "later@dest.test"],
+        "Subject: once\r\n\r\nbody\r\n",
+    )
+    .await;
+    // From here on the disk takes no appends: no state record can be written.
+    faults.fail(FaultPoint::Append, u32::MAX, ENOSPC);
+    queue.run_due().await;
+    assert_eq!(
+        server.spool.unsynced(),
+        1,
+        "the outcome is owed to the disk"
+    );
+    for _ in 0..4 {
+        clock.advance(3 * 3600);
+        assert_eq!(
+            queue.run_due().await,
+            1,
+            "the deferred recipient is retried"
+        );
+    }
+    let attempts = sink.state.lock().unwrap().data_attempts.clone();
+    let to_now = attempts
+        .iter()
+        .filter(|(rcpts, _)| rcpts.iter().any(|r| r == "now@dest.test"))
+        .count();
+    assert_eq!(to_now, 1, "delivered once, never again: {attempts:?}");
+    assert_eq!(
+        server.spool.live().len(),
+        1,
+        "still queued for the deferred one"
+    );
+    // Space is back: the owed state reaches the disk without a restart.
+    faults.clear();
+    wait_until(10, "owed state written", || server.spool.unsynced() == 0).await;
+}
+
+/// A tmpfs mounted on `<dir>/data` for the length of a test; unmounted on drop.
+struct SmallDisk {
+    mount: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// None when this process cannot mount (not root); CI runs as root and must not skip.
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        let mount = dir.join("data");
+        std::fs::create_dir_all(&mount).expect("mkdir");
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&mount)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root and must be able to mount a tmpfs"
+            );
+            eprintln!("skipping: cannot mount a tmpfs here (not root)");
+            return None;
+        }
+        Some(SmallDisk { mount })
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.mount.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let chunk = vec![0x55u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
+/// Sends one message and returns the first reply that is not a 2xx/3xx, or the final 250.
+async fn try_submit(relay: std::net::SocketAddr) -> common::Reply {
+    let (mut c, _) = Raw::connect(relay).await;
+    c.expect("EHLO client.test", 250).await;
+    for line in [
+        "MAIL FROM:<app@sender.test>",
+        "RCPT TO:<a@dest.test>",
+        "DATA",
+    ] {
+        let r = c.cmd(line).await;
+        if r.code >= 400 {
+            return r;
+        }
+    }
+    c.send("Subject: full\r\n\r\nbody\r\n.\r\n").await;
+    c.reply().await
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_mail_and_accepts_again_once_space_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(disk) = SmallDisk::mount(dir.path(), "24m") else {
+        return;
+    };
+    let extra = "[spool]\nmin_free = 0\nsegment_size = 1048576\n";
+    let options = Options {
+        run_queue: false,
+        ..Default::default()
+    };
+    let (server, _queue) = TestServer::start_in(dir, extra, options).await;
+    submit(
+        server.relay,
+        "app@sender.test",
+        &["a@dest.test"],
+        "Subject: 1\r\n\r\nx\r\n",
+    )
+    .await;
+
+    let filler = disk.fill();
+    for _ in 0..3 {
+        let r = try_submit(server.relay).await;
+        assert_eq!((r.code, r.enhanced()), (452, "4.3.1"), "{r:?}");
+    }
+    std::fs::remove_file(&filler).expect("free the space");
+    // No restart: the very next message is accepted.
+    for _ in 0..3 {
+        let r = try_submit(server.relay).await;
+        assert_eq!(r.code, 250, "{r:?}");
+    }
+    assert_eq!(server.spool.live().len(), 4);
+    let names: Vec<String> = std::fs::read_dir(server.spool.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let count = |ext: &str| names.iter().filter(|n| n.ends_with(ext)).count();
+    assert_eq!(count(".key"), count(".seg"), "no leftover files: {names:?}");
+    server.shutdown.cancel();
+    let _ = server.task.await;
+}
