@@ -23,8 +23,10 @@
 # peers the integration tests use. Environment: TIMEOUT (seconds per mutant's test run, default
 # 300), LIST=1 (only list the mutants of each area, build nothing).
 #
-# The mutants are built and tested in a copy of the tree (cargo-mutants' default), so the
-# checkout is never modified; the copy includes target/ so dependencies are not rebuilt.
+# The mutants are made in a copy of the sources (target/mutants-tree), never in the checkout,
+# and built into the checkout's target/ so that dependencies are not rebuilt: cargo-mutants' own
+# copy of the tree would rebuild every dependency (build-script outputs record absolute paths).
+# Do not run cargo in the checkout meanwhile: it would wait for target/'s lock.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,17 +36,19 @@ cd "$ROOT"
 die() { echo "mutants.sh: $*" >&2; exit 1; }
 cargo mutants --version > /dev/null 2>&1 || die "cargo-mutants not found (cargo install cargo-mutants --locked)"
 
-# area -> cargo-mutants selection and the cargo test arguments that exercise it.
+# area -> cargo-mutants selection, the test target built and run (--lib or --test=NAME), and
+# a test name filter.
 select_area() {
+    FILTER=()
     case $1 in
-        bounce) FILES=(--file src/bounce.rs) TESTS=(--lib -- bounce::) ;;
-        suppress) FILES=(--file src/suppress.rs) TESTS=(--lib -- ledger:: suppress::) ;;
+        bounce) FILES=(--file src/bounce.rs) TARGET=--lib FILTER=(bounce::) ;;
+        suppress) FILES=(--file src/suppress.rs) TARGET=--lib FILTER=(ledger:: suppress::) ;;
         spool) FILES=(--file 'src/spool/*.rs' --re 'punch|destroy|Index::remove')
-            TESTS=(--lib -- spool::) ;;
-        purge) FILES=(--file src/ledger/mod.rs --re 'Ledger::purge') TESTS=(--lib -- ledger::) ;;
-        proto) FILES=(--file src/proto/data.rs) TESTS=(--lib -- proto::) ;;
+            TARGET=--lib FILTER=(spool::) ;;
+        purge) FILES=(--file src/ledger/mod.rs --re 'Ledger::purge') TARGET=--lib FILTER=(ledger::) ;;
+        proto) FILES=(--file src/proto/data.rs) TARGET=--lib FILTER=(proto::) ;;
         relay) FILES=(--file src/config.rs --file src/server/session.rs
-            --re 'RelayConfig::allows|Session::rcpt( |$)') TESTS=(--test smtp_server) ;;
+            --re 'RelayConfig::allows|Session::rcpt( |$)') TARGET=--test=smtp_server ;;
         *) die "unknown area '$1' (bounce suppress spool purge proto relay)" ;;
     esac
 }
@@ -52,6 +56,16 @@ select_area() {
 AREAS=("$@")
 [ ${#AREAS[@]} -gt 0 ] || AREAS=(bounce suppress spool purge proto relay)
 for area in "${AREAS[@]}"; do select_area "$area"; done   # fail early on a typo
+
+TREE=$ROOT/target/mutants-tree
+OUT=$ROOT/mutants.out
+if [ -z "${LIST:-}" ]; then
+    rm -rf "$TREE"
+    mkdir -p "$TREE"
+    tar -C "$ROOT" --exclude=./target --exclude=./mutants.out --exclude=./.git -cf - . | tar -C "$TREE" -xf -
+    cd "$TREE"
+    export CARGO_TARGET_DIR=$ROOT/target
+fi
 
 for area in "${AREAS[@]}"; do
     select_area "$area"
@@ -61,15 +75,18 @@ for area in "${AREAS[@]}"; do
         continue
     fi
     echo "== $area: $(cargo mutants --list "${FILES[@]}" | wc -l) mutants" >&2
-    mkdir -p "mutants.out/$area"
+    mkdir -p "$OUT/$area"
+    filter=()
+    [ ${#FILTER[@]} -eq 0 ] || filter=(--cargo-test-arg=-- "${FILTER[@]/#/--cargo-test-arg=}")
     # cargo-mutants exits non-zero when a mutant is missed; the table below reports it.
-    cargo mutants --copy-target=true --no-shuffle --timeout "$TIMEOUT" \
-        --cargo-arg=--ignore-rust-version --output "mutants.out/$area" \
-        "${FILES[@]}" -- "${TESTS[@]}" || true
+    cargo mutants --in-place --no-shuffle --timeout "$TIMEOUT" --output "$OUT/$area" \
+        --cargo-arg=--ignore-rust-version --cargo-arg="$TARGET" "${filter[@]}" \
+        "${FILES[@]}" || true
 done
 
 [ -n "${LIST:-}" ] && exit 0
-count() { [ -f "$1" ] && grep -c . "$1" || echo 0; }
+cd "$ROOT"
+count() { if [ -s "$1" ]; then grep -c . "$1"; else echo 0; fi; }
 printf '\n%-9s %7s %7s %8s %9s\n' area caught missed timeout unviable
 for area in "${AREAS[@]}"; do
     d=mutants.out/$area/mutants.out
