@@ -26,7 +26,8 @@
 # logged a WARN/ERROR other than the self-signed certificate notice), POSTERN_BIN and
 # POSTERN_CONFIG (another binary and its config.toml, e.g. an older build for an A/B run; implies
 # SKIP_BUILD), DKIM=rsa|ed25519 (Postern signs every message with a key made for the run),
-# ONLY=postern (skip Postfix; for A/B runs between Postern builds).
+# ONLY=postern (skip Postfix; for A/B runs between Postern builds), BENCH_DIR (where the
+# temporary directory with both queues goes, default /tmp; refused on tmpfs unless FORCE=1).
 #
 # Run it on an otherwise idle machine: a concurrent cargo build skews both figures.
 set -euo pipefail
@@ -55,8 +56,24 @@ for t in smtp-source smtp-sink postfix postconf ss timeout; do
 done
 MAIL_OWNER=$(postconf -dh mail_owner)
 
-T=$(mktemp -d /tmp/postern-relay-bench.XXXXXX)
+# Both queues live under $BENCH_DIR. On tmpfs (or ramfs) fsync costs nothing, so the figures
+# would say nothing about durable relaying: refuse unless FORCE=1, and then say so loudly.
+BENCH_DIR=${BENCH_DIR:-/tmp}
+T=$(mktemp -d "$BENCH_DIR/postern-relay-bench.XXXXXX")
 chmod 755 "$T"          # Postfix daemons run as $MAIL_OWNER below this directory
+FSTYPE=$(stat -f -c %T "$T")
+log "queues on $T (filesystem: $FSTYPE)"
+case $FSTYPE in
+    tmpfs | ramfs)
+        if [ "${FORCE:-}" != 1 ]; then
+            rmdir "$T"
+            die "$BENCH_DIR is $FSTYPE, where fsync is free: the figures would not measure durable relaying. Set BENCH_DIR to a directory on a disk, or FORCE=1 to run anyway."
+        fi
+        for _ in 1 2 3; do
+            echo "relay.sh: WARNING: queues on $FSTYPE (FORCE=1): fsync is free, these figures overstate both relays" >&2
+        done
+        ;;
+esac
 
 SINK_PID=
 SOURCE_PID=

@@ -319,4 +319,36 @@ mod tests {
         assert!(b.is_some() && s.is_some() && c.is_some());
         assert_eq!(*order.lock().unwrap(), vec!["clean", "suspect"]);
     }
+
+    /// User enumeration by timing: a login for a name that does not exist must cost what a
+    /// wrong password for a real one costs (the dummy hash is verified in its place). Samples
+    /// alternate and medians are compared, with bounds wide enough for a busy machine: skipping
+    /// the hash makes the unknown user thousands of times cheaper, far outside them.
+    #[test]
+    fn an_unknown_user_costs_about_what_a_wrong_password_costs() {
+        let accounts = Accounts::from_config(&[AccountConfig {
+            username: "app".into(),
+            password_hash: hash_password("s3cret").unwrap(),
+            ..Default::default()
+        }]);
+        let time = |user: &str| {
+            let start = std::time::Instant::now();
+            assert!(accounts.verify_blocking(user, "wrong").is_none());
+            start.elapsed()
+        };
+        let (mut known, mut unknown) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            known.push(time("app"));
+            unknown.push(time("nobody"));
+        }
+        known.sort();
+        unknown.sort();
+        let ratio = unknown[3].as_secs_f64() / known[3].as_secs_f64();
+        assert!(
+            (0.33..3.0).contains(&ratio),
+            "unknown user {:?} vs wrong password {:?} (median)",
+            unknown[3],
+            known[3]
+        );
+    }
 }

@@ -271,4 +271,99 @@ mod tests {
             );
         }
     }
+
+    fn envelope() -> Envelope {
+        Envelope {
+            mail_from: "app@sender.test".into(),
+            recipients: vec!["a@dest.test".into()],
+            received_at: 1_700_000_000,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "client.test".into(),
+            auth_user: None,
+            eight_bit: false,
+            smtputf8: false,
+            sending_domain: "sender.test".into(),
+        }
+    }
+
+    fn notice(kind: Kind, original: &[u8], entries: &[Entry<'_>]) -> String {
+        let envelope = envelope();
+        let n = Notice {
+            kind,
+            hostname: "mx.example.test",
+            queue_id: "q1",
+            envelope: &envelope,
+            original,
+            entries,
+            now: DateTime::from_timestamp(1_700_000_100, 0).unwrap(),
+            boundary_seed: 0xab,
+        };
+        String::from_utf8(build(&n)).unwrap()
+    }
+
+    /// The report part, per recipient, and the parts' framing (RFC 3464, RFC 6533).
+    #[test]
+    fn a_failure_report_per_recipient_with_headers_and_framing() {
+        let entries = [
+            Entry {
+                rcpt: "a@dest.test",
+                status: "5.1.1",
+                diagnostic: "smtp; 550 5.1.1 no such user",
+                remote: Some("mx.dest.test"),
+            },
+            Entry {
+                rcpt: "jürgen@dest.test",
+                status: "4.4.7",
+                diagnostic: "x-postern; expired",
+                remote: None,
+            },
+        ];
+        let m = notice(
+            Kind::Failure,
+            b"Subject: hi\r\n\r\nSECRET BODY\r\n",
+            &entries,
+        );
+        let boundary = "q1/00000000000000ab/mx.example.test";
+        assert!(m.starts_with("From: Mail Delivery System <MAILER-DAEMON@mx.example.test>\r\nTo: <app@sender.test>\r\n"), "{m}");
+        assert!(m.contains(&format!("boundary=\"{boundary}\"")));
+        assert!(
+            m.contains("Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("Last-Attempt-Date: Tue, 14 Nov 2023 22:15:00 +0000\r\n"),
+            "{m}"
+        );
+        let first = "\r\nFinal-Recipient: rfc822; a@dest.test\r\nAction: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx.dest.test\r\nDiagnostic-Code: smtp; 550 5.1.1 no such user\r\n";
+        assert!(m.contains(first), "{m}");
+        let second = "\r\nFinal-Recipient: utf-8; jürgen@dest.test\r\nAction: failed\r\nStatus: 4.4.7\r\nDiagnostic-Code: x-postern; expired\r\n";
+        assert!(m.contains(second), "no Remote-MTA without a remote: {m}");
+        assert!(m.contains("<a@dest.test>: smtp; 550 5.1.1 no such user\r\n"));
+        assert!(!m.contains("SECRET BODY"));
+        assert!(
+            m.ends_with(&format!(
+                "text/rfc822-headers\r\n\r\nSubject: hi\r\n\r\n--{boundary}--\r\n"
+            )),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_delay_report_and_an_original_without_a_body() {
+        let entries = [Entry {
+            rcpt: "a@dest.test",
+            status: "4.2.0",
+            diagnostic: "smtp; 451 4.2.0 later",
+            remote: None,
+        }];
+        // No empty line and no final CRLF: the headers part still ends its last line.
+        let m = notice(Kind::Delay, b"Subject: hi", &entries);
+        assert!(m.contains("Subject: Delayed Mail (still being retried)\r\n"));
+        assert!(m.contains("Action: delayed\r\n"));
+        assert!(!m.contains("Action: failed"));
+        assert!(
+            m.ends_with("\r\n\r\nSubject: hi\r\n\r\n--q1/00000000000000ab/mx.example.test--\r\n"),
+            "{m}"
+        );
+    }
 }

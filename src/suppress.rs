@@ -333,3 +333,109 @@ fn run_from_bytes(b: &[u8]) -> Option<BounceRun> {
         since: i64::from_be_bytes(since.try_into().ok()?),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PrivacyConfig;
+    use crate::ledger::Ledger;
+
+    const T0: i64 = 1_793_491_200;
+
+    fn open(dir: &std::path::Path, key: &Key) -> Ledger {
+        Ledger::open(dir, key, &PrivacyConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn reasons_parse_as_the_cli_writes_them() {
+        assert_eq!(Reason::parse("unsubscribe"), Some(Reason::Unsubscribe));
+        assert_eq!(Reason::parse("Complaint"), Some(Reason::Complaint));
+        assert_eq!(Reason::parse("hard_bounce"), Some(Reason::HardBounce));
+        assert_eq!(Reason::parse("bounce"), Some(Reason::HardBounce));
+        assert_eq!(Reason::parse("manual"), Some(Reason::Manual));
+        assert_eq!(Reason::parse("spam"), None);
+    }
+
+    /// The counts that spare the common case a lookup must follow adds and removes, and be
+    /// right again after a restart (they are rebuilt from the trees).
+    #[test]
+    fn counts_follow_the_entries_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key::generate().unwrap();
+        {
+            let l = open(dir.path(), &key);
+            assert!(l.suppress.is_empty());
+            assert_eq!(l.suppress.len(), 0);
+            l.suppress
+                .add("a@dest.test", Reason::Manual, T0, None)
+                .unwrap();
+            l.suppress
+                .add("a@dest.test", Reason::Complaint, T0, None)
+                .unwrap();
+            assert_eq!(l.suppress.len(), 1, "replaced, not added twice");
+            assert!(!l.suppress.is_empty());
+            l.suppress
+                .add("b@dest.test", Reason::Manual, T0, None)
+                .unwrap();
+            assert!(!l.suppress.remove("nobody@dest.test").unwrap());
+            assert_eq!(l.suppress.len(), 2);
+        }
+        let l = open(dir.path(), &key);
+        assert_eq!(l.suppress.len(), 2);
+        let e = l.suppress.check("a@dest.test", T0).unwrap().unwrap();
+        assert_eq!(e.reason, Reason::Complaint);
+        assert!(l.suppress.remove("a@dest.test").unwrap());
+        assert_eq!(l.suppress.len(), 1);
+        assert!(l.suppress.remove("b@dest.test").unwrap());
+        assert!(l.suppress.is_empty());
+        assert!(l.suppress.check("b@dest.test", T0).unwrap().is_none());
+    }
+
+    /// A list exported (pseudonyms only) and imported elsewhere suppresses the same addresses.
+    #[test]
+    fn an_exported_entry_restores_by_pseudonym() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path(), &Key::generate().unwrap());
+        let e = l
+            .suppress
+            .add("a@dest.test", Reason::Unsubscribe, T0, Some(T0 + 60))
+            .unwrap();
+        assert!(l.suppress.remove("a@dest.test").unwrap());
+        l.suppress.add_entry(&e).unwrap();
+        assert_eq!(l.suppress.check("a@dest.test", T0).unwrap(), Some(e));
+        assert!(l.suppress.check("a@dest.test", T0 + 60).unwrap().is_none());
+        let bad = Entry {
+            pseudonym: "not hex".into(),
+            reason: Reason::Manual,
+            added_at: T0,
+            expires_at: None,
+        };
+        assert!(matches!(
+            l.suppress.add_entry(&bad),
+            Err(SuppressError::Corrupt)
+        ));
+    }
+
+    /// Removing an address also forgets its run of bounces: it starts again from zero.
+    #[test]
+    fn a_removed_address_starts_its_bounce_count_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path(), &Key::generate().unwrap());
+        for _ in 0..2 {
+            assert!(!l.suppress.hard_bounce("x@dest.test", T0).unwrap());
+        }
+        assert!(!l.suppress.remove("x@dest.test").unwrap(), "no entry yet");
+        for _ in 0..2 {
+            assert!(!l.suppress.hard_bounce("x@dest.test", T0).unwrap());
+        }
+        assert!(l.suppress.hard_bounce("x@dest.test", T0).unwrap());
+        assert!(
+            l.suppress.hard_bounce("x@dest.test", T0).unwrap(),
+            "past the threshold it stays suppressed"
+        );
+        // A delivery to someone else leaves x's count alone.
+        l.suppress.delivered("y@dest.test").unwrap();
+        assert!(l.suppress.remove("x@dest.test").unwrap());
+        assert!(!l.suppress.hard_bounce("x@dest.test", T0).unwrap());
+    }
+}

@@ -75,18 +75,30 @@ fn parse_dsn(bytes: &[u8]) -> serde_json::Value {
 }
 
 async fn spool_empty(server: &TestServer) {
-    for _ in 0..200 {
-        if server.spool.live().is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("spool still holds {} messages", server.spool.live().len());
+    let empty = common::eventually(Duration::from_secs(5), || server.spool.live().is_empty()).await;
+    assert!(
+        empty,
+        "spool still holds {} messages",
+        server.spool.live().len()
+    );
+}
+
+/// The ledger's records about `address`, through the admin socket of the running daemon.
+async fn ledger_records(server: &TestServer, address: &str) -> Vec<serde_json::Value> {
+    let export = postern::admin::request(
+        &server.data_dir().join("admin.sock"),
+        &postern::admin::Request::Export {
+            address: address.into(),
+        },
+    )
+    .await
+    .expect("export");
+    export["records"].as_array().expect("records").clone()
 }
 
 #[tokio::test]
 async fn end_to_end_by_mx_and_body_destroyed() {
-    let rig = rig("", "", false).await;
+    let rig = rig("", "", true).await;
     // Dot-stuffed as a client sends it; the content line is ".leading dot".
     let body = "Subject: e2e\r\n\r\n..leading dot\r\nE2E-MARKER\r\n";
     let id = submit(
@@ -96,7 +108,11 @@ async fn end_to_end_by_mx_and_body_destroyed() {
         body,
     )
     .await;
-    let got = rig.sink.wait_for(1).await;
+    // What destruction must remove: the message's sealed bytes, as they are on disk now.
+    let sealed = common::queued_records(&rig.server.data_dir(), &id);
+    assert_eq!(rig.queue.run_due().await, 1);
+    let got = rig.sink.received();
+    assert_eq!(got.len(), 1);
     let m = &got[0];
     assert_eq!(m.from, "app@sender.test");
     assert_eq!(
@@ -117,13 +133,10 @@ async fn end_to_end_by_mx_and_body_destroyed() {
     );
     assert!(!has_bare_cr_or_lf(&m.raw));
     assert!(m.tls.is_none(), "the sink offers no STARTTLS here");
-    spool_empty(&rig.server).await;
-    // The body is gone from disk: no segment holds the marker, sealed or not (punched out).
-    assert!(!contains(
-        &common::all_bytes(&rig.server.data_dir()),
-        b"E2E-MARKER"
-    ));
-    drop(rig.dns);
+    assert!(rig.server.spool.live().is_empty());
+    // The body is gone from disk: its record's range reads back as zeros (or its segment is
+    // gone), and its ciphertext is nowhere in the data directory.
+    common::assert_destroyed(&sealed, &rig.server.data_dir());
 }
 
 #[tokio::test]
@@ -182,13 +195,17 @@ async fn temporary_failures_are_retried_on_schedule_then_delivered_once() {
     // Second step of the schedule: 5 minutes.
     rig.clock.advance(299);
     assert_eq!(rig.queue.run_due().await, 0);
+    // The message record and the state records the two deferrals wrote.
+    let sealed = common::queued_records(&rig.server.data_dir(), &id);
+    assert!(sealed.len() >= 2, "{sealed:?}");
     rig.clock.advance(1);
     assert_eq!(rig.queue.run_due().await, 1);
 
     let got = rig.sink.received();
     assert_eq!(got.len(), 1, "delivered exactly once");
     assert!(contains(&got[0].data, format!("id {id};").as_bytes()));
-    assert!(rig.server.spool.live().is_empty(), "final: body destroyed");
+    assert!(rig.server.spool.live().is_empty(), "final");
+    common::assert_destroyed(&sealed, &rig.server.data_dir());
     assert_eq!(rig.queue.len(), 0);
 }
 
@@ -272,21 +289,35 @@ async fn expiry_bounces_with_4_4_7_and_bounces_of_bounces_are_dropped() {
     )
     .await;
     rig.queue.run_due().await;
-    let mut attempts = 1;
     for _ in 0..30 {
         rig.clock.advance(3600);
-        attempts += rig.queue.run_due().await;
+        rig.queue.run_due().await;
         if rig.server.spool.live().is_empty() {
             break;
         }
     }
+    let rcpts = rig.sink.state.lock().unwrap().rcpt_attempts.clone();
+    let tried = |who: &str| rcpts.iter().filter(|(_, r, _)| r == who).count();
     assert_eq!(
-        attempts,
-        25 + 1,
-        "24 hourly retries, the expiry at 24 h, and the one DSN"
+        tried("slow@dest.test"),
+        24,
+        "hourly from 0 h to 23 h; at 24 h it expires untried"
     );
-    let dsn_attempts: Vec<_> = rig.sink.state.lock().unwrap().data_attempts.clone();
-    assert!(dsn_attempts.is_empty(), "no DATA: every RCPT was refused");
+    // The expiry is final with 4.4.7 (the ledger keeps the outcome and its code).
+    let records = ledger_records(&rig.server, "slow@dest.test").await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["outcome"], "expired", "{records:?}");
+    assert_eq!(records[0]["last_code"], "4.4.7", "{records:?}");
+    // Its notice went to the sender once, from the null sender; refused, it caused nothing.
+    let notices: Vec<_> = rcpts
+        .iter()
+        .filter(|(from, _, _)| from.is_empty())
+        .collect();
+    assert_eq!(notices.len(), 1, "{rcpts:?}");
+    assert_eq!(notices[0].1, "app@sender.test");
+    assert_eq!(tried("app@sender.test"), 1, "no bounce of the bounce");
+    let data_attempts = rig.sink.state.lock().unwrap().data_attempts.clone();
+    assert!(data_attempts.is_empty(), "no DATA: every RCPT was refused");
     assert!(
         rig.server.spool.live().is_empty(),
         "DSN bounced, no bounce of the bounce queued"
@@ -389,9 +420,19 @@ async fn hundred_messages_reuse_few_connections() {
             .await;
         assert_eq!(r.code, 250);
     }
-    rig.sink.wait_for(100).await;
+    let got = rig.sink.wait_for(100).await;
     let conns = rig.sink.connections();
     assert!(conns <= 10, "{conns} connections for 100 messages");
+    // Reuse happened: fewer connections than messages, and connections carrying several.
+    let mut per_connection = std::collections::HashMap::new();
+    for m in &got {
+        *per_connection.entry(m.connection).or_insert(0usize) += 1;
+    }
+    let most = per_connection.values().copied().max().unwrap_or(0);
+    assert!(
+        conns < 100 && most > 1,
+        "{conns} connections, at most {most} messages on one"
+    );
     let max_active = rig.sink.state.lock().unwrap().max_active;
     assert!(
         max_active <= 4,
@@ -426,9 +467,9 @@ async fn per_destination_connection_limit_holds_under_load() {
     assert_eq!(rig.queue.run_due().await, 10);
     assert_eq!(rig.sink.received().len(), 10);
     let max_active = rig.sink.state.lock().unwrap().max_active;
-    assert!(
-        max_active <= 2,
-        "two domains behind one MX share the limit: {max_active}"
+    assert_eq!(
+        max_active, 2,
+        "two domains behind one MX share the limit, and it is used: {max_active}"
     );
 }
 
@@ -483,8 +524,44 @@ async fn tls_required_refuses_an_untrusted_certificate() {
     )
     .await;
     rig.queue.run_due().await;
-    assert!(rig.sink.received().is_empty());
+    assert_deferred_for_tls(&rig);
+}
+
+/// The message went nowhere, though Postern reached the sink, and waits with 4.7.5.
+fn assert_deferred_for_tls(rig: &Rig) {
+    assert!(rig.sink.connections() >= 1, "Postern never connected");
+    assert!(rig.sink.received().is_empty(), "sent without verified TLS");
     assert_eq!(rig.server.spool.live().len(), 1, "deferred");
+    let state = rig.server.spool.state(rig.server.spool.live()[0]).unwrap();
+    assert!(!state.final_rcpts[0], "deferred, not bounced");
+    let sched = postern::queue::Schedule::decode(&state.queue_data, 1);
+    assert_eq!(sched.rcpts[0].last_status, "4.7.5");
+}
+
+#[tokio::test]
+async fn tls_required_refuses_a_trusted_certificate_for_another_name() {
+    let dir = tempfile::tempdir().unwrap();
+    // Signed by a CA Postern trusts, but for a name that is not the MX host's.
+    let ca = common::test_ca(dir.path(), &["elsewhere.test"]);
+    let rig = rig(
+        &format!(
+            "tls = \"require\"\ntls_ca_file = \"{}\"",
+            ca.ca_file.display()
+        ),
+        "",
+        true,
+    )
+    .await;
+    rig.sink.behaviour.lock().unwrap().tls = Some(ca.server.clone());
+    submit(
+        rig.server.relay,
+        "app@sender.test",
+        &["t@dest.test"],
+        "Subject: tls\r\n\r\nx\r\n",
+    )
+    .await;
+    rig.queue.run_due().await;
+    assert_deferred_for_tls(&rig);
 }
 
 #[tokio::test]
@@ -643,6 +720,7 @@ async fn a_restart_keeps_retry_times() {
     let daemon = start(clock.clone()).await;
     let relay = daemon.local_addrs()[0].0;
     let (queue, shutdown) = (daemon.queue.clone(), daemon.shutdown.clone());
+    let ledger = daemon.ledger.clone();
     let task = tokio::spawn(daemon.run(Duration::from_secs(5)));
     let (mut c, _) = Raw::connect(relay).await;
     c.expect("EHLO client.test", 250).await;
@@ -658,8 +736,11 @@ async fn a_restart_keeps_retry_times() {
     shutdown.cancel();
     task.await.unwrap();
     drop(queue);
-    // sled releases its lock when the last handle goes; give the ledger writer a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // sled releases its lock when the last ledger handle goes: wait until ours is the last
+    // (the daemon's tasks drop theirs as they end), then drop it, which joins the writer.
+    let last = common::eventually(Duration::from_secs(5), || Arc::strong_count(&ledger) == 1).await;
+    assert!(last, "the stopped daemon still holds the ledger");
+    drop(ledger);
 
     let daemon = start(clock.clone()).await;
     let queue = daemon.queue.clone();
@@ -701,4 +782,163 @@ async fn idle_pooled_connections_are_closed_after_the_timeout() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(rig.queue.deliverer().idle_connections(), 0);
+}
+
+#[tokio::test]
+async fn a_connection_carries_at_most_messages_per_connection() {
+    let rig = rig("messages_per_connection = 2", "", true).await;
+    for i in 0..6 {
+        submit(
+            rig.server.relay,
+            "app@sender.test",
+            &["r@dest.test"],
+            &format!("Subject: {i}\r\n\r\nx\r\n"),
+        )
+        .await;
+        // One at a time: each finds the previous one's connection in the pool, if it is kept.
+        assert_eq!(rig.queue.run_due().await, 1);
+    }
+    let got = rig.sink.received();
+    assert_eq!(got.len(), 6);
+    let on_each: Vec<usize> = (1..=rig.sink.connections())
+        .map(|c| got.iter().filter(|m| m.connection == c).count())
+        .collect();
+    assert_eq!(
+        on_each,
+        vec![2, 2, 2],
+        "two messages per connection, reused"
+    );
+}
+
+#[tokio::test]
+async fn the_next_smarthost_is_tried_when_the_first_is_down() {
+    let sink = Sink::start("127.0.0.1").await;
+    // A port nobody listens on: bound, then released.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_port = down.local_addr().unwrap().port();
+    drop(down);
+    let extra = format!(
+        "[delivery]\nsmarthost = [\"127.0.0.1:{down_port}\", \"127.0.0.1:{}\"]\n[dns]\nnameservers = [\"127.0.0.1:9\"]\n",
+        sink.addr.port()
+    );
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let (server, queue) = TestServer::start_with(
+        &extra,
+        Options {
+            clock,
+            run_queue: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    submit(
+        server.relay,
+        "app@sender.test",
+        &["a@one.test"],
+        "Subject: fallback\r\n\r\nx\r\n",
+    )
+    .await;
+    queue.run_due().await;
+    assert_eq!(sink.received().len(), 1, "delivered through the second");
+    assert!(server.spool.live().is_empty());
+    let records = ledger_records(&server, "a@one.test").await;
+    assert_eq!(records[0]["outcome"], "delivered", "{records:?}");
+    assert_eq!(
+        records[0]["remote_ip"],
+        format!("127.0.0.1:{}", sink.addr.port()),
+        "{records:?}"
+    );
+}
+
+#[tokio::test]
+async fn messages_per_minute_spaces_deliveries_to_a_destination() {
+    // 300 a minute: one every 200 ms. Unpaced, six messages go out together in a few ms.
+    let rig = rig(
+        "",
+        "[[delivery.destination]]\ndomain = \"dest.test\"\nmessages_per_minute = 300\n",
+        true,
+    )
+    .await;
+    for i in 0..6 {
+        submit(
+            rig.server.relay,
+            "app@sender.test",
+            &[&format!("r{i}@dest.test")],
+            "Subject: paced\r\n\r\nx\r\n",
+        )
+        .await;
+    }
+    // other.test has no rate: its message is not held back by dest.test's.
+    submit(
+        rig.server.relay,
+        "app@sender.test",
+        &["free@other.test"],
+        "Subject: free\r\n\r\nx\r\n",
+    )
+    .await;
+    assert_eq!(rig.queue.run_due().await, 7);
+    let got = rig.sink.received();
+    assert_eq!(got.len(), 7);
+    let mut paced: Vec<std::time::Instant> = got
+        .iter()
+        .filter(|m| m.rcpts[0].ends_with("@dest.test"))
+        .map(|m| m.at)
+        .collect();
+    paced.sort();
+    let gaps: Vec<Duration> = paced.windows(2).map(|w| w[1] - w[0]).collect();
+    // The pacer starts each message 200 ms after the previous one's start; delivery times vary,
+    // so allow some slack per gap but require the total.
+    let span = paced[5] - paced[0];
+    assert!(
+        span >= Duration::from_millis(900),
+        "six messages in {span:?} at 300 a minute: {gaps:?}"
+    );
+    assert!(span < Duration::from_secs(20), "{span:?}");
+    let free = got
+        .iter()
+        .find(|m| m.rcpts[0] == "free@other.test")
+        .unwrap();
+    assert!(
+        free.at < paced[5],
+        "the unpaced destination waited for the paced one"
+    );
+}
+
+/// Routing through dnsmasq (not the hickory-based test server): an MX answer too big for UDP,
+/// whose only reachable exchanger is in the part that only TCP carries.
+#[tokio::test]
+async fn delivery_routed_by_a_real_dns_server_over_tcp() {
+    let sink = Sink::start("127.0.0.1").await;
+    let mut records = common::dnsmasq::big_mx_answer("big.test", 150, "mx.sink.test");
+    records.push("--host-record=mx.sink.test,127.0.0.1".into());
+    let Some(dns) = common::dnsmasq::Dnsmasq::start(&records) else {
+        return;
+    };
+    let extra = format!(
+        "[delivery]\nport = {}\n[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\n",
+        sink.addr.port(),
+        dns.nameserver()
+    );
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let (server, queue) = TestServer::start_with(
+        &extra,
+        Options {
+            clock,
+            run_queue: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    submit(
+        server.relay,
+        "app@sender.test",
+        &["someone@big.test"],
+        "Subject: big\r\n\r\nx\r\n",
+    )
+    .await;
+    queue.run_due().await;
+    let got = sink.received();
+    assert_eq!(got.len(), 1, "dnsmasq log: {}", dns.log());
+    assert_eq!(got[0].rcpts, vec!["someone@big.test"]);
+    assert!(dns.tcp_queries("MX", "big.test") >= 1, "{}", dns.log());
 }

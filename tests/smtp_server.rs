@@ -351,6 +351,29 @@ async fn idle_session_times_out_with_421() {
 }
 
 #[tokio::test]
+async fn stalled_data_times_out_with_421_after_data_timeout() {
+    // The command timeout is far longer: a 421 within seconds can only be the data timeout.
+    let server =
+        TestServer::start("[limits]\ncommand_timeout = \"60s\"\ndata_timeout = \"1s\"\n").await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<a@example.test>", 250).await;
+    c.expect("RCPT TO:<b@dest.test>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send("Subject: stalled\r\n\r\nhalf a mess").await;
+    let start = std::time::Instant::now();
+    let r = c.reply().await;
+    let waited = start.elapsed();
+    assert_eq!((r.code, r.enhanced()), (421, "4.4.2"), "{r:?}");
+    assert!(
+        waited >= std::time::Duration::from_millis(900),
+        "before the timeout: {waited:?}"
+    );
+    assert!(c.try_reply().await.is_none(), "the connection is closed");
+    assert!(server.spool.live().is_empty(), "nothing of it is queued");
+}
+
+#[tokio::test]
 async fn connection_cap_answers_421() {
     let server = TestServer::start("[limits]\nmax_connections = 2\n").await;
     let (_a, ga) = Raw::connect(server.relay).await;
@@ -516,17 +539,20 @@ async fn starttls_discards_pipelined_plaintext() {
     let server = TestServer::start("").await;
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
-    c.send("STARTTLS\r\nRSET\r\n").await;
+    // HELP answers 214, which nothing we send inside TLS does: replies come in order, so had
+    // the injected HELP run inside TLS, its 214 would come before the reply to our EHLO.
+    c.send("STARTTLS\r\nHELP\r\n").await;
     assert_eq!(c.reply().await.code, 220);
     let mut c = c.tls(server.client_tls()).await;
-    // Had the injected RSET run inside TLS, its 250 would be waiting here.
-    let early = tokio::time::timeout(std::time::Duration::from_millis(500), c.try_reply()).await;
-    assert!(
-        early.is_err(),
-        "no reply may precede our first TLS command: {early:?}"
-    );
-    let ehlo = c.expect("EHLO client.test", 250).await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert_eq!(ehlo.code, 250, "the first reply inside TLS: {ehlo:?}");
+    assert!(ehlo.text.contains("PIPELINING"), "{ehlo:?}");
     assert!(!ehlo.text.contains("STARTTLS"));
+    let noop = c.cmd("NOOP").await;
+    assert_eq!(
+        noop.code, 250,
+        "no late reply to the injected command: {noop:?}"
+    );
     // The session was reset: MAIL is accepted as a fresh transaction.
     c.expect("MAIL FROM:<a@example.test>", 250).await;
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod dnsmasq;
 pub mod sink;
 
 use std::net::SocketAddr;
@@ -201,6 +202,135 @@ pub fn all_bytes(dir: &Path) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` has passed; returns whether it held.
+/// Callers assert the result, so a condition that never comes true fails the test.
+pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One record of a message as it sits in a spool segment file: where it is and its sealed
+/// bytes. Taken while the message is queued, it says what must be gone once it is destroyed.
+#[derive(Debug, Clone)]
+pub struct SealedRecord {
+    pub segment: PathBuf,
+    /// Offset of the payload (just after the 32-byte header) in the segment.
+    pub offset: u64,
+    /// The payload: nonce, ciphertext and tag.
+    pub payload: Vec<u8>,
+}
+
+/// Every record (message and state) of queue id `id` (hex, as in "queued as <id>") in the
+/// spool's segment files, found by header as src/spool/record.rs lays it out: "PSTR", kind,
+/// three zero bytes, the 16-byte id, payload length (LE u32), CRC.
+pub fn sealed_records(data_dir: &Path, id: &str) -> Vec<SealedRecord> {
+    let id: postern::spool::QueueId = id.parse().expect("queue id");
+    let mut out = Vec::new();
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(data_dir.join("spool"))
+        .expect("spool dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    for segment in segments {
+        let bytes = std::fs::read(&segment).expect("read segment");
+        for kind in [1u8, 2] {
+            let mut header = b"PSTR".to_vec();
+            header.extend_from_slice(&[kind, 0, 0, 0]);
+            header.extend_from_slice(&id.0);
+            let mut from = 0;
+            while let Some(pos) = find(&bytes[from..], &header).map(|p| p + from) {
+                let len = u32::from_le_bytes(bytes[pos + 24..pos + 28].try_into().unwrap());
+                let start = pos + 32;
+                let payload = bytes[start..start + len as usize].to_vec();
+                out.push(SealedRecord {
+                    segment: segment.clone(),
+                    offset: start as u64,
+                    payload,
+                });
+                from = start;
+            }
+        }
+    }
+    out
+}
+
+/// The records of a queued message that still hold sealed bytes (superseded state records
+/// may already be punched); asserts there is at least one.
+pub fn queued_records(data_dir: &Path, id: &str) -> Vec<SealedRecord> {
+    let records: Vec<SealedRecord> = sealed_records(data_dir, id)
+        .into_iter()
+        .filter(|r| r.payload.iter().any(|&b| b != 0))
+        .collect();
+    assert!(
+        !records.is_empty(),
+        "message {id} has no sealed bytes on disk"
+    );
+    records
+}
+
+/// Asserts every record taken by [`queued_records`] is gone from disk: its range reads back as
+/// zeros (punched out) or its segment is unlinked, and its sealed bytes occur nowhere under
+/// `data_dir`.
+pub fn assert_destroyed(records: &[SealedRecord], data_dir: &Path) {
+    use std::os::unix::fs::FileExt;
+    assert!(!records.is_empty(), "nothing was captured to check");
+    let everything = all_bytes(data_dir);
+    for r in records {
+        if let Ok(file) = std::fs::File::open(&r.segment) {
+            let mut now = vec![0xAAu8; r.payload.len()];
+            file.read_exact_at(&mut now, r.offset).expect("read range");
+            assert!(
+                now.iter().all(|&b| b == 0),
+                "{} at {}: the record's bytes are still there",
+                r.segment.display(),
+                r.offset
+            );
+        }
+        // 64 bytes of ciphertext cannot occur by chance: were they copied anywhere, they'd show.
+        let n = r.payload.len().min(64);
+        let start = (r.payload.len() - n) / 2;
+        let probe = &r.payload[start..start + n];
+        assert!(
+            !contains(&everything, probe),
+            "sealed bytes of a destroyed record are still in the data directory"
+        );
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The `rcpt=` values of the log lines that carry one (delivery outcomes, suppressions),
+/// without the quotes the log puts around string fields.
+pub fn logged_rcpts(log: &str) -> Vec<String> {
+    log.split_whitespace()
+        .filter_map(|w| w.strip_prefix("rcpt="))
+        .map(|v| v.trim_matches('"').to_string())
+        .collect()
+}
+
+/// True when `s` is a recipient pseudonym as logged: 12 lower-case hex digits, '@', `domain`.
+pub fn is_pseudonym_at(s: &str, domain: &str) -> bool {
+    s.split_once('@').is_some_and(|(local, d)| {
+        d == domain
+            && local.len() == 12
+            && local
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// True when the bytes hold a CR not followed by LF, or an LF not preceded by CR.

@@ -41,6 +41,10 @@ pub struct Received {
     /// "TLSv1_3" etc. when the session was encrypted.
     pub tls: Option<String>,
     pub authenticated: Option<String>,
+    /// Which connection carried it (1 for the sink's first).
+    pub connection: usize,
+    /// When the sink accepted it.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -48,6 +52,8 @@ pub struct State {
     pub received: Vec<Received>,
     /// Every end-of-data seen, with the reply given (accepted or not).
     pub data_attempts: Vec<(Vec<String>, String)>,
+    /// Every RCPT seen: (MAIL FROM of its transaction, recipient, reply given).
+    pub rcpt_attempts: Vec<(String, String, String)>,
     pub connections: usize,
     pub active: usize,
     pub max_active: usize,
@@ -79,13 +85,14 @@ impl Sink {
             while let Ok((socket, _)) = listener.accept().await {
                 let s = s.clone();
                 tokio::spawn(async move {
-                    {
+                    let connection = {
                         let mut st = s.state.lock().unwrap();
                         st.connections += 1;
                         st.active += 1;
                         st.max_active = st.max_active.max(st.active);
-                    }
-                    let _ = session(s.clone(), socket).await;
+                        st.connections
+                    };
+                    let _ = session(s.clone(), socket, connection).await;
                     s.state.lock().unwrap().active -= 1;
                 });
             }
@@ -114,12 +121,15 @@ impl Sink {
     }
 }
 
-async fn session(sink: Sink, socket: TcpStream) -> std::io::Result<()> {
+async fn session(sink: Sink, socket: TcpStream, connection: usize) -> std::io::Result<()> {
     let mut io = BufReader::new(socket);
     io.get_mut()
         .write_all(b"220 sink.test ESMTP test sink\r\n")
         .await?;
-    let mut tx = Tx::default();
+    let mut tx = Tx {
+        connection,
+        ..Tx::default()
+    };
     loop {
         let Some(line) = read_line(&mut io).await? else {
             return Ok(());
@@ -143,7 +153,7 @@ async fn session(sink: Sink, socket: TcpStream) -> std::io::Result<()> {
             let tls = acceptor.accept(io.into_inner()).await?;
             let version = tls.get_ref().1.protocol_version().map(|v| format!("{v:?}"));
             let mut tls_io = BufReader::new(tls);
-            return tls_session(&sink, &mut tls_io, version).await;
+            return tls_session(&sink, &mut tls_io, version, connection).await;
         }
         if !handle(&sink, &mut io, &line, None, &mut tx).await? {
             return Ok(());
@@ -155,9 +165,13 @@ async fn tls_session<S: AsyncRead + AsyncWrite + Unpin>(
     sink: &Sink,
     io: &mut BufReader<S>,
     version: Option<String>,
+    connection: usize,
 ) -> std::io::Result<()> {
     // STARTTLS resets the session: a fresh transaction state.
-    let mut tx = Tx::default();
+    let mut tx = Tx {
+        connection,
+        ..Tx::default()
+    };
     loop {
         let Some(line) = read_line(io).await? else {
             return Ok(());
@@ -180,6 +194,7 @@ struct Tx {
     from: Option<String>,
     rcpts: Vec<String>,
     auth: Option<String>,
+    connection: usize,
 }
 
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
@@ -241,10 +256,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         match custom {
             Some(r) => reply = r,
             None => {
-                tx.rcpts.push(rcpt);
+                tx.rcpts.push(rcpt.clone());
                 reply = "250 2.1.5 ok".into();
             }
         }
+        sink.state.lock().unwrap().rcpt_attempts.push((
+            tx.from.clone().unwrap_or_default(),
+            rcpt,
+            reply.clone(),
+        ));
     } else if upper == "DATA" {
         if tx.rcpts.is_empty() {
             reply = "554 5.5.1 no valid recipients".into();
@@ -284,6 +304,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                         data,
                         tls: tls.clone(),
                         authenticated: tx.auth.clone(),
+                        connection: tx.connection,
+                        at: std::time::Instant::now(),
                     });
                 }
             }
