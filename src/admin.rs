@@ -66,8 +66,9 @@ pub enum AdminError {
     Protocol,
 }
 
-/// Binds the socket, replacing a stale one but refusing to steal a live daemon's.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds a Unix socket with `mode`, replacing a stale one but refusing to steal a live
+/// daemon's. Also used for the local submission socket.
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
@@ -81,7 +82,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
