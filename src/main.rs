@@ -59,6 +59,13 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// The delivery queue (through the running daemon). `mailq` prints `queue list`.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Prints the DNS records to publish for a sending domain: DKIM, SPF, DMARC.
     DnsRecords {
         #[arg(long)]
@@ -76,6 +83,21 @@ enum PrivacyCommand {
     Erase { address: String },
     /// Settings in force and what is stored, for a record of processing activities.
     Report,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Messages waiting, oldest first: id, age, size, pending recipients, domains.
+    List {
+        /// Only messages with a pending recipient at this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Messages per destination domain and age bucket (like Postfix's qshape).
+    Summary,
 }
 
 #[derive(Subcommand)]
@@ -171,6 +193,7 @@ fn main() -> ExitCode {
         Command::DnsRecords { domain, config } => dns_records(config, &domain),
         Command::Privacy { command, config } => privacy(config, command),
         Command::Suppress { command, config } => suppress(config, command),
+        Command::Queue { command, config } => queue(config, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -287,6 +310,25 @@ fn suppress(config: Option<PathBuf>, command: SuppressCommand) -> anyhow::Result
         }
     };
     print_json(&admin(config, request)?)
+}
+
+fn queue(config: Option<PathBuf>, command: QueueCommand) -> anyhow::Result<()> {
+    use postern::admin::Request;
+    use postern::sendmail::{format_queue, format_summary};
+    match command {
+        QueueCommand::List { domain, json } => {
+            let list = admin(config, Request::QueueList { domain })?;
+            if json {
+                return print_json(&list);
+            }
+            print!("{}", format_queue(&list));
+        }
+        QueueCommand::Summary => {
+            let list = admin(config, Request::QueueList { domain: None })?;
+            print!("{}", format_summary(&list));
+        }
+    }
+    Ok(())
 }
 
 fn dns_records(config: Option<PathBuf>, domain: &str) -> anyhow::Result<()> {

@@ -376,6 +376,9 @@ pub fn main(args: &[String]) -> Exit {
             return Exit::Config;
         }
     };
+    if opts.mode == Mode::ListQueue {
+        return list_queue(&config);
+    }
     let Some(dir) = config.local_dir() else {
         eprintln!(
             "sendmail: {} has no [local] table: local submission is off",
@@ -396,7 +399,6 @@ pub fn main(args: &[String]) -> Exit {
     };
     let exit = match opts.mode {
         Mode::Smtp => runtime.block_on(smtp_over_stdio(&paths)),
-        Mode::ListQueue => list_queue(&config),
         _ => deliver(&opts, &config, &paths, &runtime),
     };
     // A read of standard input may still be blocked (-bs): do not wait for it.
@@ -490,10 +492,103 @@ async fn smtp_over_stdio(paths: &LocalPaths) -> Exit {
     }
 }
 
-/// `mailq` / `-bp`.
-pub fn list_queue(_config: &Config) -> Exit {
-    eprintln!("mailq: queue listing is not available yet");
-    Exit::Unavailable
+/// `mailq` / `-bp`: the queue as the running daemon sees it, through its admin socket (which
+/// only the daemon's user and root can reach).
+pub fn list_queue(config: &Config) -> Exit {
+    let socket = config.data_dir().join("admin.sock");
+    let request = crate::admin::Request::QueueList { domain: None };
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(crate::admin::AdminError::Io)
+        .and_then(|rt| rt.block_on(crate::admin::request(&socket, &request)));
+    match answer {
+        Ok(list) => {
+            print!("{}", format_queue(&list));
+            Exit::Ok
+        }
+        Err(e) => {
+            eprintln!("mailq: {e}");
+            Exit::Unavailable
+        }
+    }
+}
+
+/// One line per message, as `mailq` prints it.
+pub fn format_queue(list: &serde_json::Value) -> String {
+    let entries = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    if entries.is_empty() {
+        return "Mail queue is empty\n".to_string();
+    }
+    let mut out = format!(
+        "{:<32} {:>8} {:>10} {:>6}  DOMAINS\n",
+        "QUEUE ID", "AGE", "SIZE", "RCPTS"
+    );
+    for e in entries {
+        let age = std::time::Duration::from_secs(e["age_seconds"].as_u64().unwrap_or(0));
+        let domains: Vec<&str> = e["domains"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<32} {:>8} {:>10} {:>6}  {}\n",
+            e["id"].as_str().unwrap_or("?"),
+            humantime::format_duration(age).to_string().replace(' ', ""),
+            e["size"].as_u64().unwrap_or(0),
+            e["pending_recipients"].as_u64().unwrap_or(0),
+            domains.join(",")
+        ));
+    }
+    out.push_str(&format!("-- {} message(s)\n", entries.len()));
+    out
+}
+
+/// Age buckets of `postern queue summary`, in seconds (upper bounds), like Postfix's qshape.
+const AGE_BUCKETS: [(u64, &str); 5] = [
+    (300, "<5m"),
+    (3600, "<1h"),
+    (4 * 3600, "<4h"),
+    (86400, "<1d"),
+    (u64::MAX, ">=1d"),
+];
+
+/// Messages per destination domain and age bucket (a message counts once per domain).
+pub fn format_summary(list: &serde_json::Value) -> String {
+    let mut rows: std::collections::BTreeMap<String, [usize; 5]> = Default::default();
+    let mut total = [0usize; 5];
+    for e in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let age = e["age_seconds"].as_u64().unwrap_or(0);
+        let bucket = AGE_BUCKETS
+            .iter()
+            .position(|(max, _)| age < *max)
+            .unwrap_or(4);
+        total[bucket] += 1;
+        for d in e["domains"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            rows.entry(d.as_str().unwrap_or("?").to_string())
+                .or_default()[bucket] += 1;
+        }
+    }
+    let line = |name: &str, counts: &[usize; 5]| {
+        let mut l = format!("{name:<32} {:>6}", counts.iter().sum::<usize>());
+        for c in counts {
+            l.push_str(&format!(" {c:>6}"));
+        }
+        l + "\n"
+    };
+    let mut out = format!("{:<32} {:>6}", "DOMAIN", "TOTAL");
+    for (_, label) in AGE_BUCKETS {
+        out.push_str(&format!(" {label:>6}"));
+    }
+    out.push('\n');
+    out.push_str(&line("(messages)", &total));
+    for (domain, counts) in &rows {
+        out.push_str(&line(domain, counts));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -530,6 +625,34 @@ mod tests {
         );
         assert!(parse_args(&args("-bd")).is_err());
         assert!(parse_args(&args("-f")).is_err());
+    }
+
+    #[test]
+    fn queue_listing_and_summary_format() {
+        let list = serde_json::json!([
+            {"id": "AAA", "age_seconds": 7200, "size": 900, "pending_recipients": 2, "domains": ["a.test", "b.test"]},
+            {"id": "BBB", "age_seconds": 10, "size": 100, "pending_recipients": 1, "domains": ["a.test"]},
+        ]);
+        let text = format_queue(&list);
+        assert!(
+            text.contains("AAA") && text.contains("2h") && text.contains("a.test,b.test"),
+            "{text}"
+        );
+        assert!(text.ends_with("-- 2 message(s)\n"), "{text}");
+        assert_eq!(
+            format_queue(&serde_json::json!([])),
+            "Mail queue is empty\n"
+        );
+        let summary = format_summary(&list);
+        let a = summary.lines().find(|l| l.starts_with("a.test")).unwrap();
+        let counts: Vec<&str> = a.split_whitespace().collect();
+        assert_eq!(
+            counts,
+            ["a.test", "2", "1", "0", "1", "0", "0"],
+            "{summary}"
+        );
+        let b = summary.lines().find(|l| l.starts_with("b.test")).unwrap();
+        assert_eq!(b.split_whitespace().nth(1), Some("1"));
     }
 
     #[test]

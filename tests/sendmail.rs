@@ -43,6 +43,7 @@ impl Rig {
 /// What a sendmail run returned.
 struct Run {
     code: Option<i32>,
+    stdout: String,
     stderr: String,
 }
 
@@ -72,6 +73,7 @@ async fn run(program: &Path, args: Vec<String>, env_config: Option<&Path>, input
         let out = child.wait_with_output().expect("wait");
         Run {
             code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     })
@@ -218,4 +220,55 @@ async fn with_the_daemon_stopped_mail_waits_sealed_in_the_maildrop_then_goes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn mailq_and_queue_commands_list_deferred_mail_without_addresses() {
+    let rig = rig().await;
+    rig.sink
+        .behaviour
+        .lock()
+        .unwrap()
+        .rcpt_replies
+        .insert("slow@dest.test".into(), "450 4.2.1 Try again later".into());
+    let config = rig.config().display().to_string();
+    let empty = run(
+        Path::new(BIN),
+        strings(&["mailq", "--config", &config]),
+        None,
+        b"",
+    )
+    .await;
+    assert_eq!(empty.code, Some(0), "{}", empty.stderr);
+    assert_eq!(empty.stdout, "Mail queue is empty\n");
+    let sent = run(
+        Path::new(BIN),
+        strings(&["sendmail", "--config", &config, "slow@dest.test"]),
+        None,
+        b"Subject: deferred\n\nbody\n",
+    )
+    .await;
+    assert_eq!(sent.code, Some(0), "{}", sent.stderr);
+    let mailq = std::process::Command::new(BIN)
+        .args(["mailq", "--config", &config])
+        .output()
+        .expect("mailq");
+    let text = String::from_utf8_lossy(&mailq.stdout);
+    assert!(mailq.status.success(), "{mailq:?}");
+    assert!(
+        text.contains("dest.test") && text.ends_with("-- 1 message(s)\n"),
+        "{text}"
+    );
+    assert!(!text.contains("slow@"), "no address in the listing: {text}");
+    let summary = std::process::Command::new(BIN)
+        .args(["queue", "summary", "--config", &config])
+        .output()
+        .expect("queue summary");
+    let text = String::from_utf8_lossy(&summary.stdout);
+    let row = text.lines().find(|l| l.starts_with("dest.test"));
+    assert_eq!(
+        row.and_then(|r| r.split_whitespace().nth(1)),
+        Some("1"),
+        "{text}"
+    );
 }
