@@ -44,6 +44,13 @@ pub enum Request {
         address: String,
     },
     SuppressList,
+    /// Messages waiting in the queue, oldest first: ids, ages, sizes, recipient counts and
+    /// destination domains; never an address or the body.
+    QueueList {
+        /// Only messages with a pending recipient at this domain.
+        #[serde(default)]
+        domain: Option<String>,
+    },
     /// Entries as `suppress export` wrote them (pseudonyms), or addresses with reasons.
     SuppressImport {
         #[serde(default)]
@@ -69,8 +76,9 @@ pub enum AdminError {
     Protocol,
 }
 
-/// Binds the socket, replacing a stale one but refusing to steal a live daemon's.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds a Unix socket with `mode`, replacing a stale one but refusing to steal a live
+/// daemon's. Also used for the local submission socket.
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
@@ -84,7 +92,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
@@ -186,6 +194,7 @@ impl Admin {
                 l.suppress.list().map_err(|e| err(&e))?,
             )
             .unwrap_or_default()),
+            Request::QueueList { domain } => self.queue_list(domain.as_deref()).await,
             Request::SuppressImport { entries, addresses } => {
                 for e in &entries {
                     l.suppress.add_entry(e).map_err(|e| err(&e))?;
@@ -196,6 +205,42 @@ impl Admin {
                 Ok(serde_json::json!({ "imported": entries.len() + addresses.len() }))
             }
         }
+    }
+
+    /// What `postern queue list` and `mailq` show. Reads each live message (the spool keeps
+    /// envelopes sealed with the body): fine for an operator's command, not for a hot path.
+    async fn queue_list(&self, domain: Option<&str>) -> Result<serde_json::Value, String> {
+        let now = self.clock.now();
+        let mut entries = Vec::new();
+        for id in self.spool.live() {
+            let Ok(msg) = self.spool.read(id).await else {
+                continue;
+            };
+            let pending: Vec<&String> = msg
+                .envelope
+                .recipients
+                .iter()
+                .zip(&msg.state.final_rcpts)
+                .filter(|(_, done)| !**done)
+                .map(|(r, _)| r)
+                .collect();
+            let mut domains: Vec<String> =
+                pending.iter().map(|r| crate::queue::domain_of(r)).collect();
+            domains.sort();
+            domains.dedup();
+            if domain.is_some_and(|d| !domains.iter().any(|x| x.eq_ignore_ascii_case(d))) {
+                continue;
+            }
+            entries.push(serde_json::json!({
+                "id": id.to_string(),
+                "age_seconds": (now - msg.envelope.received_at).max(0),
+                "size": msg.body.len(),
+                "pending_recipients": pending.len(),
+                "domains": domains,
+            }));
+        }
+        entries.sort_by_key(|e| std::cmp::Reverse(e["age_seconds"].as_i64().unwrap_or(0)));
+        Ok(serde_json::Value::Array(entries))
     }
 
     /// Drops `address` from every queued message (the body goes when no recipient is left).

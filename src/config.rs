@@ -57,6 +57,9 @@ pub struct Config {
     pub dkim: DkimConfig,
     #[serde(default)]
     pub privacy: PrivacyConfig,
+    /// Local submission (`sendmail`); off when absent.
+    #[serde(default)]
+    pub local: Option<LocalConfig>,
     /// Directory that relative paths are resolved against; not a TOML key.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -85,10 +88,43 @@ pub struct ServerConfig {
     /// are abandoned at once (their mail stays in the spool and is retried after restart).
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How log lines look on standard error.
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(10)
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (without timestamps under journald, which adds its own).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[local]`: submission by local programs through `sendmail`, which needs no AUTH.
+///
+/// The directory is for every local user: it holds the submission socket (mode 0666), the
+/// maildrop where `sendmail` leaves sealed messages while the daemon is down (mode 1733: any user
+/// may add a file, none may list or remove another's) and the public key they are sealed to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Created by the daemon (mode 0755) when missing.
+    pub dir: PathBuf,
+    /// How often the daemon looks for maildrop files besides at start.
+    #[serde(default = "default_pickup_interval", with = "humantime_serde")]
+    pub pickup_interval: Duration,
+}
+
+fn default_pickup_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// How a listener treats its clients.
@@ -955,6 +991,14 @@ impl Config {
                 );
             }
         }
+        if let Some(local) = &self.local {
+            if local.dir.as_os_str().is_empty() {
+                return invalid("local.dir", "must not be empty");
+            }
+            if local.pickup_interval < Duration::from_secs(1) {
+                return invalid("local.pickup_interval", "must be at least one second");
+            }
+        }
         if self.privacy.retention_days == 0 {
             return invalid("privacy.retention_days", "must be at least 1");
         }
@@ -1010,6 +1054,11 @@ impl Config {
         self.path(&self.server.data_dir)
     }
 
+    /// The local submission directory, resolved; None when `[local]` is absent.
+    pub fn local_dir(&self) -> Option<PathBuf> {
+        self.local.as_ref().map(|l| self.path(&l.dir))
+    }
+
     /// The master key file, resolved.
     pub fn master_key_path(&self) -> PathBuf {
         match &self.server.master_key {
@@ -1034,6 +1083,17 @@ mod tests {
         let c = Config::embedded().expect("embedded config.toml must validate");
         assert!(!c.listeners.is_empty());
         assert_eq!(c.limits.max_message_size, 36_700_160);
+    }
+
+    #[test]
+    fn packaged_config_is_valid_and_turns_sendmail_on() {
+        let text = include_str!("../packaging/config.toml");
+        let c = parse(text).expect("packaging/config.toml must validate");
+        assert_eq!(c.data_dir(), PathBuf::from("/var/lib/postern"));
+        assert_eq!(c.local_dir(), Some(PathBuf::from("/var/spool/postern")));
+        assert_eq!(c.server.log_format, LogFormat::Text);
+        let json = parse(&MINIMAL.replace("[server]\n", "[server]\nlog_format = \"json\"\n"));
+        assert_eq!(json.expect("valid").server.log_format, LogFormat::Json);
     }
 
     #[test]
@@ -1082,6 +1142,10 @@ mod tests {
                 "delivery.smarthost[0]",
             ),
             ("[delivery]\ntls = \"maybe\"\n", "tls"),
+            (
+                "[local]\ndir = \"spool\"\npickup_interval = \"0s\"\n",
+                "local.pickup_interval",
+            ),
             (
                 "[[delivery.destination]]\nmax_connections = 2\n",
                 "delivery.destination[0]",

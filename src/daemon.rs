@@ -16,6 +16,7 @@ use crate::config::{Config, ListenerMode};
 use crate::crypto::{load_or_create_master_key, CryptoError};
 use crate::delivery::{Deliverer, DeliveryError};
 use crate::ledger::{Ledger, Purged};
+use crate::local::{LocalPaths, MaildropKey, Pickup};
 use crate::queue::Queue;
 use crate::server::Parts;
 use crate::server::{Server, ServerError};
@@ -41,6 +42,8 @@ pub enum StartError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error("admin socket: {0}")]
     Admin(std::io::Error),
+    #[error("local submission: {0}")]
+    Local(#[from] crate::local::LocalError),
     #[error("{0} is locked: another postern runs on this data directory")]
     Locked(String),
 }
@@ -84,6 +87,8 @@ pub struct Daemon {
     /// Cancelling it starts a graceful shutdown.
     pub shutdown: CancellationToken,
     run_queue: bool,
+    /// The maildrop pickup and how often it runs, when `[local]` is configured.
+    pickup: Option<(Pickup, Duration)>,
 }
 
 impl Daemon {
@@ -123,6 +128,7 @@ impl Daemon {
         // Catches up after downtime; then hourly (see `run`).
         let retention = retention_pass(&ledger, &spool, options.clock.now())?;
         retention.log();
+        let pickup = local_submission(&config, &data_dir)?;
         let shutdown = CancellationToken::new();
         let grace = config.server.shutdown_grace;
         let config = Arc::new(config);
@@ -135,7 +141,7 @@ impl Daemon {
             config.clone(),
         );
         let admin_path = data_dir.join("admin.sock");
-        let admin = crate::admin::bind(&admin_path).map_err(StartError::Admin)?;
+        let admin = crate::admin::bind(&admin_path, 0o600).map_err(StartError::Admin)?;
         let parts = Parts {
             config,
             spool: spool.clone(),
@@ -161,6 +167,7 @@ impl Daemon {
             grace,
             shutdown,
             run_queue: options.run_queue,
+            pickup,
         })
     }
 
@@ -190,6 +197,10 @@ impl Daemon {
             clock: self.clock.clone(),
         };
         tokio::spawn(admin.serve(self.admin, self.shutdown.clone()));
+        // The submission socket is bound already: the first pass is served once `run` accepts.
+        if let Some((pickup, every)) = self.pickup {
+            tokio::spawn(pickup.run(every, self.shutdown.clone()));
+        }
         tokio::spawn(purge_loop(
             self.ledger.clone(),
             self.spool.clone(),
@@ -205,6 +216,27 @@ impl Daemon {
         }
         let _ = std::fs::remove_file(&self.admin_path);
     }
+}
+
+/// Prepares the local directory and the maildrop key, when `[local]` is configured.
+fn local_submission(
+    config: &Config,
+    data_dir: &std::path::Path,
+) -> Result<Option<(Pickup, Duration)>, StartError> {
+    let (Some(dir), Some(local)) = (config.local_dir(), config.local.as_ref()) else {
+        return Ok(None);
+    };
+    let paths = LocalPaths::new(&dir);
+    crate::local::prepare_dir(&paths)?;
+    let key = MaildropKey::load_or_create(data_dir, &paths)?;
+    // Room for the envelope and the sealing around the largest acceptable message.
+    let max_size = config.limits.max_message_size as u64 + (1 << 20);
+    let pickup = Pickup {
+        paths,
+        key,
+        max_size,
+    };
+    Ok(Some((pickup, local.pickup_interval)))
 }
 
 /// What one retention pass removed.

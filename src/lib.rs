@@ -16,7 +16,11 @@
 //! - [`ledger`]: delivery metadata in sled, sealed per day, purged after the retention period.
 //! - [`suppress`]: the suppression list, by pseudonym.
 //! - [`admin`]: the local Unix socket the CLI uses for privacy and suppression requests.
+//! - [`local`]: local submission for `sendmail`: a socket any user may use, and a sealed
+//!   maildrop for when the daemon is down. [`sendmail`]: the `sendmail`/`mailq` commands.
 //! - [`crypto`]: keys, key files, sealing (XChaCha20-Poly1305), HMAC pseudonyms.
+//! - [`notify`]: systemd readiness, reload, stop and watchdog notifications; [`logging`]:
+//!   journald-friendly or JSON log lines.
 //! - [`daemon`]: wires the above into a running MTA; the binary adds a CLI and signals.
 //!
 //! # A message's life
@@ -40,8 +44,12 @@ pub mod dkim;
 pub mod dns;
 pub mod ledger;
 pub mod limits;
+pub mod local;
+pub mod logging;
+pub mod notify;
 pub mod proto;
 pub mod queue;
+pub mod sendmail;
 pub mod server;
 pub mod spool;
 pub mod suppress;

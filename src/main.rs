@@ -3,12 +3,14 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use postern::config::Config;
 use postern::daemon::Daemon;
+use postern::notify::Notifier;
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +62,13 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// The delivery queue (through the running daemon). `mailq` prints `queue list`.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Prints the DNS records to publish for a sending domain: DKIM, SPF, DMARC.
     DnsRecords {
         #[arg(long)]
@@ -81,6 +90,21 @@ enum PrivacyCommand {
     /// Runs the retention pass now (the daemon runs it hourly): what is older than
     /// `privacy.retention_days` goes, e.g. after lowering it.
     Purge,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Messages waiting, oldest first: id, age, size, pending recipients, domains.
+    List {
+        /// Only messages with a pending recipient at this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Messages per destination domain and age bucket (like Postfix's qshape).
+    Summary,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +172,31 @@ enum AccountCommand {
 }
 
 fn main() -> ExitCode {
+    // Called as `sendmail`/`mailq` (a symlink, as /usr/sbin/sendmail) or `postern sendmail`:
+    // sendmail's own command line, which clap's conventions do not fit.
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let called = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("postern");
+    let (personality, rest) = match (called, args.get(1).map(String::as_str)) {
+        ("sendmail" | "mailq" | "newaliases", _) => (called, &args[1..]),
+        (_, Some(sub @ ("sendmail" | "mailq"))) => (sub, &args[2..]),
+        _ => ("postern", &args[..0]),
+    };
+    match personality {
+        "sendmail" => return ExitCode::from(postern::sendmail::main(rest) as u8),
+        "mailq" => {
+            let mut with_bp = vec!["-bp".to_string()];
+            with_bp.extend_from_slice(rest);
+            return ExitCode::from(postern::sendmail::main(&with_bp) as u8);
+        }
+        "newaliases" => return ExitCode::SUCCESS,
+        _ => {}
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
@@ -169,6 +218,7 @@ fn main() -> ExitCode {
         Command::DnsRecords { domain, config } => dns_records(config, &domain),
         Command::Privacy { command, config } => privacy(config, command),
         Command::Suppress { command, config } => suppress(config, command),
+        Command::Queue { command, config } => queue(config, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -405,6 +455,25 @@ fn suppress(config: Option<PathBuf>, command: SuppressCommand) -> anyhow::Result
     print_json(&admin(config, request)?)
 }
 
+fn queue(config: Option<PathBuf>, command: QueueCommand) -> anyhow::Result<()> {
+    use postern::admin::Request;
+    use postern::sendmail::{format_queue, format_summary};
+    match command {
+        QueueCommand::List { domain, json } => {
+            let list = admin(config, Request::QueueList { domain })?;
+            if json {
+                return print_json(&list);
+            }
+            print!("{}", format_queue(&list));
+        }
+        QueueCommand::Summary => {
+            let list = admin(config, Request::QueueList { domain: None })?;
+            print!("{}", format_summary(&list));
+        }
+    }
+    Ok(())
+}
+
 fn dns_records(config: Option<PathBuf>, domain: &str) -> anyhow::Result<()> {
     let config = load(config)?;
     print!("{}", postern::dkim::dns_records(&config, domain)?);
@@ -442,14 +511,8 @@ fn keygen(
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.clone())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    postern::logging::init(config.server.log_format);
+    let notifier = Arc::new(Notifier::from_env());
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let result = runtime.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -470,26 +533,36 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             "spool recovered"
         );
         let reload = daemon.reload_handle();
+        let n = notifier.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                n.reloading();
                 let result = load(path.clone()).and_then(|c| Ok(reload.reload(&c)?));
                 match result {
                     Ok(()) => tracing::info!("reloaded DKIM keys, certificate and accounts"),
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays"),
                 }
+                n.notify("READY=1");
             }
         });
         let shutdown = daemon.shutdown.clone();
+        let n = notifier.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
             tracing::info!("shutting down: no new connections, finishing open transactions");
+            n.notify("STOPPING=1\nSTATUS=draining");
             shutdown.cancel();
         });
         for (addr, mode) in daemon.local_addrs() {
             tracing::info!(%addr, ?mode, "listening");
+        }
+        // The spool is recovered and every listener bound: systemd may start what needs us.
+        notifier.notify("READY=1\nSTATUS=serving");
+        if let Some(every) = notifier.watchdog_interval() {
+            tokio::spawn(notifier.clone().watchdog(every));
         }
         let grace = daemon.shutdown_grace();
         daemon.run(grace).await;

@@ -36,6 +36,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot bind the local submission socket {path}: {source}")]
+    Local {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// What every session shares.
@@ -122,6 +127,8 @@ pub struct Parts {
 pub struct Server {
     ctx: Arc<Context>,
     listeners: Vec<(TcpListener, ListenerConfig)>,
+    /// The local submission socket, when `[local]` is configured.
+    local: Option<tokio::net::UnixListener>,
 }
 
 impl Server {
@@ -146,6 +153,19 @@ impl Server {
                 })?;
             listeners.push((listener, l.clone()));
         }
+        let local = match config.local_dir() {
+            Some(dir) => {
+                let path = crate::local::LocalPaths::new(&dir).socket;
+                // Any local user may submit, as with Postfix's sendmail.
+                let bound =
+                    crate::admin::bind(&path, 0o666).map_err(|source| ServerError::Local {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                Some(bound)
+            }
+            None => None,
+        };
         let accounts = Arc::new(Accounts::from_config(&config.accounts));
         let auth_pool = match config.limits.auth_threads {
             0 => crate::auth::CheckPool::per_core(),
@@ -169,6 +189,7 @@ impl Server {
                 open: Arc::default(),
             }),
             listeners,
+            local,
         })
     }
 
@@ -205,6 +226,10 @@ impl Server {
             accept_loops.push(tokio::spawn(accept_loop(
                 ctx, listener, how, sessions, slots,
             )));
+        }
+        if let Some(listener) = self.local {
+            let (ctx, sessions, slots) = (self.ctx.clone(), sessions.clone(), slots.clone());
+            accept_loops.push(tokio::spawn(accept_local(ctx, listener, sessions, slots)));
         }
         for l in accept_loops {
             let _ = l.await;
@@ -260,5 +285,42 @@ async fn accept_loop(
                 });
             }
         }
+    }
+}
+
+/// Accepts local submissions (`sendmail`); they share the connection limit with TCP clients.
+async fn accept_local(
+    ctx: Arc<Context>,
+    listener: tokio::net::UnixListener,
+    sessions: TaskTracker,
+    slots: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(e) => {
+                tracing::warn!(error = %e, "local accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let uid = socket.peer_cred().ok().map(|c| c.uid());
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                ?uid,
+                "connection limit reached; refusing a local submission"
+            );
+            continue;
+        };
+        tracing::debug!(?uid, "local submission");
+        let ctx = ctx.clone();
+        sessions.spawn(async move {
+            session::run_local(ctx, socket).await;
+            drop(permit);
+        });
     }
 }

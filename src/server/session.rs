@@ -68,6 +68,8 @@ struct Session {
     live: Arc<super::Live>,
     mode: ListenerMode,
     peer: SocketAddr,
+    /// A local program over the submission socket: trusted to relay, no TLS to offer.
+    local: bool,
     stream: Stream,
     input: BytesMut,
     output: Vec<u8>,
@@ -111,17 +113,30 @@ pub(super) async fn run(
             Err(reply) => return refuse(socket, reply).await,
         },
     };
+    // Held for the whole session: the per-address connection count.
     let _slot = match super::admit::admit(&ctx, peer.ip()) {
         Ok(slot) => slot,
         Err(reply) => return refuse(socket, reply).await,
     };
+    drive(ctx, Stream::Plain(socket), peer, mode).await
+}
+
+/// Runs a local submission (`sendmail`): a relay session that may relay without AUTH.
+pub(super) async fn run_local(ctx: Arc<Context>, socket: tokio::net::UnixStream) {
+    let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+    drive(ctx, Stream::Local(socket), peer, ListenerMode::Relay).await
+}
+
+async fn drive(ctx: Arc<Context>, stream: Stream, peer: SocketAddr, mode: ListenerMode) {
+    let local = matches!(stream, Stream::Local(_));
     let deadline = tokio::time::Instant::now() + ctx.config.limits.session_timeout;
     let mut s = Session {
         live: ctx.live(),
         ctx,
         mode,
         peer,
-        stream: Stream::Plain(socket),
+        local,
+        stream,
         input: BytesMut::with_capacity(4096),
         output: Vec::with_capacity(1024),
         framer: CommandFramer::new(MAX_AUTH_LINE),
@@ -292,7 +307,9 @@ impl Session {
             "ENHANCEDSTATUSCODES".into(),
             "CHUNKING".into(),
         ];
-        if self.tls.is_none() {
+        if self.local {
+            // Nothing to encrypt on a local socket, and no account to log in to.
+        } else if self.tls.is_none() {
             lines.push("STARTTLS".into());
         } else if !self.live.accounts.is_empty() && self.auth_user.is_none() {
             lines.push("AUTH PLAIN LOGIN".into());
@@ -371,7 +388,8 @@ impl Session {
     }
 
     fn rcpt(&mut self, to: proto::Address) -> Flow {
-        let may_relay = self.auth_user.is_some() || self.ctx.config.relay.allows(self.peer.ip());
+        let may_relay =
+            self.local || self.auth_user.is_some() || self.ctx.config.relay.allows(self.peer.ip());
         let max = self.ctx.config.limits.max_recipients;
         let Some(tx) = self.tx.as_mut() else {
             return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
@@ -683,6 +701,13 @@ impl Session {
     async fn starttls(&mut self) -> Flow {
         if self.tls.is_some() {
             return self.error(Reply::new(503, "5.5.1", "TLS already active"));
+        }
+        if self.local {
+            return self.error(Reply::new(
+                454,
+                "4.7.0",
+                "TLS not available on the local socket",
+            ));
         }
         self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
         self.flush().await?;

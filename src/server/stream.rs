@@ -1,4 +1,5 @@
-//! A connection that starts as plain TCP and may become TLS after STARTTLS.
+//! A connection that starts as plain TCP and may become TLS after STARTTLS, or a local
+//! submission over the Unix socket.
 
 use std::io;
 use std::pin::Pin;
@@ -12,6 +13,8 @@ use tokio_rustls::server::TlsStream;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// `sendmail` on this host, over the submission socket.
+    Local(tokio::net::UnixStream),
     /// Transitional state while the handshake owns the socket; never read or written.
     Upgrading,
 }
@@ -32,6 +35,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -46,6 +50,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -54,6 +59,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Local(s) => Pin::new(s).poll_flush(cx),
             Stream::Upgrading => Poll::Ready(Err(upgrading())),
         }
     }
@@ -62,6 +68,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Local(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Upgrading => Poll::Ready(Ok(())),
         }
     }
