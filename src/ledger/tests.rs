@@ -265,3 +265,35 @@ fn hard_bounces_suppress_at_the_threshold_and_deliveries_reset() {
     assert!(l.suppress.remove("x@dest.test").unwrap());
     assert!(l.suppress.check("x@dest.test", T0).unwrap().is_none());
 }
+
+/// Retention ends with day D+30: the day's key lives as long as its records (not a day less),
+/// and the subject index loses exactly the entries of purged records.
+#[test]
+fn purge_at_the_boundary_and_of_the_subject_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    let (old, edge) = (id(), id());
+    let env = |at| envelope("a@shop.test", &["r@dest.test"], "shop.test", at);
+    l.accepted(old, &env(T0), 10, &Signing::default()).unwrap();
+    l.accepted(edge, &env(T0 + DAY), 10, &Signing::default())
+        .unwrap();
+
+    // On D+30 day D is still within retention: its records and its key stay.
+    assert_eq!(l.purge(T0 + 30 * DAY).unwrap(), Purged::default());
+    assert!(l.get(old, T0, 0, "r@dest.test").unwrap().is_some());
+
+    // On D+31, day D goes; day D+1 (the cutoff day itself) stays, index included.
+    let purged = l.purge(T0 + 31 * DAY).unwrap();
+    assert_eq!(purged.days, vec![day_of(T0)]);
+    let cutoff = day_of(T0 + DAY);
+    for item in l.tables.subjects.iter() {
+        let (k, _) = item.unwrap();
+        assert!(
+            k.len() >= 40 && k[32..40] >= *cutoff.as_bytes(),
+            "an index entry of a purged record is left"
+        );
+    }
+    let left = l.export("r@dest.test").unwrap();
+    assert_eq!(left.len(), 1, "the cutoff day's record is still found");
+    assert_eq!(left[0].queue_id, edge.to_string());
+}
