@@ -281,6 +281,7 @@ fn purge_at_the_boundary_and_of_the_subject_index() {
     // On D+30 day D is still within retention: its records and its key stay.
     assert_eq!(l.purge(T0 + 30 * DAY).unwrap(), Purged::default());
     assert!(l.get(old, T0, 0, "r@dest.test").unwrap().is_some());
+    assert_eq!(l.export("a@shop.test").unwrap().len(), 2, "both indexed");
 
     // On D+31, day D goes; day D+1 (the cutoff day itself) stays, index included.
     let purged = l.purge(T0 + 31 * DAY).unwrap();
@@ -296,4 +297,8 @@ fn purge_at_the_boundary_and_of_the_subject_index() {
     let left = l.export("r@dest.test").unwrap();
     assert_eq!(left.len(), 1, "the cutoff day's record is still found");
     assert_eq!(left[0].queue_id, edge.to_string());
+    // The sender's records are found through the index alone.
+    let sent = l.export("a@shop.test").unwrap();
+    assert_eq!(sent.len(), 1, "the cutoff day's index entry is kept");
+    assert_eq!(sent[0].queue_id, edge.to_string());
 }
