@@ -41,14 +41,15 @@ cargo mutants --version > /dev/null 2>&1 || die "cargo-mutants not found (cargo 
 select_area() {
     FILTER=()
     case $1 in
-        bounce) FILES=(--file src/bounce.rs) TARGET=--lib FILTER=(bounce::) ;;
-        suppress) FILES=(--file src/suppress.rs) TARGET=--lib FILTER=(ledger:: suppress::) ;;
+        bounce) FILES=(--file src/bounce.rs) TARGET=(--lib) FILTER=(bounce::) ;;
+        suppress) FILES=(--file src/suppress.rs) TARGET=(--lib) FILTER=(ledger:: suppress::) ;;
+        # The unit tests, and the delivery tests that look at the segment files.
         spool) FILES=(--file 'src/spool/*.rs' --re 'punch|destroy|Index::remove')
-            TARGET=--lib FILTER=(spool::) ;;
-        purge) FILES=(--file src/ledger/mod.rs --re 'Ledger::purge') TARGET=--lib FILTER=(ledger::) ;;
-        proto) FILES=(--file src/proto/data.rs) TARGET=--lib FILTER=(proto::) ;;
+            TARGET=(--lib --test=delivery) FILTER=(spool:: body_destroyed segment retried) ;;
+        purge) FILES=(--file src/ledger/mod.rs --re 'Ledger::purge') TARGET=(--lib) FILTER=(ledger::) ;;
+        proto) FILES=(--file src/proto/data.rs) TARGET=(--lib) FILTER=(proto::) ;;
         relay) FILES=(--file src/config.rs --file src/server/session.rs
-            --re 'RelayConfig::allows|Session::rcpt( |$)') TARGET=--test=smtp_server ;;
+            --re 'RelayConfig::allows|Session::rcpt( |$)') TARGET=(--test=smtp_server) ;;
         *) die "unknown area '$1' (bounce suppress spool purge proto relay)" ;;
     esac
 }
@@ -80,7 +81,7 @@ for area in "${AREAS[@]}"; do
     [ ${#FILTER[@]} -eq 0 ] || filter=(--cargo-test-arg=-- "${FILTER[@]/#/--cargo-test-arg=}")
     # cargo-mutants exits non-zero when a mutant is missed; the table below reports it.
     cargo mutants --in-place --no-shuffle --timeout "$TIMEOUT" --output "$OUT/$area" \
-        --cargo-arg=--ignore-rust-version --cargo-arg="$TARGET" "${filter[@]}" \
+        --cargo-arg=--ignore-rust-version "${TARGET[@]/#/--cargo-arg=}" "${filter[@]}" \
         "${FILES[@]}" || true
 done
 

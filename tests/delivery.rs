@@ -942,3 +942,120 @@ async fn delivery_routed_by_a_real_dns_server_over_tcp() {
     assert_eq!(got[0].rcpts, vec!["someone@big.test"]);
     assert!(dns.tcp_queries("MX", "big.test") >= 1, "{}", dns.log());
 }
+
+/// The spool's segment files, by path.
+fn segments(server_data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(server_data.join("spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A segment goes (with its key) once its last message is final, not before; the segment being
+/// written stays even when all its messages are final. Segments written by an earlier run are
+/// no longer active, hence the restart.
+#[tokio::test]
+async fn an_emptied_segment_is_unlinked_with_its_key_and_not_before() {
+    let dns = DnsServer::start().await;
+    let sink = Sink::start("127.0.0.1").await;
+    dns.mx("dest.test", 10, "mx.sink.test");
+    dns.addr("mx.sink.test", "127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[delivery]\nport = {}\nretry_schedule = [\"1m\"]\n[dns]\nnameservers = [\"{}\"]\n",
+        sink.addr.port(),
+        dns.nameserver()
+    );
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let start = || {
+        let config = postern::config::Config::parse(
+            &common::config_text(dir.path(), &extra),
+            "t",
+            dir.path(),
+        )
+        .unwrap();
+        let options = Options {
+            clock: clock.clone(),
+            run_queue: false,
+            ..Default::default()
+        };
+        async move {
+            postern::daemon::Daemon::start_with(config, options)
+                .await
+                .unwrap()
+        }
+    };
+    let data = dir.path().join("data");
+
+    // First run: two messages, then a clean stop.
+    let daemon = start().await;
+    let relay = daemon.local_addrs()[0].0;
+    let (ledger, shutdown) = (daemon.ledger.clone(), daemon.shutdown.clone());
+    let task = tokio::spawn(daemon.run(Duration::from_secs(5)));
+    let a = submit(
+        relay,
+        "app@sender.test",
+        &["a@dest.test"],
+        "Subject: a\r\n\r\na\r\n",
+    )
+    .await;
+    submit(
+        relay,
+        "app@sender.test",
+        &["b@dest.test"],
+        "Subject: b\r\n\r\nb\r\n",
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    let last = common::eventually(Duration::from_secs(5), || Arc::strong_count(&ledger) == 1).await;
+    assert!(last, "the stopped daemon still holds the ledger");
+    drop(ledger);
+    let old = common::queued_records(&data, &a)[0].segment.clone();
+    let old_key = old.with_extension("key");
+    assert!(old_key.exists());
+
+    // Second run writes elsewhere. a is delivered, b deferred: the old segment must stay.
+    let daemon = start().await;
+    let relay = daemon.local_addrs()[0].0;
+    let (queue, spool) = (daemon.queue.clone(), daemon.spool.clone());
+    tokio::spawn(daemon.run(Duration::from_secs(5)));
+    assert_eq!(queue.len(), 2, "recovered");
+    sink.behaviour
+        .lock()
+        .unwrap()
+        .rcpt_replies
+        .insert("b@dest.test".into(), "450 4.2.1 busy".into());
+    assert_eq!(queue.run_due().await, 2);
+    assert_eq!(spool.live().len(), 1, "b waits");
+    assert!(old.exists(), "a segment with a live message was unlinked");
+    let b = spool.read(spool.live()[0]).await.expect("b still readable");
+    assert_eq!(b.envelope.recipients, vec!["b@dest.test"]);
+
+    sink.behaviour.lock().unwrap().rcpt_replies.clear();
+    clock.advance(60);
+    assert_eq!(queue.run_due().await, 1);
+    assert!(spool.live().is_empty());
+    assert!(!old.exists(), "the emptied segment is still there");
+    assert!(!old_key.exists(), "its key is still there");
+
+    // The active segment stays, though everything in it is final.
+    let c = submit(
+        relay,
+        "app@sender.test",
+        &["c@dest.test"],
+        "Subject: c\r\n\r\nc\r\n",
+    )
+    .await;
+    let active = common::queued_records(&data, &c)[0].segment.clone();
+    assert_ne!(active, old);
+    assert_eq!(queue.run_due().await, 1);
+    assert!(spool.live().is_empty());
+    assert!(active.exists(), "the segment being written was unlinked");
+    assert_eq!(segments(&data), vec![active]);
+    assert_eq!(sink.received().len(), 3);
+}

@@ -446,3 +446,44 @@ fn no_pseudonym_in_sled_keys_and_a_purged_day_names_nobody() {
         assert!(!crate::spool_test_support::contains(&on_disk, &old_key));
     }
 }
+
+/// Retention ends with day D+30: the day's key lives as long as its records (not a day less),
+/// and the subject index loses exactly the entries of purged records.
+#[test]
+fn purge_at_the_boundary_and_of_the_subject_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), &[]);
+    let (old, edge) = (id(), id());
+    let env = |at| envelope("a@shop.test", &["r@dest.test"], "shop.test", at);
+    l.accepted(old, &env(T0), 10, &Signing::default()).unwrap();
+    l.accepted(edge, &env(T0 + DAY), 10, &Signing::default())
+        .unwrap();
+
+    // On D+30 day D is still within retention: its records and its key stay.
+    assert_eq!(l.purge(T0 + 30 * DAY).unwrap(), Purged::default());
+    assert!(l.get(old, T0, 0, "r@dest.test").unwrap().is_some());
+    assert_eq!(
+        l.export("a@shop.test").unwrap().records.len(),
+        2,
+        "both indexed"
+    );
+
+    // On D+31, day D goes; day D+1 (the cutoff day itself) stays, index included.
+    let purged = l.purge(T0 + 31 * DAY).unwrap();
+    assert_eq!(purged.days, vec![day_of(T0)]);
+    let cutoff = day_of(T0 + DAY);
+    for item in l.tables.subjects.iter() {
+        let (k, _) = item.unwrap();
+        assert!(
+            k.len() >= 8 && k[..8] >= *cutoff.as_bytes(),
+            "an index entry of a purged record is left"
+        );
+    }
+    let left = l.export("r@dest.test").unwrap().records;
+    assert_eq!(left.len(), 1, "the cutoff day's record is still found");
+    assert_eq!(left[0].queue_id, edge.to_string());
+    // The sender's records are found through the index alone.
+    let sent = l.export("a@shop.test").unwrap().records;
+    assert_eq!(sent.len(), 1, "the cutoff day's index entry is kept");
+    assert_eq!(sent[0].queue_id, edge.to_string());
+}
