@@ -8,7 +8,7 @@
 //! prove that. Quarantined copies are personal data like any message: they are deleted
 //! `privacy.retention_days` after they were set aside ([`purge_quarantine`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,64 +63,82 @@ pub(super) fn recover(
     master: &Key,
     faults: &Faults,
 ) -> Result<(Index, RecoveryReport, u64), SpoolError> {
-    let mut numbers = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if let Some(n) = name
-            .strip_suffix(".seg")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            numbers.push(n);
-        } else if let Some(n) = name
-            .strip_suffix(".key")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            // A key whose segment never got created (crash between the two) is harmless;
-            // remember the number so it is not reused.
-            numbers.push(n);
-        }
-    }
-    numbers.sort_unstable();
-    numbers.dedup();
+    let numbers = segment_numbers(dir)?;
     let next = numbers.last().map_or(1, |n| n + 1);
-
     let mut index = Index::default();
     let mut report = RecoveryReport::default();
     let mut states: HashMap<QueueId, (Loc, MessageState)> = HashMap::new();
     // Segments that must stay even if nothing in them is live (a quarantine copy failed).
-    let mut keep = std::collections::HashSet::new();
+    let mut keep = HashSet::new();
     for n in numbers {
-        let seg_path = super::segment_path(dir, n);
-        if !seg_path.exists() {
-            remove_segment_files(dir, n);
-            continue;
-        }
-        report.segments += 1;
-        let Some((data, key)) = open_segment(dir, n, master, faults, &mut report) else {
-            continue;
-        };
-        let file = match OpenOptions::new().read(true).write(true).open(&seg_path) {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                unreadable(
-                    n,
-                    &seg_path,
-                    &format!("cannot open for writing: {e}"),
-                    &mut report,
-                );
-                continue;
-            }
-        };
-        let quarantined = report.quarantined.len();
-        scan(dir, n, &data, &key, &mut index, &mut states, &mut report);
-        if report.quarantined[quarantined..].iter().any(|q| !q.saved) {
+        if read_segment(dir, n, master, faults, &mut index, &mut states, &mut report) {
             keep.insert(n);
         }
-        index.segments.insert(n, Segment { file, key, live: 0 });
     }
+    attach_states(&mut index, states);
+    finish_final(&mut index, &mut keep);
+    remove_empty(dir, &mut index, &keep);
+    if let Err(e) = crate::crypto::sync_dir(dir) {
+        tracing::warn!(error = %e, "spool recovery: cannot sync the spool directory");
+    }
+    report.recovered = index.messages.len();
+    Ok((index, report, next))
+}
 
-    // Attach states to messages; count what each segment still holds.
+/// The numbers of every segment and key file under `dir`, ascending. A key whose segment never
+/// got created (a crash between the two) is harmless, but its number is not to be reused.
+fn segment_numbers(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+    let mut numbers = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        let n = name
+            .strip_suffix(".seg")
+            .or_else(|| name.strip_suffix(".key"))
+            .and_then(|s| s.parse::<u64>().ok());
+        numbers.extend(n);
+    }
+    numbers.sort_unstable();
+    numbers.dedup();
+    Ok(numbers)
+}
+
+/// Reads segment `n` into the index (its messages, and its state records into `states`).
+/// Returns true when the segment must be kept whatever it holds: a quarantine copy failed.
+fn read_segment(
+    dir: &Path,
+    n: u64,
+    master: &Key,
+    faults: &Faults,
+    index: &mut Index,
+    states: &mut HashMap<QueueId, (Loc, MessageState)>,
+    report: &mut RecoveryReport,
+) -> bool {
+    let seg_path = super::segment_path(dir, n);
+    if !seg_path.exists() {
+        remove_segment_files(dir, n);
+        return false;
+    }
+    report.segments += 1;
+    let Some((data, key)) = open_segment(dir, n, master, faults, report) else {
+        return false;
+    };
+    let file = match OpenOptions::new().read(true).write(true).open(&seg_path) {
+        Ok(f) => Arc::new(f),
+        Err(e) => {
+            let reason = format!("cannot open for writing: {e}");
+            unreadable(n, &seg_path, &reason, report);
+            return false;
+        }
+    };
+    let quarantined = report.quarantined.len();
+    scan(dir, n, &data, &key, index, states, report);
+    index.segments.insert(n, Segment { file, key, live: 0 });
+    report.quarantined[quarantined..].iter().any(|q| !q.saved)
+}
+
+/// Gives each message its last state record (recipient counts must agree).
+fn attach_states(index: &mut Index, states: HashMap<QueueId, (Loc, MessageState)>) {
     for (id, (loc, state)) in states {
         if let Some(entry) = index.messages.get_mut(&id) {
             if state.final_rcpts.len() == entry.current.final_rcpts.len() {
@@ -129,6 +147,12 @@ pub(super) fn recover(
             }
         }
     }
+}
+
+/// Messages final but not yet punched when the previous run stopped: finishes the job. A punch
+/// that fails now is tried again at the next start (the state record still says final), so its
+/// segment is kept.
+fn finish_final(index: &mut Index, keep: &mut HashSet<u64>) {
     let dead: Vec<QueueId> = index
         .messages
         .iter()
@@ -136,24 +160,24 @@ pub(super) fn recover(
         .map(|(id, _)| *id)
         .collect();
     for id in dead {
-        // Final but not yet punched when the previous run stopped: finish the job. A punch that
-        // fails now is tried again at the next start (the state record still says final).
-        if let Some(e) = index.messages.remove(&id) {
-            for loc in std::iter::once(e.message).chain(e.state) {
-                if let Some(seg) = index.segments.get(&loc.segment) {
-                    let punched = super::writer::punch_hole(
-                        &seg.file,
-                        loc.offset + HEADER_LEN as u64,
-                        loc.len as u64,
-                    );
-                    if let Err(err) = punched {
-                        tracing::warn!(segment = loc.segment, error = %err, "spool recovery: cannot punch a final record; will retry at next start");
-                        keep.insert(loc.segment);
-                    }
-                }
+        let Some(e) = index.messages.remove(&id) else {
+            continue;
+        };
+        for loc in std::iter::once(e.message).chain(e.state) {
+            let Some(seg) = index.segments.get(&loc.segment) else {
+                continue;
+            };
+            let offset = loc.offset + HEADER_LEN as u64;
+            if let Err(err) = super::writer::punch_hole(&seg.file, offset, loc.len as u64) {
+                tracing::warn!(segment = loc.segment, error = %err, "spool recovery: cannot punch a final record; will retry at next start");
+                keep.insert(loc.segment);
             }
         }
     }
+}
+
+/// Counts what each segment still holds, and removes those that hold nothing (unless kept).
+fn remove_empty(dir: &Path, index: &mut Index, keep: &HashSet<u64>) {
     let live: Vec<u64> = index
         .messages
         .values()
@@ -174,11 +198,6 @@ pub(super) fn recover(
         index.segments.remove(&n);
         remove_segment_files(dir, n);
     }
-    if let Err(e) = crate::crypto::sync_dir(dir) {
-        tracing::warn!(error = %e, "spool recovery: cannot sync the spool directory");
-    }
-    report.recovered = index.messages.len();
-    Ok((index, report, next))
 }
 
 /// Reads a segment and its key, retrying errors that may pass. None when it cannot be read:
