@@ -821,16 +821,7 @@ async fn the_next_smarthost_is_tried_when_the_first_is_down() {
         "[delivery]\nsmarthost = [\"127.0.0.1:{down_port}\", \"127.0.0.1:{}\"]\n[dns]\nnameservers = [\"127.0.0.1:9\"]\n",
         sink.addr.port()
     );
-    let clock = Arc::new(ManualClock::new(SystemClock.now()));
-    let (server, queue) = TestServer::start_with(
-        &extra,
-        Options {
-            clock,
-            run_queue: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (server, queue, _clock) = TestServer::start_manual(&extra).await;
     submit(
         server.relay,
         "app@sender.test",
@@ -919,16 +910,7 @@ async fn delivery_routed_by_a_real_dns_server_over_tcp() {
         sink.addr.port(),
         dns.nameserver()
     );
-    let clock = Arc::new(ManualClock::new(SystemClock.now()));
-    let (server, queue) = TestServer::start_with(
-        &extra,
-        Options {
-            clock,
-            run_queue: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (server, queue, _clock) = TestServer::start_manual(&extra).await;
     submit(
         server.relay,
         "app@sender.test",

@@ -3,14 +3,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::dns::DnsServer;
 use common::sink::Sink;
 use common::{contains, submit, Child, Raw, TestServer};
 use postern::admin::{request, Request};
-use postern::clock::{Clock, ManualClock, SystemClock};
+use postern::clock::Clock;
 use postern::daemon::Options;
 
 fn routing(sink: &Sink, dns: &DnsServer) -> String {
@@ -295,16 +294,7 @@ async fn three_hard_bounces_then_refused_at_rcpt_and_queued_mail_is_dropped() {
         "gone@dest.test".into(),
         "550 5.1.1 <gone@dest.test>: no such user".into(),
     );
-    let clock = Arc::new(ManualClock::new(SystemClock.now()));
-    let (server, queue) = TestServer::start_with(
-        &routing(&sink, &dns),
-        Options {
-            clock: clock.clone(),
-            run_queue: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (server, queue, clock) = TestServer::start_manual(&routing(&sink, &dns)).await;
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
     for _ in 0..3 {
@@ -454,16 +444,7 @@ async fn after_the_purge_nothing_on_disk_links_an_address_or_pseudonym_to_the_da
         "gone@dest.test".into(),
         "550 5.1.1 <gone@dest.test>: no such user".into(),
     );
-    let clock = Arc::new(ManualClock::new(SystemClock.now()));
-    let (server, queue) = TestServer::start_with(
-        &routing(&sink, &dns),
-        Options {
-            clock: clock.clone(),
-            run_queue: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (server, queue, clock) = TestServer::start_manual(&routing(&sink, &dns)).await;
     let day = clock.now();
     let (sender, rcpts) = ("shop@shop.test", ["kept@dest.test", "gone@dest.test"]);
     submit(

@@ -166,8 +166,13 @@ impl Shared {
     }
 
     fn has_room(&self, size: u64) -> bool {
-        let free = self.free.load(Ordering::Relaxed);
-        free.saturating_sub(size) >= self.min_free && free >= size
+        self.fits(self.free.load(Ordering::Relaxed), size)
+    }
+
+    /// Whether `size` more bytes leave the reserve intact when `free` bytes are free.
+    fn fits(&self, free: u64, size: u64) -> bool {
+        free.checked_sub(size)
+            .is_some_and(|left| left >= self.min_free)
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {

@@ -190,7 +190,7 @@ impl Writer {
                 } => {
                     // The free-space reserve, counting what this batch already takes.
                     let size = plaintext.len() as u64;
-                    if room < size || room - size < self.shared.min_free {
+                    if !self.shared.fits(room, size) {
                         let _ = reply.send(Err(storage_full()));
                         continue;
                     }

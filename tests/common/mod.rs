@@ -93,6 +93,27 @@ impl TestServer {
         TestServer::start_in(dir, extra, options).await
     }
 
+    /// Starts with the queue driven by the test (`Queue::run_due`) on a manual clock that
+    /// starts now; returns the clock to move.
+    pub async fn start_manual(
+        extra: &str,
+    ) -> (
+        TestServer,
+        Arc<postern::queue::Queue>,
+        Arc<postern::clock::ManualClock>,
+    ) {
+        use postern::clock::Clock;
+        let now = postern::clock::SystemClock.now();
+        let clock = Arc::new(postern::clock::ManualClock::new(now));
+        let options = postern::daemon::Options {
+            clock: clock.clone(),
+            run_queue: false,
+            ..Default::default()
+        };
+        let (server, queue) = TestServer::start_with(extra, options).await;
+        (server, queue, clock)
+    }
+
     /// Starts with the data directory at `<dir>/data` (which the test may have prepared, e.g.
     /// as a small filesystem of its own).
     pub async fn start_in(
