@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::ledger::Ledger;
+use crate::queue::{HoldReason, Queue, QueueState, Selector};
 use crate::spool::Spool;
 use crate::suppress::{Entry, Reason};
 
@@ -50,6 +51,34 @@ pub enum Request {
         /// Only messages with a pending recipient at this domain.
         #[serde(default)]
         domain: Option<String>,
+        /// Only messages in this state.
+        #[serde(default)]
+        state: Option<QueueState>,
+    },
+    /// One message's envelope and attempts, in log form; never the body.
+    QueueShow {
+        id: String,
+    },
+    /// Makes messages due now: one (`id`), those for a domain, or all.
+    QueueFlush {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        domain: Option<String>,
+    },
+    QueueHold {
+        id: String,
+    },
+    QueueRelease {
+        id: String,
+    },
+    /// Removes a message; its body is destroyed and its recipients recorded as cancelled.
+    QueueDelete {
+        id: String,
+    },
+    /// Returns a message to its sender with a failure notice.
+    QueueBounce {
+        id: String,
     },
     /// Entries as `suppress export` wrote them (pseudonyms), or addresses with reasons.
     SuppressImport {
@@ -100,6 +129,7 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 pub struct Admin {
     pub ledger: Arc<Ledger>,
     pub spool: Spool,
+    pub queue: Arc<Queue>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -194,7 +224,13 @@ impl Admin {
                 l.suppress.list().map_err(|e| err(&e))?,
             )
             .unwrap_or_default()),
-            Request::QueueList { domain } => self.queue_list(domain.as_deref()).await,
+            Request::QueueList { .. }
+            | Request::QueueShow { .. }
+            | Request::QueueFlush { .. }
+            | Request::QueueHold { .. }
+            | Request::QueueRelease { .. }
+            | Request::QueueDelete { .. }
+            | Request::QueueBounce { .. } => self.queue_op(req).await,
             Request::SuppressImport { entries, addresses } => {
                 for e in &entries {
                     l.suppress.add_entry(e).map_err(|e| err(&e))?;
@@ -207,40 +243,37 @@ impl Admin {
         }
     }
 
-    /// What `postern queue list` and `mailq` show. Reads each live message (the spool keeps
-    /// envelopes sealed with the body): fine for an operator's command, not for a hot path.
-    async fn queue_list(&self, domain: Option<&str>) -> Result<serde_json::Value, String> {
-        let now = self.clock.now();
-        let mut entries = Vec::new();
-        for id in self.spool.live() {
-            let Ok(msg) = self.spool.read(id).await else {
-                continue;
-            };
-            let pending: Vec<&String> = msg
-                .envelope
-                .recipients
-                .iter()
-                .zip(&msg.state.final_rcpts)
-                .filter(|(_, done)| !**done)
-                .map(|(r, _)| r)
-                .collect();
-            let mut domains: Vec<String> =
-                pending.iter().map(|r| crate::queue::domain_of(r)).collect();
-            domains.sort();
-            domains.dedup();
-            if domain.is_some_and(|d| !domains.iter().any(|x| x.eq_ignore_ascii_case(d))) {
-                continue;
+    /// The queue tools' requests.
+    async fn queue_op(&self, req: Request) -> Result<serde_json::Value, String> {
+        let q = &self.queue;
+        let id = |s: &str| s.parse().map_err(|_| format!("{s:?} is not a queue id"));
+        match req {
+            Request::QueueList { domain, state } => {
+                json(Ok(q.list(domain.as_deref(), state).await))
             }
-            entries.push(serde_json::json!({
-                "id": id.to_string(),
-                "age_seconds": (now - msg.envelope.received_at).max(0),
-                "size": msg.body.len(),
-                "pending_recipients": pending.len(),
-                "domains": domains,
-            }));
+            Request::QueueShow { id: s } => json(q.show(id(&s)?).await),
+            Request::QueueFlush { id: Some(s), .. } => {
+                let n = q.flush(&Selector::One(id(&s)?)).await;
+                Ok(serde_json::json!({ "flushed": n }))
+            }
+            Request::QueueFlush { id: None, domain } => {
+                let which = domain.map_or(Selector::All, Selector::Domain);
+                Ok(serde_json::json!({ "flushed": q.flush(&which).await }))
+            }
+            Request::QueueHold { id: s } => json(q.hold(id(&s)?, HoldReason::Operator).await),
+            Request::QueueRelease { id: s } => json(q.release(id(&s)?).await),
+            Request::QueueDelete { id: s } => json(
+                q.delete(id(&s)?)
+                    .await
+                    .map(|n| serde_json::json!({ "cancelled": n })),
+            ),
+            Request::QueueBounce { id: s } => json(
+                q.bounce(id(&s)?)
+                    .await
+                    .map(|n| serde_json::json!({ "returned": n })),
+            ),
+            _ => Err("not a queue request".into()),
         }
-        entries.sort_by_key(|e| std::cmp::Reverse(e["age_seconds"].as_i64().unwrap_or(0)));
-        Ok(serde_json::Value::Array(entries))
     }
 
     /// Drops `address` from every queued message (the body goes when no recipient is left).
@@ -272,6 +305,12 @@ impl Admin {
         }
         Ok((messages, recipients))
     }
+}
+
+/// An operator action's result as the admin API answers it.
+fn json<T: Serialize>(v: Result<T, crate::queue::OpError>) -> Result<serde_json::Value, String> {
+    v.map_err(|e| e.to_string())
+        .and_then(|v| serde_json::to_value(v).map_err(|e| e.to_string()))
 }
 
 /// The CLI side: sends one request and returns the result.

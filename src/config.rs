@@ -60,6 +60,8 @@ pub struct Config {
     /// Local submission (`sendmail`); off when absent.
     #[serde(default)]
     pub local: Option<LocalConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Directory that relative paths are resolved against; not a TOML key.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -384,6 +386,15 @@ fn default_line_endings() -> LineEndingPolicy {
 }
 fn default_max_hops() -> usize {
     50
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served; off when absent. Labels carry no address or pseudonym,
+    /// but keep it on loopback or a private network all the same: the figures describe traffic.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[spool]`

@@ -17,6 +17,7 @@ use crate::crypto::{load_or_create_master_key, CryptoError};
 use crate::delivery::{Deliverer, DeliveryError};
 use crate::ledger::{Ledger, Purged};
 use crate::local::{LocalPaths, MaildropKey, Pickup};
+use crate::metrics::Exporter;
 use crate::queue::Queue;
 use crate::server::Parts;
 use crate::server::{Server, ServerError};
@@ -46,6 +47,8 @@ pub enum StartError {
     Local(#[from] crate::local::LocalError),
     #[error("{0} is locked: another postern runs on this data directory")]
     Locked(String),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// How to run: the clock, and whether the queue runs by itself.
@@ -89,6 +92,8 @@ pub struct Daemon {
     run_queue: bool,
     /// The maildrop pickup and how often it runs, when `[local]` is configured.
     pickup: Option<(Pickup, Duration)>,
+    /// The Prometheus endpoint, when `[metrics] listen` is set.
+    metrics: Option<crate::metrics::Exporter>,
 }
 
 impl Daemon {
@@ -131,6 +136,7 @@ impl Daemon {
         let pickup = local_submission(&config, &data_dir)?;
         let shutdown = CancellationToken::new();
         let grace = config.server.shutdown_grace;
+        let metrics_addr = config.metrics.listen;
         let config = Arc::new(config);
         let clock = options.clock.clone();
         let queue = Queue::new(
@@ -154,6 +160,10 @@ impl Daemon {
         let server = Server::bind(parts, shutdown.clone()).await?;
         let own = server.local_addrs().into_iter().map(|(a, _)| a).collect();
         queue.deliverer().set_own_addresses(own);
+        let metrics = match metrics_addr {
+            Some(addr) => Some(Exporter::bind(addr, queue.clone(), spool.clone()).await?),
+            None => None,
+        };
         Ok(Daemon {
             server,
             spool,
@@ -168,6 +178,7 @@ impl Daemon {
             shutdown,
             run_queue: options.run_queue,
             pickup,
+            metrics,
         })
     }
 
@@ -179,6 +190,11 @@ impl Daemon {
     /// How long a shutdown may take (`server.shutdown_grace`).
     pub fn shutdown_grace(&self) -> Duration {
         self.grace
+    }
+
+    /// Where `GET /metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(Exporter::local_addr)
     }
 
     /// Bound listener addresses, in configuration order.
@@ -194,10 +210,14 @@ impl Daemon {
         let admin = crate::admin::Admin {
             ledger: self.ledger.clone(),
             spool: self.spool.clone(),
+            queue: self.queue.clone(),
             clock: self.clock.clone(),
         };
         tokio::spawn(admin.serve(self.admin, self.shutdown.clone()));
         // The submission socket is bound already: the first pass is served once `run` accepts.
+        if let Some(exporter) = self.metrics {
+            tokio::spawn(exporter.serve(self.shutdown.clone()));
+        }
         if let Some((pickup, every)) = self.pickup {
             tokio::spawn(pickup.run(every, self.shutdown.clone()));
         }

@@ -19,6 +19,7 @@
 //! - [`local`]: local submission for `sendmail`: a socket any user may use, and a sealed
 //!   maildrop for when the daemon is down. [`sendmail`]: the `sendmail`/`mailq` commands.
 //! - [`crypto`]: keys, key files, sealing (XChaCha20-Poly1305), HMAC pseudonyms.
+//! - [`metrics`]: Prometheus counters, histograms and scrape-time gauges on `GET /metrics`.
 //! - [`notify`]: systemd readiness, reload, stop and watchdog notifications; [`logging`]:
 //!   journald-friendly or JSON log lines.
 //! - [`daemon`]: wires the above into a running MTA; the binary adds a CLI and signals.
@@ -46,6 +47,7 @@ pub mod ledger;
 pub mod limits;
 pub mod local;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod proto;
 pub mod queue;

@@ -99,12 +99,31 @@ enum QueueCommand {
         /// Only messages with a pending recipient at this domain.
         #[arg(long)]
         domain: Option<String>,
+        /// Only messages in this state: queued, active, deferred or held.
+        #[arg(long)]
+        state: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Messages per destination domain and age bucket (like Postfix's qshape).
     Summary,
+    /// One message: envelope and attempts per recipient, pseudonymous as in the logs (JSON).
+    Show { id: String },
+    /// Tries messages now: ID, every message for --domain, or the whole queue.
+    Flush {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        domain: Option<String>,
+    },
+    /// Stops trying a message until it is released (survives restarts).
+    Hold { id: String },
+    /// Lifts a hold; the message is tried at once.
+    Release { id: String },
+    /// Removes a message: its body is destroyed, its recipients recorded as cancelled.
+    Delete { id: String },
+    /// Returns a message to its sender with a failure notice, then removes it.
+    Bounce { id: String },
 }
 
 #[derive(Subcommand)]
@@ -458,20 +477,39 @@ fn suppress(config: Option<PathBuf>, command: SuppressCommand) -> anyhow::Result
 fn queue(config: Option<PathBuf>, command: QueueCommand) -> anyhow::Result<()> {
     use postern::admin::Request;
     use postern::sendmail::{format_queue, format_summary};
-    match command {
-        QueueCommand::List { domain, json } => {
-            let list = admin(config, Request::QueueList { domain })?;
+    let request = match command {
+        QueueCommand::List {
+            domain,
+            state,
+            json,
+        } => {
+            let state = state
+                .map(|s| serde_json::from_value(serde_json::Value::String(s.clone())))
+                .transpose()
+                .map_err(|_| anyhow::anyhow!("--state must be queued, active, deferred or held"))?;
+            let list = admin(config, Request::QueueList { domain, state })?;
             if json {
                 return print_json(&list);
             }
             print!("{}", format_queue(&list));
+            return Ok(());
         }
         QueueCommand::Summary => {
-            let list = admin(config, Request::QueueList { domain: None })?;
-            print!("{}", format_summary(&list));
+            let all = Request::QueueList {
+                domain: None,
+                state: None,
+            };
+            print!("{}", format_summary(&admin(config, all)?));
+            return Ok(());
         }
-    }
-    Ok(())
+        QueueCommand::Show { id } => Request::QueueShow { id },
+        QueueCommand::Flush { id, domain } => Request::QueueFlush { id, domain },
+        QueueCommand::Hold { id } => Request::QueueHold { id },
+        QueueCommand::Release { id } => Request::QueueRelease { id },
+        QueueCommand::Delete { id } => Request::QueueDelete { id },
+        QueueCommand::Bounce { id } => Request::QueueBounce { id },
+    };
+    print_json(&admin(config, request)?)
 }
 
 fn dns_records(config: Option<PathBuf>, domain: &str) -> anyhow::Result<()> {

@@ -496,7 +496,10 @@ async fn smtp_over_stdio(paths: &LocalPaths) -> Exit {
 /// only the daemon's user and root can reach).
 pub fn list_queue(config: &Config) -> Exit {
     let socket = config.data_dir().join("admin.sock");
-    let request = crate::admin::Request::QueueList { domain: None };
+    let request = crate::admin::Request::QueueList {
+        domain: None,
+        state: None,
+    };
     let answer = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -521,8 +524,8 @@ pub fn format_queue(list: &serde_json::Value) -> String {
         return "Mail queue is empty\n".to_string();
     }
     let mut out = format!(
-        "{:<32} {:>8} {:>10} {:>6}  DOMAINS\n",
-        "QUEUE ID", "AGE", "SIZE", "RCPTS"
+        "{:<32} {:<8} {:>8} {:>10} {:>6}  DOMAINS\n",
+        "QUEUE ID", "STATE", "AGE", "SIZE", "RCPTS"
     );
     for e in entries {
         let age = std::time::Duration::from_secs(e["age_seconds"].as_u64().unwrap_or(0));
@@ -531,8 +534,9 @@ pub fn format_queue(list: &serde_json::Value) -> String {
             .map(|d| d.iter().filter_map(|x| x.as_str()).collect())
             .unwrap_or_default();
         out.push_str(&format!(
-            "{:<32} {:>8} {:>10} {:>6}  {}\n",
+            "{:<32} {:<8} {:>8} {:>10} {:>6}  {}\n",
             e["id"].as_str().unwrap_or("?"),
+            e["state"].as_str().unwrap_or("?"),
             humantime::format_duration(age).to_string().replace(' ', ""),
             e["size"].as_u64().unwrap_or(0),
             e["pending_recipients"].as_u64().unwrap_or(0),

@@ -83,6 +83,66 @@ async fn delivered_recipients_are_not_resent_while_state_cannot_be_written() {
     wait_until(10, "owed state written", || server.spool.unsynced() == 0).await;
 }
 
+/// A bounce whose notice the disk refuses stays queued: the recipient is tried again later
+/// and only becomes final once its notice is stored (never a failure the sender never hears of).
+#[tokio::test]
+async fn a_failure_notice_that_cannot_be_stored_keeps_its_recipient_queued() {
+    let sink = Sink::start("127.0.0.1").await;
+    sink.behaviour
+        .lock()
+        .unwrap()
+        .rcpt_replies
+        .insert("gone@dest.test".into(), "550 5.1.1 No such user".into());
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let faults = Arc::new(Faults::default());
+    let options = Options {
+        clock: clock.clone(),
+        run_queue: false,
+        spool_faults: faults.clone(),
+    };
+    let extra = format!(
+        "[delivery]\nsmarthost = \"{}\"\ntls = \"none\"\n",
+        sink.addr
+    );
+    let (server, queue) = TestServer::start_with(&extra, options).await;
+    let id = submit(
+        server.relay,
+        "app@sender.test",
+        &["gone@dest.test"],
+        "Subject: bounce me\r\n\r\nbody\r\n",
+    )
+    .await;
+    let id: postern::spool::QueueId = id.parse().expect("id");
+    faults.fail(FaultPoint::Append, u32::MAX, ENOSPC);
+    queue.run_due().await;
+    let state = server.spool.state(id).expect("still queued");
+    assert_eq!(
+        state.final_rcpts,
+        vec![false],
+        "not final without its notice"
+    );
+    assert!(sink.received().is_empty(), "no notice went out");
+
+    faults.clear();
+    wait_until(10, "owed state written", || server.spool.unsynced() == 0).await;
+    clock.advance(60);
+    queue.run_due().await;
+    assert!(server.spool.live().is_empty(), "bounced and notified");
+    let received = sink.received();
+    assert_eq!(received.len(), 1, "one notice");
+    assert_eq!(received[0].from, "");
+    assert_eq!(received[0].rcpts, vec!["app@sender.test".to_string()]);
+    let tries = sink
+        .state
+        .lock()
+        .unwrap()
+        .rcpt_attempts
+        .iter()
+        .filter(|(_, r, _)| r == "gone@dest.test")
+        .count();
+    assert_eq!(tries, 2, "tried again once the notice could be stored");
+}
+
 /// A tmpfs mounted on `<dir>/data` for the length of a test; unmounted on drop.
 struct SmallDisk {
     mount: std::path::PathBuf,

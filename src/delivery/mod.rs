@@ -153,6 +153,11 @@ impl Deliverer {
         self.pool.len()
     }
 
+    /// Outbound sessions talking to a server now (for metrics).
+    pub fn busy_sessions(&self) -> usize {
+        self.config.max_in_flight.max(1) - self.sessions.available_permits()
+    }
+
     /// Says QUIT on every idle connection (at shutdown, as a polite peer does).
     pub async fn close_idle(&self) {
         let conns = self.pool.drain();

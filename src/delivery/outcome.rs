@@ -35,6 +35,8 @@ pub enum Cause {
     ShuttingDown,
     /// `max_queue_lifetime` passed; carries the last temporary failure's diagnostic.
     Expired { last_diagnostic: Option<String> },
+    /// An operator returned the message to its sender (`postern queue bounce`).
+    Returned,
 }
 
 /// The outcome for one recipient.
@@ -97,6 +99,11 @@ impl RcptOutcome {
         )
     }
 
+    /// Returned to the sender by an operator (5.0.0: no reason of the destination's).
+    pub fn returned() -> RcptOutcome {
+        RcptOutcome::new(EnhancedStatusCode::new(5, 0, 0), Cause::Returned)
+    }
+
     pub fn is_delivered(&self) -> bool {
         self.status.is_success()
     }
@@ -153,6 +160,9 @@ impl RcptOutcome {
                 last_diagnostic: Some(d),
             } if !d.is_empty() => d.clone(),
             Cause::Expired { .. } => "x-postern; delivery time expired".into(),
+            Cause::Returned => {
+                "x-postern; returned to the sender by the mail system administrator".into()
+            }
         };
         one_line(&text)
     }

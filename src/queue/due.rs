@@ -4,9 +4,13 @@
 //! [`Due::take_due`], not in `order`). A reschedule that arrives while it runs is parked with
 //! the running entry and applied by [`Due::finish`], so no interleaving of scheduling, taking and
 //! finishing can drop a message from the index or run it twice at once.
+//!
+//! A held message is in neither: [`Due::schedule`] ignores it until [`Due::release`], so a
+//! hold placed while the message runs also outlasts that attempt's own reschedule.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
+use super::schedule::Hold;
 use crate::spool::QueueId;
 
 #[derive(Default)]
@@ -17,11 +21,26 @@ pub(super) struct Due {
     at: HashMap<QueueId, i64>,
     /// Running messages, with the due time asked for while they ran (earliest wins).
     running: HashMap<QueueId, Option<i64>>,
+    /// Held messages: never scheduled until released.
+    held: HashMap<QueueId, Hold>,
+    /// Flushed by an operator: every pending recipient is tried at the next attempt, whatever
+    /// its own retry time.
+    forced: HashSet<QueueId>,
+}
+
+/// Why an operator action cannot have a message now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Busy {
+    /// A delivery attempt is in progress.
+    Running,
 }
 
 impl Due {
     /// Makes `id` due at `when` (or, while it runs, once it has finished).
     pub(super) fn schedule(&mut self, id: QueueId, when: i64) {
+        if self.held.contains_key(&id) {
+            return;
+        }
         if let Some(parked) = self.running.get_mut(&id) {
             *parked = Some(parked.map_or(when, |t| t.min(when)));
             return;
@@ -55,6 +74,74 @@ impl Due {
                 self.schedule(id, when);
             }
         }
+    }
+
+    /// Takes `id` out of the scheduler's hands for an operator action (delete, bounce): it is
+    /// running until [`Due::finish`]. Refused while an attempt is in progress.
+    pub(super) fn claim(&mut self, id: QueueId) -> Result<(), Busy> {
+        if self.running.contains_key(&id) {
+            return Err(Busy::Running);
+        }
+        if let Some(old) = self.at.remove(&id) {
+            self.order.remove(&(old, id));
+        }
+        self.held.remove(&id);
+        self.forced.remove(&id);
+        self.running.insert(id, None);
+        Ok(())
+    }
+
+    /// Puts `id` on hold: out of the waiting order, and any reschedule ignored until released.
+    /// Returns whether an attempt is running now (it finishes, then stays put).
+    pub(super) fn hold(&mut self, id: QueueId, hold: Hold) -> bool {
+        if let Some(old) = self.at.remove(&id) {
+            self.order.remove(&(old, id));
+        }
+        self.forced.remove(&id);
+        self.held.insert(id, hold);
+        match self.running.get_mut(&id) {
+            Some(parked) => {
+                *parked = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Lifts a hold; the caller schedules the message. None if it was not held.
+    pub(super) fn release(&mut self, id: QueueId) -> Option<Hold> {
+        self.held.remove(&id)
+    }
+
+    pub(super) fn hold_of(&self, id: QueueId) -> Option<Hold> {
+        self.held.get(&id).copied()
+    }
+
+    /// Makes `id` due at `now` with every pending recipient tried; false if it is held.
+    pub(super) fn flush(&mut self, id: QueueId, now: i64) -> bool {
+        if self.held.contains_key(&id) {
+            return false;
+        }
+        self.forced.insert(id);
+        self.schedule(id, now);
+        true
+    }
+
+    /// Whether the attempt starting now was asked for by a flush (consumes the mark).
+    pub(super) fn take_forced(&mut self, id: QueueId) -> bool {
+        self.forced.remove(&id)
+    }
+
+    pub(super) fn is_running(&self, id: QueueId) -> bool {
+        self.running.contains_key(&id)
+    }
+
+    pub(super) fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    pub(super) fn held_count(&self) -> usize {
+        self.held.len()
     }
 
     /// Messages waiting (not counting those running).
@@ -104,6 +191,48 @@ mod tests {
         due.take_due(5);
         due.finish(a, Some(65));
         assert_eq!(due.next_due(), Some(65), "abandoned: back at the fallback");
+    }
+
+    fn operator() -> Hold {
+        Hold {
+            reason: super::super::schedule::HoldReason::Operator,
+            since: 0,
+        }
+    }
+
+    #[test]
+    fn a_hold_outlasts_the_running_attempt_and_a_release_restores_it() {
+        let mut due = Due::default();
+        let (a, b) = (id(), id());
+        due.schedule(a, 10);
+        due.schedule(b, 20);
+        assert_eq!(due.take_due(10), vec![a]);
+        assert!(due.hold(a, operator()), "held while running");
+        due.schedule(a, 11);
+        due.finish(a, Some(70));
+        assert!(!due.holds(a), "the attempt's own reschedule is ignored");
+        assert!(!due.hold(b, operator()), "b was waiting");
+        assert_eq!(due.next_due(), None, "nothing waits");
+        assert!(!due.flush(b, 0), "a held message cannot be flushed");
+        assert_eq!(due.release(b), Some(operator()));
+        assert!(due.flush(b, 30));
+        assert_eq!(due.take_due(30), vec![b]);
+        assert!(
+            due.take_forced(b) && !due.take_forced(b),
+            "the mark is used once"
+        );
+    }
+
+    #[test]
+    fn a_claim_is_refused_while_running_and_keeps_the_dispatcher_off() {
+        let mut due = Due::default();
+        let a = id();
+        due.schedule(a, 0);
+        assert_eq!(due.claim(a), Ok(()));
+        assert!(due.take_due(100).is_empty(), "claimed: not dispatched");
+        assert_eq!(due.claim(a), Err(Busy::Running));
+        due.finish(a, None);
+        assert!(!due.holds(a), "deleted: gone from the index");
     }
 
     /// Many threads take, reschedule and finish the same messages at once, in every order the

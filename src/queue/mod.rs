@@ -12,6 +12,7 @@
 //! [`crate::clock::ManualClock`] and call [`Queue::run_due`].
 
 mod due;
+mod ops;
 mod schedule;
 
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use due::Due;
-pub use schedule::{RcptSchedule, Schedule};
+pub use ops::{ListEntry, MessageView, OpError, QueueCounts, QueueState, RcptView, Selector};
+pub use schedule::{Hold, HoldReason, RcptSchedule, Schedule};
 
 use crate::bounce;
 use crate::clock::Clock;
@@ -74,14 +76,16 @@ impl Queue {
             tasks: TaskTracker::new(),
         });
         for id in queue.spool.live() {
-            let when = queue
-                .spool
-                .state(id)
-                .and_then(|s| {
-                    Schedule::decode(&s.queue_data, s.final_rcpts.len()).next_due(&s.final_rcpts)
-                })
-                .unwrap_or(0);
-            queue.schedule(id, when);
+            let Some(state) = queue.spool.state(id) else {
+                continue;
+            };
+            let sched = Schedule::decode(&state.queue_data, state.final_rcpts.len());
+            match sched.hold {
+                Some(hold) => {
+                    queue.lock().hold(id, hold);
+                }
+                None => queue.schedule(id, sched.next_due(&state.final_rcpts).unwrap_or(0)),
+            }
         }
         queue
     }
@@ -185,7 +189,8 @@ impl Queue {
         let _ = tokio::time::timeout_at(deadline, self.deliverer.close_idle()).await;
     }
 
-    /// One attempt at one message.
+    /// One attempt at one message: who is due, the attempt, what follows from each outcome,
+    /// the notices, and the new state in the spool.
     async fn process(self: &Arc<Self>, id: QueueId) {
         let msg = match self.spool.read(id).await {
             Ok(m) => m,
@@ -197,56 +202,90 @@ impl Queue {
             }
         };
         let now = self.clock.now();
-        let n = msg.envelope.recipients.len();
-        let mut sched = Schedule::decode(&msg.state.queue_data, n);
+        let mut sched = Schedule::decode(&msg.state.queue_data, msg.envelope.recipients.len());
+        let forced = self.lock().take_forced(id);
         let lifetime = self.config.delivery.max_queue_lifetime.as_secs() as i64;
         let expires_at = msg.envelope.received_at.saturating_add(lifetime);
 
-        let due: Vec<usize> = (0..n)
-            .filter(|&i| !msg.state.final_rcpts[i] && sched.rcpts[i].next_attempt <= now)
-            .collect();
-        // Suppressed since the message was accepted: dropped, no delivery, no notice.
-        let (suppressed, pending): (Vec<usize>, Vec<usize>) = due.into_iter().partition(|&i| {
-            matches!(
-                self.ledger.suppress.check(&msg.envelope.recipients[i], now),
-                Ok(Some(_))
-            )
-        });
-        let mut finals: Vec<usize> = Vec::new();
-        for &i in &suppressed {
-            finals.push(i);
-            let rcpt = self
-                .ledger
-                .log_rcpt(&msg.envelope.recipients[i], &msg.envelope.sending_domain);
-            tracing::info!(queue_id = %id, rcpt = %rcpt, "suppressed: recipient dropped");
-            self.record(&msg, i, Outcome::Suppressed, &Update::default(), now);
-        }
-        let mut outcomes: Vec<RcptOutcome> = Vec::new();
-        if now >= expires_at {
-            outcomes.extend(pending.iter().map(|&i| RcptOutcome {
+        let (suppressed, pending) = self.due_recipients(&msg, &sched, now, forced);
+        let mut finals = self.drop_suppressed(&msg, &suppressed, now);
+        let outcomes: Vec<RcptOutcome> = if now >= expires_at {
+            let expiry = |&i: &usize| RcptOutcome {
                 index: i,
                 ..expired(&sched.rcpts[i])
-            }));
+            };
+            pending.iter().map(expiry).collect()
         } else {
             // At shutdown the attempt is dropped where it stands: nothing is recorded, the
             // message stays as it was in the spool and is retried after the restart.
             tokio::select! {
-                o = self.attempt(&msg, &pending) => outcomes.extend(o),
+                o = self.attempt(&msg, &pending) => o,
                 _ = self.abandon.cancelled() => {
                     self.schedule(id, now + LOCAL_RETRY);
                     return;
                 }
             }
-        }
+        };
         // What follows dates from the end of the attempt: a slow failure must not make the
         // next retry come early.
         let now = self.clock.now();
+        let failed = self.apply(&msg, &outcomes, &mut sched, &mut finals, expires_at, now);
+        self.send_notices(&msg, &outcomes, &failed, &mut sched, &mut finals, now)
+            .await;
+        // A hold placed while the attempt ran is kept (the index already has it).
+        sched.hold = self.lock().hold_of(id);
+        self.commit(&msg, &finals, &sched, now).await;
+    }
 
+    /// Pending recipients due now (all of them after a flush), split into those suppressed
+    /// since the message was accepted and those to try.
+    fn due_recipients(
+        &self,
+        msg: &StoredMessage,
+        sched: &Schedule,
+        now: i64,
+        forced: bool,
+    ) -> (Vec<usize>, Vec<usize>) {
+        (0..msg.envelope.recipients.len())
+            .filter(|&i| !msg.state.final_rcpts[i])
+            .filter(|&i| forced || sched.rcpts[i].next_attempt <= now)
+            .partition(|&i| {
+                matches!(
+                    self.ledger.suppress.check(&msg.envelope.recipients[i], now),
+                    Ok(Some(_))
+                )
+            })
+    }
+
+    /// Suppressed recipients are dropped: no delivery, no notice. Returns them, now final.
+    fn drop_suppressed(&self, msg: &StoredMessage, suppressed: &[usize], now: i64) -> Vec<usize> {
+        for &i in suppressed {
+            let rcpt = self
+                .ledger
+                .log_rcpt(&msg.envelope.recipients[i], &msg.envelope.sending_domain);
+            tracing::info!(queue_id = %msg.id, rcpt = %rcpt, "suppressed: recipient dropped");
+            self.record(msg, i, Outcome::Suppressed, &Update::default(), now);
+        }
+        suppressed.to_vec()
+    }
+
+    /// Logs and records each outcome; delivered and failed recipients join `finals`, deferred
+    /// ones get their next retry. Returns the failures, for the sender's notice.
+    fn apply<'o>(
+        &self,
+        msg: &StoredMessage,
+        outcomes: &'o [RcptOutcome],
+        sched: &mut Schedule,
+        finals: &mut Vec<usize>,
+        expires_at: i64,
+        now: i64,
+    ) -> Vec<&'o RcptOutcome> {
         let mut failed = Vec::new();
-        for o in &outcomes {
+        for o in outcomes {
             let rcpt = &msg.envelope.recipients[o.index];
-            self.log_outcome(&msg, o);
-            self.record(&msg, o.index, ledger_outcome(o), &update_of(o), now);
+            self.log_outcome(msg, o);
+            count_outcome(msg, o, now);
+            self.record(msg, o.index, ledger_outcome(o), &update_of(o), now);
             if o.is_delivered() {
                 finals.push(o.index);
                 let _ = self.ledger.suppress.delivered(rcpt);
@@ -261,46 +300,68 @@ impl Queue {
                     }
                 }
             } else {
-                sched.deferred(
-                    o.index,
-                    now,
-                    &self.config.delivery.retry_schedule,
-                    expires_at,
-                    schedule::Failure {
-                        status: &o.status.to_string(),
-                        diagnostic: &o.diagnostic(),
-                        remote: o.remote.as_deref(),
-                    },
-                );
+                let failure = schedule::Failure {
+                    status: &o.status.to_string(),
+                    diagnostic: &o.diagnostic(),
+                    remote: o.remote.as_deref(),
+                };
+                let retry = &self.config.delivery.retry_schedule;
+                sched.deferred(o.index, now, retry, expires_at, failure);
             }
         }
+        failed
+    }
 
-        // Notices are stored before the original's state changes: a crash in between sends a
-        // notice twice, never not at all.
-        if !failed.is_empty() {
-            self.notify_sender(&msg, bounce::Kind::Failure, &failed, now)
-                .await;
+    /// The failure notice, and the delay warning once `delay_warning` has passed. Notices are
+    /// stored before the original's state changes: a crash in between sends a notice twice,
+    /// never not at all. A failure notice that cannot be stored (the disk is full) keeps its
+    /// recipients pending, to be tried again after [`LOCAL_RETRY`]: never final without one.
+    async fn send_notices(
+        self: &Arc<Self>,
+        msg: &StoredMessage,
+        outcomes: &[RcptOutcome],
+        failed: &[&RcptOutcome],
+        sched: &mut Schedule,
+        finals: &mut Vec<usize>,
+        now: i64,
+    ) {
+        if !failed.is_empty()
+            && !self
+                .notify_sender(msg, bounce::Kind::Failure, failed, now)
+                .await
+        {
+            for o in failed {
+                finals.retain(|&i| i != o.index);
+                if let Some(r) = sched.rcpts.get_mut(o.index) {
+                    r.next_attempt = now + LOCAL_RETRY;
+                }
+            }
         }
         let still_pending: Vec<&RcptOutcome> =
             outcomes.iter().filter(|o| o.is_transient()).collect();
-        if let Some(after) = self.config.delivery.delay_warning {
-            if !sched.warned
-                && !still_pending.is_empty()
-                && now - msg.envelope.received_at >= after.as_secs() as i64
-            {
-                self.notify_sender(&msg, bounce::Kind::Delay, &still_pending, now)
-                    .await;
-                sched.warned = true;
-            }
+        let Some(after) = self.config.delivery.delay_warning else {
+            return;
+        };
+        if !sched.warned
+            && !still_pending.is_empty()
+            && now - msg.envelope.received_at >= after.as_secs() as i64
+        {
+            sched.warned = self
+                .notify_sender(msg, bounce::Kind::Delay, &still_pending, now)
+                .await;
         }
+    }
 
-        match self.spool.update(id, &finals, Some(sched.encode())).await {
+    /// Writes the new state; the spool destroys the body once every recipient is final.
+    async fn commit(&self, msg: &StoredMessage, finals: &[usize], sched: &Schedule, now: i64) {
+        let id = msg.id;
+        match self.spool.update(id, finals, Some(sched.encode())).await {
             Ok(Liveness::Destroyed) => {
                 tracing::debug!(queue_id = %id, "all recipients final; message destroyed")
             }
             Ok(Liveness::Live) => {
                 let mut final_rcpts = msg.state.final_rcpts.clone();
-                for &i in &finals {
+                for &i in finals {
                     final_rcpts[i] = true;
                 }
                 if let Some(when) = sched.next_due(&final_rcpts) {
@@ -351,16 +412,17 @@ impl Queue {
     }
 
     /// Stores and queues a DSN to the sender; none for the null sender (no bounce loops).
+    /// False when the notice was due but could not be stored.
     async fn notify_sender(
         self: &Arc<Self>,
         msg: &StoredMessage,
         kind: bounce::Kind,
         outcomes: &[&RcptOutcome],
         now: i64,
-    ) {
+    ) -> bool {
         if msg.envelope.mail_from.is_empty() {
             tracing::info!(queue_id = %msg.id, "not notifying: the message had the null sender");
-            return;
+            return true;
         }
         // The notice's text fields, owned here and borrowed by the entries.
         let texts: Vec<(String, String)> = outcomes
@@ -413,9 +475,11 @@ impl Queue {
             Ok(dsn_id) => {
                 tracing::info!(queue_id = %msg.id, dsn = %dsn_id, kind = ?kind, rcpts = entries.len(), "notice queued for the sender");
                 self.schedule(dsn_id, now);
+                true
             }
             Err(e) => {
-                tracing::error!(queue_id = %msg.id, error = %e, "cannot store delivery notice")
+                tracing::error!(queue_id = %msg.id, error = %e, "cannot store delivery notice; will retry");
+                false
             }
         }
     }
@@ -492,6 +556,21 @@ impl Queue {
         );
         log_outcome(msg.id, &rcpt, o);
     }
+}
+
+/// The outcome in the metrics: by result and destination domain, never by address.
+fn count_outcome(msg: &StoredMessage, o: &RcptOutcome, now: i64) {
+    use crate::metrics::Delivery;
+    let result = if o.is_delivered() {
+        Delivery::Delivered
+    } else if o.is_transient() {
+        Delivery::Deferred
+    } else {
+        Delivery::Bounced
+    };
+    let age = Duration::from_secs((now - msg.envelope.received_at).max(0) as u64);
+    let domain = domain_of(&msg.envelope.recipients[o.index]);
+    crate::metrics::delivery(result, &domain, o.tls.is_some(), age);
 }
 
 fn update_of(o: &RcptOutcome) -> Update {

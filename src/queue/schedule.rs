@@ -25,12 +25,35 @@ pub struct Failure<'a> {
     pub remote: Option<&'a str>,
 }
 
+/// Why a message is on hold: it is not tried until an operator releases it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HoldReason {
+    /// `postern queue hold`.
+    Operator,
+    /// Its delivery was in progress at two crashes in a row: held so that one message cannot
+    /// crash-loop the daemon.
+    CrashLoop,
+}
+
+/// A hold, stored with the retry state so that it survives a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub reason: HoldReason,
+    /// Unix time the hold began.
+    pub since: i64,
+}
+
 /// Retry state of a message.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Schedule {
     pub rcpts: Vec<RcptSchedule>,
     /// A delay notice has been sent for this message.
     pub warned: bool,
+    /// Held messages are left alone by the scheduler (state written before holds existed
+    /// decodes as not held).
+    #[serde(default)]
+    pub hold: Option<Hold>,
 }
 
 impl Schedule {
@@ -39,6 +62,7 @@ impl Schedule {
         Schedule {
             rcpts: vec![RcptSchedule::default(); n],
             warned: false,
+            hold: None,
         }
     }
 
@@ -123,5 +147,13 @@ mod tests {
         assert_eq!(Schedule::decode(&s.encode(), 2), s);
         assert_eq!(Schedule::decode(&s.encode(), 3), Schedule::new(3));
         assert_eq!(Schedule::decode(b"junk", 1), Schedule::new(1));
+        s.hold = Some(Hold {
+            reason: HoldReason::CrashLoop,
+            since: 5,
+        });
+        assert_eq!(Schedule::decode(&s.encode(), 2).hold, s.hold);
+        let old = br#"{"rcpts":[{"attempts":1,"next_attempt":9,"last_status":"","last_diagnostic":"","last_remote":null}],"warned":false}"#;
+        assert_eq!(Schedule::decode(old, 1).rcpts[0].next_attempt, 9);
+        assert_eq!(Schedule::decode(old, 1).hold, None);
     }
 }

@@ -128,6 +128,7 @@ pub(super) async fn run_local(ctx: Arc<Context>, socket: tokio::net::UnixStream)
 }
 
 async fn drive(ctx: Arc<Context>, stream: Stream, peer: SocketAddr, mode: ListenerMode) {
+    let _open = crate::metrics::InboundConnection::open();
     let local = matches!(stream, Stream::Local(_));
     let deadline = tokio::time::Instant::now() + ctx.config.limits.session_timeout;
     let mut s = Session {
@@ -545,6 +546,7 @@ impl Session {
 
     /// The end of a transaction: trace header, durable store, and only then 250.
     async fn accept(&mut self, tx: Option<Transaction>, body: Vec<u8>) -> Flow {
+        let started = std::time::Instant::now();
         let Some(tx) = tx else {
             return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
         };
@@ -633,6 +635,8 @@ impl Session {
                     "accepted"
                 );
                 self.reply(Reply::new(250, "2.0.0", format!("OK queued as {queue_id}")));
+                let listener = (!self.local).then_some(self.mode);
+                crate::metrics::accepted(crate::metrics::listener_label(listener), started);
             }
             Err(e) => {
                 tracing::error!(peer = %self.peer.ip(), error = %e, "spool write failed; message not accepted");
@@ -898,6 +902,9 @@ impl Session {
 
     /// Queues a reply for the next flush.
     fn reply(&mut self, reply: Reply) {
+        if reply.code >= 400 {
+            crate::metrics::refused(reply.enhanced.unwrap_or("none"));
+        }
         reply.write_to(&mut self.output);
     }
 

@@ -382,6 +382,22 @@ impl Spool {
         self.shared.has_room(size)
     }
 
+    /// Bytes the spool's files take on disk (allocated blocks: punched holes do not count) and
+    /// free bytes on its filesystem, read now. For metrics; it lists the directory.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let used = std::fs::read_dir(&self.shared.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.blocks() * 512)
+            .sum();
+        self.shared.refresh_free();
+        (used, self.shared.free.load(Ordering::Relaxed))
+    }
+
     /// The fault injector this spool was opened with.
     pub fn faults(&self) -> &Faults {
         &self.shared.faults

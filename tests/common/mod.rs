@@ -38,6 +38,8 @@ pub struct TestServer {
     pub task: tokio::task::JoinHandle<()>,
     /// What SIGHUP calls.
     pub reload: postern::server::ReloadHandle,
+    /// Where `GET /metrics` is served, with `[metrics] listen` in the test's config.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The configuration text the tests start from; `extra` is appended (TOML tables).
@@ -143,6 +145,7 @@ impl TestServer {
         let spool = daemon.spool.clone();
         let shutdown = daemon.shutdown.clone();
         let reload = daemon.reload_handle();
+        let metrics = daemon.metrics_addr();
         let task = tokio::spawn(daemon.run(Duration::from_secs(5)));
         let server = TestServer {
             dir,
@@ -153,6 +156,7 @@ impl TestServer {
             shutdown,
             task,
             reload,
+            metrics,
         };
         (server, queue)
     }
