@@ -39,6 +39,7 @@ fn main() {
         dir.path(),
         &Key::generate().expect("key"),
         &PrivacyConfig::default(),
+        1_796_000_000,
     )
     .expect("ledger");
     let now = 1_796_000_000;

@@ -204,6 +204,8 @@ impl Admin {
                     "days": retention.ledger.days,
                     "bounce_runs": retention.ledger.bounce_runs,
                     "quarantine_files": retention.quarantine_files,
+                    "pseudonym_keys_destroyed": retention.ledger.pseudonym_keys,
+                    "pseudonym_key_started": retention.pseudonym_key_started,
                 }))
             }
             Request::SuppressAdd {
@@ -279,7 +281,9 @@ impl Admin {
     /// Drops `address` from every queued message (the body goes when no recipient is left).
     /// This reads each live message: erasure is rare, the queue is what is waiting now.
     async fn cancel_queued(&self, address: &str) -> Result<(usize, usize), String> {
-        let me = self.ledger.pseudonyms().of(address);
+        // One generation for the whole scan: a rotation meanwhile must not hide a match.
+        let pseudonyms = self.ledger.pseudonyms();
+        let me = pseudonyms.of(address);
         let (mut messages, mut recipients) = (0, 0);
         for id in self.spool.live() {
             let Ok(msg) = self.spool.read(id).await else {
@@ -290,7 +294,7 @@ impl Admin {
                 .recipients
                 .iter()
                 .enumerate()
-                .filter(|(i, r)| !msg.state.final_rcpts[*i] && self.ledger.pseudonyms().of(r) == me)
+                .filter(|(i, r)| !msg.state.final_rcpts[*i] && pseudonyms.of(r) == me)
                 .map(|(i, _)| i)
                 .collect();
             if hits.is_empty() {

@@ -755,6 +755,10 @@ pub struct PrivacyConfig {
     /// Consecutive hard bounces that put an address on the suppression list.
     #[serde(default = "default_bounce_threshold")]
     pub bounce_threshold: u32,
+    /// How long one pseudonym key names people before a new one takes over (from the next
+    /// day). The old key stays while records written under it are retained, then is destroyed.
+    #[serde(default = "default_pseudonym_rotation", with = "humantime_serde")]
+    pub pseudonym_rotation: Duration,
 }
 
 impl Default for PrivacyConfig {
@@ -765,6 +769,7 @@ impl Default for PrivacyConfig {
             strict_domains: Vec::new(),
             local_part: default_local_part(),
             bounce_threshold: default_bounce_threshold(),
+            pseudonym_rotation: default_pseudonym_rotation(),
         }
     }
 }
@@ -780,6 +785,9 @@ fn default_local_part() -> LocalPart {
 }
 fn default_bounce_threshold() -> u32 {
     3
+}
+fn default_pseudonym_rotation() -> Duration {
+    Duration::from_secs(365 * 86_400)
 }
 
 /// `[dkim]`
@@ -1016,6 +1024,11 @@ impl Config {
         if self.privacy.bounce_threshold == 0 {
             return invalid("privacy.bounce_threshold", "must be at least 1");
         }
+        // A generation covers whole days (see `ledger::pseudonym`): a shorter period would
+        // only leave new keys waiting for the next day.
+        if self.privacy.pseudonym_rotation < Duration::from_secs(86_400) {
+            return invalid("privacy.pseudonym_rotation", "must be at least one day");
+        }
         for (i, k) in self.dkim.keys.iter().enumerate() {
             if crate::dkim::Algorithm::parse(&k.algorithm).is_none() {
                 return invalid(
@@ -1120,9 +1133,26 @@ mod tests {
             c.master_key_path(),
             PathBuf::from("/etc/postern/data/master.key")
         );
+        assert_eq!(
+            c.privacy.pseudonym_rotation,
+            Duration::from_secs(365 * 86_400),
+            "yearly"
+        );
         assert!(c.relay.allows("127.0.0.9".parse().unwrap()));
         assert!(c.relay.allows("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!c.relay.allows("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn pseudonym_rotation_takes_a_humantime_period() {
+        let c = parse(&format!(
+            "{MINIMAL}[privacy]\npseudonym_rotation = \"90d\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.privacy.pseudonym_rotation,
+            Duration::from_secs(90 * 86_400)
+        );
     }
 
     #[test]
@@ -1164,6 +1194,10 @@ mod tests {
             (
                 "[dns]\nnameservers = [\"localhost\"]\n",
                 "dns.nameservers[0]",
+            ),
+            (
+                "[privacy]\npseudonym_rotation = \"23h\"\n",
+                "privacy.pseudonym_rotation",
             ),
         ];
         for (extra, key) in cases {

@@ -123,7 +123,12 @@ impl Daemon {
             tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; install a real one for production");
         }
         let deliverer = Arc::new(Deliverer::new(&config)?);
-        let ledger = Arc::new(Ledger::open(&data_dir, &master, &config.privacy)?);
+        let ledger = Arc::new(Ledger::open(
+            &data_dir,
+            &master,
+            &config.privacy,
+            options.clock.now(),
+        )?);
         let spool_options = SpoolOptions {
             segment_size: config.spool.segment_size,
             min_free: config.spool.min_free,
@@ -265,6 +270,8 @@ pub struct Retention {
     pub ledger: Purged,
     /// Files of `spool/quarantine/`.
     pub quarantine_files: usize,
+    /// The start day of a pseudonym generation this pass made.
+    pub pseudonym_key_started: Option<String>,
 }
 
 impl Retention {
@@ -272,7 +279,14 @@ impl Retention {
         let Retention {
             ledger,
             quarantine_files,
+            pseudonym_key_started,
         } = self;
+        if let Some(start) = pseudonym_key_started {
+            tracing::info!(from = %start, "new pseudonym key; the old one stays until its days are purged");
+        }
+        if !ledger.pseudonym_keys.is_empty() {
+            tracing::info!(generations = ?ledger.pseudonym_keys, "destroyed pseudonym keys past retention");
+        }
         if ledger.records > 0 || ledger.bounce_runs > 0 || *quarantine_files > 0 {
             tracing::info!(
                 records = ledger.records,
@@ -286,11 +300,14 @@ impl Retention {
 }
 
 /// Removes everything kept about people for longer than `privacy.retention_days` at `now`:
-/// the ledger's old days (records, index entries, bounce runs, then the days' keys) and
-/// quarantined spool data. The daemon runs it at start and then hourly.
+/// the ledger's old days (records, index entries, bounce runs, then the days' keys and the
+/// pseudonym keys that named only them) and quarantined spool data; first it rotates the
+/// pseudonym key when `privacy.pseudonym_rotation` is up. The daemon runs it at start and then
+/// hourly, on its clock.
 pub fn retention_pass(ledger: &Ledger, spool: &Spool, now: i64) -> Result<Retention, StartError> {
     let cutoff = now - i64::from(ledger.retention_days()) * 86_400;
     Ok(Retention {
+        pseudonym_key_started: ledger.rotate(now)?,
         ledger: ledger.purge(now)?,
         quarantine_files: spool.purge_quarantine(cutoff).map_err(SpoolError::Io)?,
     })

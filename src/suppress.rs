@@ -12,6 +12,18 @@
 //! A run of hard bounces is delivery metadata of the day it started: it is stored under that
 //! day's tag of the address and sealed under that day's ledger key, and purged with that day,
 //! `privacy.retention_days` after the run started.
+//!
+//! # A key of its own, never rotated
+//! The list's pseudonyms are HMACs under a key of its own (`ledger/suppress-id.key`), not the
+//! rotating pseudonym keys of the ledger and the logs ([`crate::ledger::pseudonym`]). A
+//! withdrawn consent must be honoured for years, and an entry cannot be re-keyed at a rotation:
+//! it holds no address to compute a new pseudonym from, only the old one. Under a rotating key
+//! every opt-out would be lost when its generation was destroyed. The cost is that whoever holds
+//! the master key and the data directory can test a guessed address against the list; that is
+//! inherent in a list that must recognise the address when it comes back. Runs of bounces use
+//! the same names, so a run is not broken by a rotation (they go with their day anyway).
+//! Installations from before rotation keep their old pseudonym key here, so their entries
+//! still match.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,7 +93,8 @@ pub struct Suppressions {
     entry_count: AtomicUsize,
     bounce_count: AtomicUsize,
     key: Key,
-    pseudonyms: Pseudonymizer,
+    /// Names addresses under the list's own key, which never rotates (see the module's docs).
+    ids: Pseudonymizer,
     /// The ledger's day keys, which seal bounce runs.
     epochs: Arc<Epochs>,
     threshold: u32,
@@ -92,7 +105,7 @@ impl Suppressions {
         entries: sled::Tree,
         bounces: sled::Tree,
         key: Key,
-        pseudonyms: Pseudonymizer,
+        ids: Pseudonymizer,
         epochs: Arc<Epochs>,
         threshold: u32,
     ) -> Suppressions {
@@ -102,7 +115,7 @@ impl Suppressions {
             entries,
             bounces,
             key,
-            pseudonyms,
+            ids,
             epochs,
             threshold,
         }
@@ -116,7 +129,7 @@ impl Suppressions {
         now: i64,
         expires_at: Option<i64>,
     ) -> Result<Entry, SuppressError> {
-        let p = self.pseudonyms.of(address);
+        let p = self.ids.of(address);
         let entry = Entry {
             pseudonym: p.to_string(),
             reason,
@@ -150,7 +163,7 @@ impl Suppressions {
     /// Removes the entry for `address`; true if there was one.
     pub fn remove(&self, address: &str) -> Result<bool, SuppressError> {
         self.forget_bounces(address)?;
-        let p = self.pseudonyms.of(address);
+        let p = self.ids.of(address);
         let removed = self.entries.remove(p.0)?.is_some();
         if removed {
             self.entry_count.fetch_sub(1, Ordering::SeqCst);
@@ -170,7 +183,7 @@ impl Suppressions {
 
     /// The entry for `address`, in force or expired (for an export).
     pub fn entry(&self, address: &str) -> Result<Option<Entry>, SuppressError> {
-        let p = self.pseudonyms.of(address);
+        let p = self.ids.of(address);
         let Some(sealed) = self.entries.get(p.0)? else {
             return Ok(None);
         };
@@ -198,7 +211,7 @@ impl Suppressions {
 
     /// Counts a hard bounce; at the threshold the address is suppressed. Returns true then.
     pub fn hard_bounce(&self, address: &str, now: i64) -> Result<bool, SuppressError> {
-        let p = self.pseudonyms.of(address);
+        let p = self.ids.of(address);
         let StoredRun {
             stored_key,
             day_key,
@@ -244,7 +257,7 @@ impl Suppressions {
 
     /// Removes the run of bounces of `address` (a delivery, an erasure).
     pub fn forget_bounces(&self, address: &str) -> Result<(), SuppressError> {
-        if let Some(found) = self.find_run(&self.pseudonyms.of(address))? {
+        if let Some(found) = self.find_run(&self.ids.of(address))? {
             if self.bounces.remove(found.stored_key)?.is_some() {
                 self.bounce_count.fetch_sub(1, Ordering::SeqCst);
             }
@@ -254,9 +267,7 @@ impl Suppressions {
 
     /// The current run of bounces of `address` (for an export).
     pub fn bounce_run(&self, address: &str) -> Result<Option<BounceRun>, SuppressError> {
-        Ok(self
-            .find_run(&self.pseudonyms.of(address))?
-            .map(|found| found.run))
+        Ok(self.find_run(&self.ids.of(address))?.map(|found| found.run))
     }
 
     /// Removes runs that started on a day before `cutoff` (`YYYYMMDD`); returns how many.
@@ -343,7 +354,7 @@ mod tests {
     const T0: i64 = 1_793_491_200;
 
     fn open(dir: &std::path::Path, key: &Key) -> Ledger {
-        Ledger::open(dir, key, &PrivacyConfig::default()).unwrap()
+        Ledger::open(dir, key, &PrivacyConfig::default(), T0).unwrap()
     }
 
     #[test]

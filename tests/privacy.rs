@@ -82,7 +82,8 @@ fn ledger_on_disk(dir: &std::path::Path, address: &str) -> Vec<postern::ledger::
     let config = postern::config::Config::parse(&text, "test", dir).unwrap();
     let data = dir.join("data");
     let master = postern::crypto::load_or_create_master_key(&data.join("master.key")).unwrap();
-    let ledger = postern::ledger::Ledger::open(&data, &master, &config.privacy).unwrap();
+    let now = postern::clock::SystemClock.now();
+    let ledger = postern::ledger::Ledger::open(&data, &master, &config.privacy, now).unwrap();
     ledger.export(address).unwrap().records
 }
 
@@ -426,14 +427,27 @@ async fn suppress_cli_talks_to_the_running_daemon() {
     assert_eq!(report["suppression_entries"], 2);
 }
 
-/// The pseudonymiser of a data directory, from its key files as an intruder holding the whole
-/// directory (master key included) would compute it.
-fn pseudonyms_of(data: &std::path::Path) -> postern::crypto::Pseudonymizer {
+/// Every pseudonymiser of a data directory, from its key files (each generation, and the
+/// suppression list's), as an intruder holding the whole directory (master key included) would
+/// compute them.
+fn pseudonyms_of(data: &std::path::Path) -> Vec<postern::crypto::Pseudonymizer> {
     let master = postern::crypto::load_or_create_master_key(&data.join("master.key")).unwrap();
-    let key = master
-        .read_wrapped(&data.join("ledger/pseudonym.key"), "postern pseudonym key")
-        .unwrap();
-    postern::crypto::Pseudonymizer::new(&key, true)
+    let ledger = data.join("ledger");
+    let mut keys = vec![(
+        ledger.join("suppress-id.key"),
+        "postern suppression identity key".to_string(),
+    )];
+    for entry in std::fs::read_dir(ledger.join("pseudonyms")).unwrap() {
+        let path = entry.unwrap().path();
+        let start = path.file_stem().unwrap().to_str().unwrap().to_string();
+        keys.push((path, format!("postern pseudonym key from {start}")));
+    }
+    keys.iter()
+        .map(|(path, purpose)| {
+            let key = master.read_wrapped(path, purpose).unwrap();
+            postern::crypto::Pseudonymizer::new(&key, true)
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -483,19 +497,136 @@ async fn after_the_purge_nothing_on_disk_links_an_address_or_pseudonym_to_the_da
     server.shutdown.cancel();
     server.task.await.unwrap();
 
-    let pseudonyms = pseudonyms_of(&data);
     let raw = common::all_bytes(&data);
     let purged_day = postern::ledger::day_of(day);
-    for address in rcpts.iter().chain([&sender]) {
-        let p = pseudonyms.of(address).0;
-        assert!(!contains(&raw, &p), "{address}'s pseudonym on disk");
-        assert!(!contains(&raw, hex::encode(p).as_bytes()));
-        // A record key as it was: day ‖ pseudonym ‖ queue id ‖ index.
-        let record_key = [purged_day.as_bytes(), &p].concat();
-        assert!(
-            !contains(&raw, &record_key),
-            "{address}'s record key on disk"
-        );
+    for pseudonyms in pseudonyms_of(&data) {
+        for address in rcpts.iter().chain([&sender]) {
+            let p = pseudonyms.of(address).0;
+            assert!(!contains(&raw, &p), "{address}'s pseudonym on disk");
+            assert!(!contains(&raw, hex::encode(p).as_bytes()));
+            // A record key as it was: day ‖ pseudonym ‖ queue id ‖ index.
+            let record_key = [purged_day.as_bytes(), &p].concat();
+            assert!(
+                !contains(&raw, &record_key),
+                "{address}'s record key on disk"
+            );
+        }
+    }
+}
+
+/// Mail from `shop@shop.test` to `rcpt`, accepted.
+async fn shop_mail(server: &TestServer, rcpt: &str) {
+    let body = "From: shop@shop.test\r\n\r\nx\r\n";
+    submit(server.relay, "shop@shop.test", &[rcpt], body).await;
+}
+
+/// `rcpt` is refused at RCPT as suppressed; the session is ready for the next transaction.
+async fn assert_suppressed(c: &mut Raw<tokio::net::TcpStream>, rcpt: &str, when: &str) {
+    c.expect("MAIL FROM:<shop@shop.test>", 250).await;
+    let r = c.expect(&format!("RCPT TO:<{rcpt}>"), 550).await;
+    assert_eq!(r.enhanced(), "5.7.1", "{when}");
+    c.expect("RSET", 250).await;
+}
+
+/// Stops `server` and lets go of everything that holds its ledger (and so sled's lock), for a
+/// restart on the same directory.
+async fn stop(server: TestServer) -> tempfile::TempDir {
+    server.shutdown.cancel();
+    server.task.await.unwrap();
+    server.dir
+}
+
+/// The pseudonym key files of a data directory, sorted.
+fn pseudonym_key_files(data: &std::path::Path) -> Vec<String> {
+    let mut held: Vec<String> = std::fs::read_dir(data.join("ledger/pseudonyms"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    held.sort();
+    held
+}
+
+/// The daemon's retention pass rotates the pseudonym key on its clock: mail from before the
+/// rotation is exported and erased with the new mail, an opt-out still refuses at RCPT, and
+/// once the old key's days are purged its key file is gone and no key on disk computes its
+/// pseudonyms.
+#[tokio::test]
+async fn the_pseudonym_key_rotates_and_older_records_stay_found_until_purged() {
+    const ROTATION: &str = "[privacy]\npseudonym_rotation = \"7d\"\n";
+    let (server, queue, clock) = TestServer::start_manual(ROTATION).await;
+    let socket = server.data_dir().join("admin.sock");
+    let admin = |req: Request| {
+        let socket = socket.clone();
+        async move { request(&socket, &req).await.unwrap() }
+    };
+    let (first_day, subject) = (postern::ledger::day_of(clock.now()), "subject@dest.test");
+    let export = || {
+        admin(Request::Export {
+            address: subject.into(),
+        })
+    };
+    shop_mail(&server, subject).await;
+    admin(Request::SuppressAdd {
+        address: "optout@dest.test".into(),
+        reason: postern::suppress::Reason::Unsubscribe,
+        expires_at: None,
+    })
+    .await;
+    let old = export().await["records"][0]["recipient_pseudonym"].clone();
+    assert!(old.is_string(), "{old}");
+
+    clock.advance(8 * 86_400);
+    let pass = admin(Request::Purge).await;
+    let next_day = postern::ledger::day_of(clock.now() + 86_400);
+    assert_eq!(pass["pseudonym_key_started"], next_day.as_str(), "{pass}");
+    clock.advance(86_400);
+    shop_mail(&server, subject).await;
+    let records = export().await["records"].as_array().unwrap().clone();
+    let names: Vec<_> = records.iter().map(|r| &r["recipient_pseudonym"]).collect();
+    assert_eq!(names.len(), 2, "{records:?}");
+    assert!(names.contains(&&old), "{names:?}");
+    assert!(names.iter().all(|p| p.is_string()), "{names:?}");
+    assert_ne!(names[0], names[1], "the new mail is named by the new key");
+
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_suppressed(&mut c, "optout@dest.test", "after the rotation").await;
+    let erased = admin(Request::Erase {
+        address: subject.into(),
+    })
+    .await;
+    assert_eq!(erased["records_removed"], 2, "{erased}");
+    assert_eq!(erased["queued_recipients_removed"], 2, "{erased}");
+
+    // The new key started on day 9; on day 40 the oldest day held is day 10, so every day the
+    // old key named is purged. The new key has served its week: a third is made.
+    clock.advance(31 * 86_400);
+    let later = admin(Request::Purge).await;
+    let destroyed = &later["pseudonym_keys_destroyed"];
+    assert_eq!(*destroyed, serde_json::json!([first_day]), "{later}");
+    assert_suppressed(&mut c, "optout@dest.test", "after the old key is gone").await;
+    // Restarted: only what is on disk counts now, no key kept in memory.
+    drop((c, queue));
+    let dir = stop(server).await;
+    let options = Options {
+        clock: clock.clone(),
+        run_queue: false,
+        ..Default::default()
+    };
+    let (server, _) = TestServer::start_in(dir, ROTATION, options).await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_suppressed(&mut c, "optout@dest.test", "after a restart").await;
+    let data = server.data_dir();
+    server.shutdown.cancel();
+    server.task.await.unwrap();
+
+    let third = later["pseudonym_key_started"].as_str().unwrap();
+    let want = [format!("{next_day}.key"), format!("{third}.key")];
+    assert_eq!(pseudonym_key_files(&data), want);
+    for pseudonyms in pseudonyms_of(&data) {
+        let p = serde_json::json!(pseudonyms.of(subject).to_string());
+        assert_ne!(p, old, "a key on disk still computes the old pseudonym");
     }
 }
 

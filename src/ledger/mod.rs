@@ -11,6 +11,10 @@
 //! ([`epoch::DayKey::tag`]), never the pseudonym itself: export and erase compute it for each
 //! day still held, and once a day's key is destroyed nothing can.
 //!
+//! The pseudonym key itself rotates (`privacy.pseudonym_rotation`): each day's mail is named
+//! with the generation in force that day, and a generation's key is destroyed once its last day
+//! is purged (see [`pseudonym`]).
+//!
 //! sled is unmaintained and keeps deleted keys and values on disk until it compacts; so nothing
 //! in it is readable without a key held outside it, no key of sled's contains an address or a
 //! pseudonym, and purging a day destroys that day's key file: a value copied out before the
@@ -22,19 +26,21 @@
 //! pseudonym and no remote reply text (which often quotes the address); counts remain.
 
 pub(crate) mod epoch;
+pub(crate) mod pseudonym;
 mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LocalPart, LogAddresses, PrivacyConfig};
-use crate::crypto::{CryptoError, Key, Pseudonym, Pseudonymizer};
+use crate::crypto::{sync_dir, CryptoError, Key, Pseudonymizer};
 use crate::spool::{Envelope, QueueId};
 use crate::suppress::{BounceRun, SuppressError, Suppressions};
 use epoch::{DayKey, Epochs};
+use pseudonym::Generations;
 
 /// What can go wrong in the ledger.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +131,8 @@ pub struct Purged {
     pub days: Vec<String>,
     /// Runs of hard bounces that started before the retention period.
     pub bounce_runs: usize,
+    /// Pseudonym generations destroyed (by start day): none of their days is held any more.
+    pub pseudonym_keys: Vec<String>,
 }
 
 /// Everything held about one subject: what `privacy export` hands over.
@@ -157,7 +165,11 @@ pub struct Ledger {
     writer: Option<mpsc::Sender<writer::Event>>,
     /// Joined on drop, so that sled's file lock is released when the ledger is.
     thread: Option<std::thread::JoinHandle<()>>,
-    pseudonyms: Pseudonymizer,
+    /// Pseudonym keys by generation: the one of a record's day names its subjects.
+    generations: Generations,
+    /// The generation of the day of the last retention pass, for log lines (which have no day
+    /// of their own); it moves to a new generation within a pass of that one's first day.
+    current: RwLock<Pseudonymizer>,
     config: PrivacyConfig,
     /// The suppression list, in the same sled database.
     pub suppress: Suppressions,
@@ -197,11 +209,13 @@ fn sender_key(day: &str, tag: &[u8; 32], id: QueueId) -> Vec<u8> {
 const RECORD_KEY_LEN: usize = 8 + 32 + 16 + 2;
 
 impl Ledger {
-    /// Opens (creating) `<data_dir>/ledger`. Only one process may hold it: the daemon.
+    /// Opens (creating) `<data_dir>/ledger`. Only one process may hold it: the daemon. `now`
+    /// dates the first pseudonym generation, and picks the one log lines use.
     pub fn open(
         data_dir: &Path,
         master: &Key,
         config: &PrivacyConfig,
+        now: i64,
     ) -> Result<Ledger, LedgerError> {
         let dir = data_dir.join("ledger");
         {
@@ -218,18 +232,13 @@ impl Ledger {
             .flush_every_ms(Some(1000))
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        let pseudonym_key =
-            load_or_make(master, &dir.join("pseudonym.key"), "postern pseudonym key")?;
-        let suppress_key =
-            load_or_make(master, &dir.join("suppress.key"), "postern suppression key")?;
-        let pseudonyms =
-            Pseudonymizer::new(&pseudonym_key, config.local_part == LocalPart::Lowercase);
+        let keys = NameKeys::open(&dir, master, config, now)?;
         let epochs = Arc::new(Epochs::open(dir.join("keys"), master.clone())?);
         let suppress = Suppressions::new(
             db.open_tree("suppress")?,
             db.open_tree("bounces")?,
-            suppress_key,
-            pseudonyms.clone(),
+            keys.suppress_seal,
+            keys.suppress_ids,
             epochs.clone(),
             config.bounce_threshold,
         );
@@ -249,7 +258,8 @@ impl Ledger {
             tables,
             writer: Some(tx),
             db,
-            pseudonyms,
+            current: RwLock::new(keys.generations.for_day(&day_of(now))),
+            generations: keys.generations,
             config: config.clone(),
             suppress,
         })
@@ -270,9 +280,10 @@ impl Ledger {
             LogAddresses::None => "-".into(),
             LogAddresses::Pseudonym => {
                 let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+                let current = self.current.read().unwrap_or_else(|p| p.into_inner());
                 format!(
                     "{}@{}",
-                    self.pseudonyms.of(address).short(),
+                    current.of(address).short(),
                     crate::proto::address::normalise_domain(domain)
                 )
             }
@@ -284,9 +295,35 @@ impl Ledger {
         self.config.retention_days
     }
 
-    /// The pseudonymiser (for suppression checks and logs).
-    pub fn pseudonyms(&self) -> &Pseudonymizer {
-        &self.pseudonyms
+    /// The pseudonymiser log lines use now: the generation of the last retention pass's day.
+    /// Records use the generation of their own day ([`Ledger::pseudonyms_of_day`]).
+    pub fn pseudonyms(&self) -> Pseudonymizer {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The pseudonymiser of the mail of `day` (`YYYYMMDD`).
+    pub fn pseudonyms_of_day(&self, day: &str) -> Pseudonymizer {
+        self.generations.for_day(day)
+    }
+
+    /// Start days of the pseudonym generations held, oldest first.
+    pub fn pseudonym_generations(&self) -> Vec<String> {
+        self.generations.starts()
+    }
+
+    /// Starts the next pseudonym generation (from tomorrow) once the newest has served
+    /// `privacy.pseudonym_rotation` at `now`, and moves log lines to the generation of `now`'s
+    /// day. Returns the new generation's start day. Runs with each retention pass.
+    pub fn rotate(&self, now: i64) -> Result<Option<String>, LedgerError> {
+        let started = self
+            .generations
+            .rotate(now, self.config.pseudonym_rotation)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+            self.generations.for_day(&day_of(now));
+        Ok(started)
     }
 
     /// Records a newly accepted message: one `queued` record per recipient. Returns at once;
@@ -300,12 +337,12 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         let strict = self.is_strict(&env.sending_domain);
         let day = day_of(env.received_at);
+        let names = self.generations.for_day(&day);
         let qid = id.to_string();
-        let sender =
-            (!strict && !env.mail_from.is_empty()).then(|| self.pseudonyms.of(&env.mail_from));
+        let sender = (!strict && !env.mail_from.is_empty()).then(|| names.of(&env.mail_from));
         let mut records = Vec::with_capacity(env.recipients.len());
         for (i, rcpt) in env.recipients.iter().enumerate() {
-            let pseudonym = (!strict).then(|| self.pseudonyms.of(rcpt));
+            let pseudonym = (!strict).then(|| names.of(rcpt));
             let record = Record {
                 queue_id: qid.clone(),
                 rcpt_index: i as u32,
@@ -352,8 +389,11 @@ impl Ledger {
         now: i64,
     ) -> Result<(), LedgerError> {
         let day = day_of(env.received_at);
+        // The generation of the message's day, as when it was accepted: the record's key.
         let subject = match env.recipients.get(index) {
-            Some(r) if !self.is_strict(&env.sending_domain) => Some(self.pseudonyms.of(r)),
+            Some(r) if !self.is_strict(&env.sending_domain) => {
+                Some(self.generations.for_day(&day).of(r))
+            }
             _ => None,
         };
         self.send(writer::Event::Outcome(writer::OutcomeEvent {
@@ -384,9 +424,8 @@ impl Ledger {
     /// recipients only by pseudonym: they are other people's data.
     pub fn export(&self, address: &str) -> Result<SubjectData, LedgerError> {
         self.sync()?;
-        let me = self.pseudonyms.of(address);
         let mut records = Vec::new();
-        for hits in self.subject_records(&me)? {
+        for hits in self.subject_records(address)? {
             for rkey in &hits.records {
                 let Some(sealed) = self.tables.records.get(rkey)? else {
                     continue;
@@ -409,9 +448,8 @@ impl Ledger {
     /// records. Its suppression entry stays: forgetting an opt-out would mail the person again.
     pub fn erase(&self, address: &str) -> Result<usize, LedgerError> {
         self.sync()?;
-        let me = self.pseudonyms.of(address);
         let mut n = 0;
-        for hits in self.subject_records(&me)? {
+        for hits in self.subject_records(address)? {
             for rkey in &hits.records {
                 if self.tables.records.remove(rkey)?.is_some() {
                     n += 1;
@@ -428,14 +466,16 @@ impl Ledger {
 
     /// A subject's index entries, day by day: its records as recipient (a prefix scan of
     /// `records` under its tag of the day), and as sender (its entries in `subjects`). Costs
-    /// what the subject has, plus two seeks per retained day.
-    fn subject_records(&self, me: &Pseudonym) -> Result<Vec<DayHits>, LedgerError> {
+    /// what the subject has, plus two seeks per retained day. Each day's tag is of the
+    /// subject's pseudonym in that day's generation, so records from before a rotation are
+    /// found as long as their day is held.
+    fn subject_records(&self, address: &str) -> Result<Vec<DayHits>, LedgerError> {
         let mut out = Vec::new();
         for day in self.tables.epochs.days() {
             let Some(key) = self.tables.epochs.existing(&day) else {
                 continue;
             };
-            let tag = key.tag(Some(me));
+            let tag = key.tag(Some(&self.generations.for_day(&day).of(address)));
             let mut prefix = day.into_bytes();
             prefix.extend_from_slice(&tag);
             let mut hits = DayHits {
@@ -461,8 +501,9 @@ impl Ledger {
     }
 
     /// Deletes records, index entries and runs of hard bounces of days older than the
-    /// retention period, then destroys those days' keys. Runs at start (catching up after
-    /// downtime) and then periodically (see [`crate::daemon::retention_pass`]).
+    /// retention period, then destroys those days' keys, and the pseudonym generations that
+    /// named only those days. Runs at start (catching up after downtime) and then periodically
+    /// (see [`crate::daemon::retention_pass`]).
     pub fn purge(&self, now: i64) -> Result<Purged, LedgerError> {
         self.sync()?;
         let cutoff = day_of(now - self.config.retention_days as i64 * 86_400);
@@ -479,6 +520,8 @@ impl Ledger {
                 purged.days.push(day);
             }
         }
+        // Last: only once every day before the cutoff is gone may the keys that named them go.
+        purged.pseudonym_keys = self.generations.destroy_before(&cutoff)?;
         Ok(purged)
     }
 
@@ -496,7 +539,9 @@ impl Ledger {
             "retention_days": self.config.retention_days,
             "log_addresses": format!("{:?}", self.config.log_addresses).to_lowercase(),
             "strict_domains": self.config.strict_domains,
-            "pseudonyms": "HMAC-SHA256 of the normalised address, key kept apart from the ledger",
+            "pseudonyms": "HMAC-SHA256 of the normalised address, key kept apart from the ledger, a new key every pseudonym_rotation_days, an old one destroyed when the last day it named is purged",
+            "pseudonym_rotation_days": self.config.pseudonym_rotation.as_secs() / 86_400,
+            "pseudonym_generations": self.generations.starts(),
             "encryption": "XChaCha20-Poly1305, one random key per day, wrapped by the master key",
             "bodies": "never stored in the ledger; destroyed from the spool when the last recipient is final",
             "records": per_day.values().sum::<usize>(),
@@ -549,7 +594,8 @@ impl Ledger {
     ) -> Option<(Arc<DayKey>, Vec<u8>)> {
         let day = day_of(received_at);
         let key = self.tables.epochs.existing(&day)?;
-        let rkey = record_key(&day, &key.tag(Some(&self.pseudonyms.of(rcpt))), id, index);
+        let subject = self.generations.for_day(&day).of(rcpt);
+        let rkey = record_key(&day, &key.tag(Some(&subject)), id, index);
         Some((key, rkey))
     }
 
@@ -620,11 +666,84 @@ fn remove_before(tree: &sled::Tree, cutoff: &str) -> Result<usize, LedgerError> 
     Ok(n)
 }
 
-fn load_or_make(master: &Key, path: &Path, purpose: &str) -> Result<Key, LedgerError> {
+/// The keys that name people: pseudonym generations, and the suppression list's own keys.
+struct NameKeys {
+    generations: Generations,
+    /// Names suppression entries and runs of bounces; never rotated (see [`crate::suppress`]).
+    suppress_ids: Pseudonymizer,
+    /// Seals suppression entries.
+    suppress_seal: Key,
+}
+
+impl NameKeys {
+    /// Loads the keys of `dir` (the ledger's directory), making any that are missing.
+    ///
+    /// Before generations, one key (`pseudonym.key`) named people everywhere, the suppression
+    /// list included. It carries on as the suppression list's key, since entries cannot be
+    /// re-keyed (they hold no address to compute a new name from), and as the first generation,
+    /// so that the records it indexed are still found; then its own file goes. Each step is
+    /// skipped when already done, so a crash half-way is finished at the next start.
+    fn open(
+        dir: &Path,
+        master: &Key,
+        config: &PrivacyConfig,
+        now: i64,
+    ) -> Result<NameKeys, LedgerError> {
+        let lowercase = config.local_part == LocalPart::Lowercase;
+        let legacy_path = dir.join("pseudonym.key");
+        let legacy = if legacy_path.exists() {
+            Some(master.read_wrapped(&legacy_path, "postern pseudonym key")?)
+        } else {
+            None
+        };
+        let ids = load_or_make(
+            master,
+            &dir.join("suppress-id.key"),
+            "postern suppression identity key",
+            legacy.as_ref(),
+        )?;
+        let generations = Generations::open(
+            dir.join("pseudonyms"),
+            master.clone(),
+            lowercase,
+            legacy.as_ref(),
+            now,
+        )?;
+        if legacy.is_some() {
+            let named = |path: &Path| {
+                let path = path.display().to_string();
+                move |source| CryptoError::Io { path, source }
+            };
+            std::fs::remove_file(&legacy_path).map_err(named(&legacy_path))?;
+            sync_dir(dir).map_err(named(dir))?;
+        }
+        Ok(NameKeys {
+            generations,
+            suppress_ids: Pseudonymizer::new(&ids, lowercase),
+            suppress_seal: load_or_make(
+                master,
+                &dir.join("suppress.key"),
+                "postern suppression key",
+                None,
+            )?,
+        })
+    }
+}
+
+/// The key wrapped in `path`, or (when there is no such file yet) `seed` or a new key, written there.
+fn load_or_make(
+    master: &Key,
+    path: &Path,
+    purpose: &str,
+    seed: Option<&Key>,
+) -> Result<Key, LedgerError> {
     if path.exists() {
         return Ok(master.read_wrapped(path, purpose)?);
     }
-    let key = Key::generate()?;
+    let key = match seed {
+        Some(k) => k.clone(),
+        None => Key::generate()?,
+    };
     master.write_wrapped(path, purpose, &key)?;
     Ok(key)
 }

@@ -26,7 +26,7 @@ fn ledger(dir: &Path, strict: &[&str]) -> Ledger {
         strict_domains: strict.iter().map(|s| s.to_string()).collect(),
         ..PrivacyConfig::default()
     };
-    Ledger::open(dir, &Key::generate().unwrap(), &config).unwrap()
+    Ledger::open(dir, &Key::generate().unwrap(), &config, T0).unwrap()
 }
 
 fn id() -> QueueId {
@@ -486,4 +486,224 @@ fn purge_at_the_boundary_and_of_the_subject_index() {
     let sent = l.export("a@shop.test").unwrap().records;
     assert_eq!(sent.len(), 1, "the cutoff day's index entry is kept");
     assert_eq!(sent[0].queue_id, edge.to_string());
+}
+
+/// A ledger whose pseudonym key rotates weekly, under `master`, opened at `now`.
+fn weekly(dir: &Path, master: &Key, now: i64) -> Ledger {
+    let config = PrivacyConfig {
+        pseudonym_rotation: std::time::Duration::from_secs(7 * DAY as u64),
+        ..PrivacyConfig::default()
+    };
+    Ledger::open(dir, master, &config, now).unwrap()
+}
+
+fn queue_ids(records: &[Record]) -> Vec<String> {
+    let mut ids: Vec<String> = records.iter().map(|r| r.queue_id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+/// Mail from before a rotation keeps the old generation's names: a later outcome still finds
+/// its record, and export and erase find it beside the new generation's, also after a restart.
+#[test]
+fn records_from_before_a_rotation_are_updated_exported_and_erased() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let l = weekly(dir.path(), &master, T0);
+    let (q1, qs, q2) = (id(), id(), id());
+    let env1 = envelope(
+        "a@shop.test",
+        &["bob@dest.test", "eve@dest.test"],
+        "shop.test",
+        T0,
+    );
+    l.accepted(q1, &env1, 1, &Signing::default()).unwrap();
+    let as_sender = envelope("bob@dest.test", &["eve@dest.test"], "dest.test", T0);
+    l.accepted(qs, &as_sender, 1, &Signing::default()).unwrap();
+    let old = l.pseudonyms().of("bob@dest.test");
+
+    assert_eq!(l.rotate(T0 + 6 * DAY).unwrap(), None, "not due yet");
+    let start = l.rotate(T0 + 8 * DAY).unwrap();
+    assert_eq!(start, Some(day_of(T0 + 9 * DAY)), "from tomorrow");
+    assert_eq!(
+        l.pseudonyms().of("bob@dest.test"),
+        old,
+        "today keeps its key"
+    );
+    assert_eq!(l.rotate(T0 + 9 * DAY).unwrap(), None);
+    let new = l.pseudonyms().of("bob@dest.test");
+    assert_ne!(new, old, "log lines move to the new generation on its day");
+
+    let env2 = envelope("a@shop.test", &["Bob@dest.test"], "shop.test", T0 + 9 * DAY);
+    l.accepted(q2, &env2, 1, &Signing::default()).unwrap();
+    l.outcome(
+        q1,
+        &env1,
+        0,
+        Outcome::Delivered,
+        &Update::default(),
+        T0 + 9 * DAY,
+    )
+    .unwrap();
+    let r1 = l.get(q1, T0, 0, "bob@dest.test").unwrap().unwrap();
+    assert_eq!(r1.outcome, Outcome::Delivered, "the old record was updated");
+    assert_eq!(r1.recipient_pseudonym, Some(old.to_string()));
+    let r2 = l
+        .get(q2, T0 + 9 * DAY, 0, "bob@dest.test")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r2.recipient_pseudonym, Some(new.to_string()));
+
+    let want = queue_ids(&[r1, r2, l.message_records(qs, T0).unwrap()[0].clone()]);
+    assert_eq!(queue_ids(&l.export("bob@dest.test").unwrap().records), want);
+    drop(l);
+    let l = weekly(dir.path(), &master, T0 + 9 * DAY);
+    assert_eq!(
+        l.pseudonyms().of("bob@dest.test"),
+        new,
+        "after a restart too"
+    );
+    assert_eq!(queue_ids(&l.export("bob@dest.test").unwrap().records), want);
+    assert_eq!(l.erase("bob@dest.test").unwrap(), 3);
+    assert!(l.export("bob@dest.test").unwrap().records.is_empty());
+    assert_eq!(
+        queue_ids(&l.export("eve@dest.test").unwrap().records),
+        vec![q1.to_string()],
+        "eve's record of q1 stays; qs went with its sender"
+    );
+}
+
+/// The suppression list has a key of its own: an opt-out, and a run of bounces, hold across
+/// a rotation and after the generation they were made in is destroyed.
+#[test]
+fn suppression_holds_across_rotations_and_destroyed_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = weekly(dir.path(), &Key::generate().unwrap(), T0);
+    let old = l.pseudonyms().of("bob@dest.test");
+    let entry = l
+        .suppress
+        .add("bob@dest.test", Reason::Unsubscribe, T0, None)
+        .unwrap();
+    assert_ne!(
+        entry.pseudonym,
+        old.to_string(),
+        "not named by a key that will be destroyed"
+    );
+    l.suppress.hard_bounce("x@dest.test", T0 + 8 * DAY).unwrap();
+    assert!(l.rotate(T0 + 8 * DAY).unwrap().is_some());
+    l.rotate(T0 + 9 * DAY).unwrap();
+    assert_ne!(l.pseudonyms().of("bob@dest.test"), old);
+    assert!(l
+        .suppress
+        .check("bob@dest.test", T0 + 9 * DAY)
+        .unwrap()
+        .is_some());
+    l.suppress.hard_bounce("x@dest.test", T0 + 9 * DAY).unwrap();
+    assert_eq!(
+        l.suppress
+            .bounce_run("x@dest.test")
+            .unwrap()
+            .map(|r| r.count),
+        Some(2),
+        "the run goes on across the rotation"
+    );
+
+    let purged = l.purge(T0 + 40 * DAY).unwrap();
+    assert_eq!(purged.pseudonym_keys, vec![day_of(T0)]);
+    let kept = l.suppress.check("Bob@dest.test", T0 + 40 * DAY).unwrap();
+    assert_eq!(
+        kept,
+        Some(entry),
+        "the opt-out outlives the key it was made under"
+    );
+}
+
+/// The overlap ends with the last day the old generation named: then its key file goes, no key
+/// left computes its pseudonyms, and the same address gets a different pseudonym.
+#[test]
+fn after_rotation_and_retention_the_old_key_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let l = weekly(dir.path(), &master, T0);
+    let q = id();
+    // The old generation's last day: the new one starts the day after.
+    let env = envelope("a@shop.test", &["bob@dest.test"], "shop.test", T0 + 8 * DAY);
+    l.accepted(q, &env, 1, &Signing::default()).unwrap();
+    let old = l.pseudonyms().of("bob@dest.test");
+    let new_start = l.rotate(T0 + 8 * DAY).unwrap().unwrap();
+    let old_file = dir
+        .path()
+        .join(format!("ledger/pseudonyms/{}.key", day_of(T0)));
+    assert!(old_file.exists());
+
+    // Day T0+8 is still held on T0+38: so is the key that names its records.
+    let purged = l.purge(T0 + 38 * DAY).unwrap();
+    assert_eq!((purged.records, purged.pseudonym_keys.len()), (0, 0));
+    assert!(old_file.exists());
+    assert_eq!(l.export("bob@dest.test").unwrap().records.len(), 1);
+
+    let purged = l.purge(T0 + 39 * DAY).unwrap();
+    assert_eq!(purged.records, 1);
+    assert_eq!(purged.pseudonym_keys, vec![day_of(T0)]);
+    assert!(
+        !old_file.exists(),
+        "the old generation's key file is destroyed"
+    );
+    drop(l);
+
+    let l = weekly(dir.path(), &master, T0 + 39 * DAY);
+    assert_eq!(l.pseudonym_generations(), vec![new_start]);
+    for day in [day_of(T0 - DAY), day_of(T0), day_of(T0 + 39 * DAY)] {
+        assert_ne!(
+            l.pseudonyms_of_day(&day).of("bob@dest.test"),
+            old,
+            "no key held computes the old pseudonym ({day})"
+        );
+    }
+    assert_ne!(l.pseudonyms().of("bob@dest.test"), old);
+    let raw = crate::spool_test_support::all_bytes(dir.path());
+    assert!(!crate::spool_test_support::contains(&raw, &old.0));
+    assert!(!crate::spool_test_support::contains(
+        &raw,
+        old.to_string().as_bytes()
+    ));
+}
+
+/// A data directory from before rotation has one `pseudonym.key`: it becomes the first
+/// generation (the records it indexed are still found) and the suppression list's key (its
+/// entries still match), and its own file goes. A start interrupted half-way finishes this.
+#[test]
+fn a_key_from_before_rotation_carries_on() {
+    for interrupted in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let master = Key::generate().unwrap();
+        let legacy = Key::generate().unwrap();
+        let ledger_dir = dir.path().join("ledger");
+        std::fs::create_dir_all(&ledger_dir).unwrap();
+        let legacy_file = ledger_dir.join("pseudonym.key");
+        master
+            .write_wrapped(&legacy_file, "postern pseudonym key", &legacy)
+            .unwrap();
+        if interrupted {
+            let id_file = ledger_dir.join("suppress-id.key");
+            master
+                .write_wrapped(&id_file, "postern suppression identity key", &legacy)
+                .unwrap();
+        }
+        let before = Pseudonymizer::new(&legacy, true).of("bob@dest.test");
+        let l = weekly(dir.path(), &master, T0);
+        assert!(!legacy_file.exists(), "{interrupted}");
+        for day in [day_of(T0 - 100 * DAY), day_of(T0)] {
+            assert_eq!(l.pseudonyms_of_day(&day).of("bob@dest.test"), before);
+        }
+        let entry = l
+            .suppress
+            .add("bob@dest.test", Reason::Manual, T0, None)
+            .unwrap();
+        assert_eq!(entry.pseudonym, before.to_string(), "{interrupted}");
+        drop(l);
+        let l = weekly(dir.path(), &master, T0);
+        assert_eq!(l.pseudonyms().of("bob@dest.test"), before);
+        assert!(l.suppress.check("bob@dest.test", T0).unwrap().is_some());
+    }
 }
