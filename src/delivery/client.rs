@@ -433,8 +433,11 @@ impl Connection {
                 data: None,
             });
         }
-        let stuffed = dot_stuff(body);
-        self.write(&stuffed, Stage::Data).await?;
+        // A chunk at a time: N deliveries of one message at once hold N small buffers.
+        let mut stuffer = crate::proto::DotStuffer::new(body);
+        while let Some(chunk) = stuffer.next_chunk() {
+            self.write(chunk, Stage::Data).await?;
+        }
         let end = self.read_reply(Stage::EndOfData).await?;
         self.transactions += 1;
         Ok(Transaction {
@@ -553,24 +556,6 @@ fn parse_extensions(ehlo: &Response) -> Extensions {
     ext
 }
 
-/// RFC 5321 4.5.2 transparency: a line starting with "." gets another; then the terminator.
-pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut line_start = true;
-    for &b in body {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
-    }
-    if !body.is_empty() && !body.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,15 +580,5 @@ mod tests {
         assert_eq!(e.to_string(), "MAIL refused: 550 5.1.1");
         assert!(!e.is_temporary());
         assert_eq!(e.status(), EnhancedStatusCode::new(5, 1, 1));
-    }
-
-    #[test]
-    fn stuffing() {
-        assert_eq!(
-            dot_stuff(b".a\r\nb\r\n..c\r\n"),
-            b"..a\r\nb\r\n...c\r\n.\r\n"
-        );
-        assert_eq!(dot_stuff(b"x"), b"x\r\n.\r\n");
-        assert_eq!(dot_stuff(b""), b".\r\n");
     }
 }

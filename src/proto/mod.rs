@@ -20,6 +20,8 @@
 //! - [`reply`]: [`Reply`], rendered with RFC 3463 enhanced status codes.
 //! - [`response`]: the other direction, for the SMTP client: [`parse_response`] reads a
 //!   remote server's [`Response`] and its [`EnhancedStatusCode`].
+//! - [`stuffing`]: the client's side of DATA: [`DotStuffer`] stuffs outgoing content a chunk at
+//!   a time.
 //! - [`proxy`]: PROXY protocol v1 and v2 headers from a load balancer.
 //!
 //! Policy that needs session state (command order, whether an extension was
@@ -34,6 +36,7 @@ pub mod line;
 pub mod proxy;
 pub mod reply;
 pub mod response;
+pub mod stuffing;
 
 pub use address::{Address, AddressError};
 pub use auth::{decode_base64_text, decode_plain, encode_base64, AuthError};
@@ -44,3 +47,4 @@ pub use data::{BodyChecker, BodyError, BodyLimits, DataDecoder, LineEndings, MAX
 pub use line::{CommandFramer, FramedLine, MAX_COMMAND_LINE};
 pub use reply::Reply;
 pub use response::{parse_response, EnhancedStatusCode, Response, ResponseError};
+pub use stuffing::{dot_stuff, DotStuffer};
