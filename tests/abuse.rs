@@ -299,3 +299,105 @@ async fn an_auth_response_over_12288_octets_is_refused_with_5_5_6() {
         .await;
     assert_eq!(r.code, 235, "{r:?}");
 }
+
+/// Raises this process's soft limit on open files to at least `needed` (up to the hard limit);
+/// the test holds both ends of every connection.
+fn raise_open_files(needed: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_none_or(|c| c >= needed) {
+        return;
+    }
+    assert!(
+        limit.maximum.is_none_or(|m| m >= needed),
+        "the hard limit on open files ({:?}) is below the {needed} this test needs",
+        limit.maximum
+    );
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(needed),
+            maximum: limit.maximum,
+        },
+    )
+    .expect("raise RLIMIT_NOFILE");
+}
+
+/// 1,000 idle connections from outside clients (10 from each of 100 addresses) take every
+/// slot; the command timeout closes each with `421 4.4.2` no sooner than it is due, and then
+/// both the global and the per-address slots are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_by_the_timeout_and_their_slots_freed() {
+    use std::time::{Duration, Instant};
+    const IDLE: usize = 1000;
+    const PER_ADDRESS: usize = 10;
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    raise_open_files(2 * IDLE as u64 + 256);
+    let server = TestServer::start(&format!(
+        "{OUTSIDERS}[limits]\nmax_connections = {IDLE}\ncommand_timeout = \"{}s\"\n\
+         max_connections_per_ip = {PER_ADDRESS}\nconnections_per_ip_per_minute = 1000\n",
+        TIMEOUT.as_secs()
+    ))
+    .await;
+    let source = |i: usize| format!("127.0.1.{}", i / PER_ADDRESS + 1);
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for i in 0..IDLE {
+        // The server's timer starts after the connection is made: no reply can be due before
+        // TIMEOUT from here.
+        let started = Instant::now();
+        let (c, g) = Raw::connect_from(&source(i), server.relay).await;
+        assert_eq!(g.map(|g| g.code), Some(220), "connection {i}");
+        idle.push((c, started));
+    }
+    let opened = idle[0].1.elapsed();
+    eprintln!("opened {IDLE} connections in {opened:?}");
+    // Every slot is taken (unless the first ones already timed out: opening took too long).
+    let (_, g) = Raw::connect_from("127.0.0.1", server.relay).await;
+    let g = g.expect("a reply");
+    assert!(
+        opened < TIMEOUT,
+        "opening {IDLE} connections took {opened:?}"
+    );
+    assert_eq!((g.code, g.enhanced()), (421, "4.7.0"), "{g:?}");
+
+    let closes = idle.into_iter().map(|(mut c, started)| async move {
+        let r = tokio::time::timeout(TIMEOUT + Duration::from_secs(10), c.try_reply())
+            .await
+            .expect("closed within 10 s of the timeout");
+        let after = started.elapsed();
+        let eof = tokio::time::timeout(Duration::from_secs(5), c.try_reply()).await;
+        (r, after, matches!(eof, Ok(None)))
+    });
+    let results = futures::future::join_all(closes).await;
+    for (i, (r, after, eof)) in results.into_iter().enumerate() {
+        let r = r.unwrap_or_else(|| panic!("connection {i}: closed without a reply"));
+        assert_eq!(
+            (r.code, r.enhanced()),
+            (421, "4.4.2"),
+            "connection {i}: {r:?}"
+        );
+        assert!(
+            after >= TIMEOUT - Duration::from_millis(5),
+            "connection {i} closed after {after:?}, before the timeout"
+        );
+        assert!(eof, "connection {i} not closed after its 421");
+    }
+
+    // All slots are back: a trusted client sends a message, and an address whose ten
+    // connections were all open gets in again.
+    let (mut c, g) = Raw::connect_from("127.0.0.1", server.relay).await;
+    assert_eq!(g.map(|g| g.code), Some(220));
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .send_mail(
+            "a@example.test",
+            &["b@dest.test"],
+            "Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let (mut c, g) = Raw::connect_from(&source(0), server.relay).await;
+    assert_eq!(g.map(|g| g.code), Some(220));
+    c.expect("EHLO client.test", 250).await;
+}
