@@ -3,6 +3,7 @@
 after the command timeout has closed them all.
 
     benches/idle.py [--bin target/release/postern] [--connections 1000] [--timeout 5] [--rounds 2]
+                    [--settle 31]
 
 Starts `postern serve` on loopback in a temporary directory with the shipped limits, except:
 `relay.networks` narrowed to 127.0.0.1/32 (so the idle clients are outside clients, subject to
@@ -16,7 +17,8 @@ shipped 1,000. Then, ROUNDS times:
 - the daemon's VmRSS (/proc/PID/status) is sampled every 50 ms until the server has closed
   every connection (each must get `421 4.4.2` and then EOF);
 - once all are closed, one message is sent from 127.0.0.1 to check the daemon still serves,
-  and the RSS is read 1 s later.
+  and the RSS is read SETTLE seconds later (default 31: the daemon hands freed memory back to
+  the system every 30 s).
 
 Prints, per round, the RSS before, the peak with the connections open, and after; and how long
 the timeouts took to close them all. Several rounds tell a leak (RSS grows every round) from
@@ -141,6 +143,7 @@ def main():
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--timeout", type=int, default=5, help="limits.command_timeout, seconds")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=31, help="seconds before the RSS after")
     args = ap.parse_args()
     args.bin = os.path.abspath(args.bin)  # the daemon runs in the temp directory
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -195,7 +198,7 @@ timeout = "1s"
             with_open = rss_kib(daemon.pid)
             peak, closing, replies = wait_closed(socks, daemon.pid, args.timeout + 60)
             ok = send_one(relay)
-            time.sleep(1)
+            time.sleep(args.settle)
             after = rss_kib(daemon.pid)
             rounds.append((before, with_open, peak, after, opened, opened + closing, replies, ok))
     finally:

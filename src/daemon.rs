@@ -226,6 +226,7 @@ impl Daemon {
         if let Some((pickup, every)) = self.pickup {
             tokio::spawn(pickup.run(every, self.shutdown.clone()));
         }
+        tokio::spawn(trim_heap_loop(self.shutdown.clone()));
         tokio::spawn(purge_loop(
             self.ledger.clone(),
             self.spool.clone(),
@@ -242,6 +243,37 @@ impl Daemon {
         let _ = std::fs::remove_file(&self.admin_path);
     }
 }
+
+/// How often memory the allocator holds but nothing uses is handed back to the system.
+const HEAP_TRIM_EVERY: Duration = Duration::from_secs(30);
+
+/// glibc keeps freed memory in its per-thread arenas: after a burst (a thousand idle
+/// connections, a flood of AUTH attempts) the daemon would keep its peak size for good. A trim
+/// now and then returns it; the cost is a walk over the free lists, off the async threads.
+async fn trim_heap_loop(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HEAP_TRIM_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let _ = tokio::task::spawn_blocking(trim_heap).await;
+            }
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointers and only releases memory the allocator holds free;
+    // glibc makes it safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 /// Prepares the local directory and the maildrop key, when `[local]` is configured.
 fn local_submission(
