@@ -9,7 +9,8 @@
 #   smtp-source -s 50 -m N -l 4096  ->  relay under test  ->  smtp-sink (counts messages)
 #
 # and the figure is N / (time from the start of smtp-source until the sink has received the
-# end of DATA of all N messages). Both relays relay everything to the sink on loopback without
+# end of DATA of all N messages); for Postern also the CPU it spent per message (user + system from
+# /proc/PID/stat over the run, divided by N). Both relays relay everything to the sink on loopback without
 # TLS, store each message durably before answering 250 and log every delivery; Postfix keeps
 # its default concurrency towards the next hop (20), as does Postern
 # (delivery.max_connections_per_destination).
@@ -153,6 +154,9 @@ wait_listening() {      # wait_listening PORT WHAT PID-or-empty
 }
 
 calc() { awk "BEGIN { x = $1; printf \"%.6f\", x }"; }   # calc EXPR: floating point
+CLK_TCK=$(getconf CLK_TCK)
+# cpu_ticks PID: user and system CPU time so far, in clock ticks (/proc/PID/stat fields 14, 15).
+cpu_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
 
 # Messages fully received (end of DATA seen) by the sink: the last "mesg=" of its -c counter.
 sink_count() {
@@ -308,9 +312,15 @@ NO_COLOR=1 "$BIN" serve --config "$PT/config.toml" 2> "$PT/postern.log" > "$PT/p
 POSTERN_PID=$!
 wait_listening "$PT_RELAY" postern "$POSTERN_PID"
 busy_check postern
+read -r CPU_U0 CPU_S0 <<< "$(cpu_ticks "$POSTERN_PID")"
 run_load postern "$PT_RELAY"
+read -r CPU_U1 CPU_S1 <<< "$(cpu_ticks "$POSTERN_PID")"
 PT_SECS=$SECONDS_TAKEN
 PT_INJECT=$INJECT_SECONDS
+# The daemon's own CPU over the run, per delivered message (issue #14's figure).
+PT_USER_US=$(calc "($CPU_U1 - $CPU_U0) * 1000000 / $CLK_TCK / $N")
+PT_SYS_US=$(calc "($CPU_S1 - $CPU_S0) * 1000000 / $CLK_TCK / $N")
+PT_CPU=$(printf 'cpu %.0f us/msg (user %.0f, system %.0f)' "$(calc "$PT_USER_US + $PT_SYS_US")" "$PT_USER_US" "$PT_SYS_US")
 sleep 1   # let the last 250s from the sink be recorded before stopping
 stop_pid "$POSTERN_PID"
 POSTERN_PID=
@@ -318,7 +328,7 @@ PT_SINK_TOTAL=$(sink_count)
 stop_sink
 
 if [ "${ONLY:-}" = postern ]; then   # A/B runs of Postern builds: skip Postfix
-    printf 'postern %d messages %.2f s %.0f msg/s (%s)\n' "$N" "$PT_SECS" "$(calc "$N / $PT_SECS")" "$BIN"
+    printf 'postern %d messages %.2f s %.0f msg/s %s (%s)\n' "$N" "$PT_SECS" "$(calc "$N / $PT_SECS")" "$PT_CPU" "$BIN"
     exit 0
 fi
 
@@ -413,6 +423,7 @@ printf '%-7s %9s %8s %7s\n' relay messages seconds msg/s
 printf '%-7s %9d %8.2f %7.0f\n' postern "$N" "$PT_SECS" "$PT_RATE"
 printf '%-7s %9d %8.2f %7.0f\n' postfix "$N" "$PF_SECS" "$PF_RATE"
 printf 'ratio postern/postfix: %.1fx\n' "$(calc "$PT_RATE / $PF_RATE")"
+printf 'postern %s\n' "$PT_CPU"
 echo
 printf 'smtp-source finished (all accepted) after: postern %.2f s, postfix %.2f s\n' "$PT_INJECT" "$PF_INJECT"
 [ -z "$BUSY_NOTE" ] || echo "warning: a compiler was running during the run of:$BUSY_NOTE (figures skewed)"
