@@ -55,8 +55,10 @@ SINK=$(free_port)
 DNS=$(free_port)
 /usr/sbin/smtp-sink -u nobody -c -a -m 512 "127.0.0.1:$SINK" 1024 > "$T/sink.out" 2>&1 &
 PIDS+=($!)
+MX=()
+for i in $(seq 100); do MX+=("--mx-host=d$i.bench.test,mx.bench.test,10"); done
 dnsmasq --no-daemon --port="$DNS" --listen-address=127.0.0.1 --bind-interfaces --no-resolv \
-    --no-hosts --address=/bench.test/127.0.0.1 > "$T/dnsmasq.log" 2>&1 &
+    --no-hosts --host-record=mx.bench.test,127.0.0.1 "${MX[@]}" > "$T/dnsmasq.log" 2>&1 &
 PIDS+=($!)
 wait_port "$SINK"
 
@@ -89,15 +91,16 @@ EOF
 }
 
 peak_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
-delivered() { tail -c 300 "$T/sink.out" | tr '\r' '\n' | grep -o 'rcpt=[0-9]*' | tail -n 1 | cut -d= -f2; }
+# Messages (transactions) the sink has received in all: the last "mesg=" of its -c counter.
+delivered() { tail -c 300 "$T/sink.out" | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -n 1 | cut -d= -f2; }
 
-# wait_rcpts N: until the sink has counted N recipients in all (or 120 s).
-wait_rcpts() {
+# wait_messages N: until the sink has counted N messages in all (or 120 s).
+wait_messages() {
     for _ in $(seq 1200); do
         [ "$(delivered || echo 0)" -ge "$1" ] 2> /dev/null && return 0
         sleep 0.1
     done
-    die "sink saw $(delivered) recipients, expected $1"
+    die "sink saw $(delivered) messages, expected $1"
 }
 
 # send.py MODE PORT: the load (30 x 16 MiB in parallel, or 5 MiB to 100 domains).
@@ -129,7 +132,7 @@ log "inbound: 30 clients x 16 MiB at once"
 start_daemon inbound
 idle=$(peak_mib "$DAEMON")
 python3 "$T/send.py" inbound "$RELAY"
-wait_rcpts 30
+wait_messages 30
 inbound=$(peak_mib "$DAEMON")
 kill "$DAEMON"; wait "$DAEMON" 2> /dev/null || true
 base=$(delivered)
@@ -137,7 +140,7 @@ base=$(delivered)
 log "fan-out: one 5 MiB message to 100 domains"
 start_daemon fanout
 python3 "$T/send.py" fanout "$RELAY"
-wait_rcpts $((base + 100))
+wait_messages $((base + 100))
 fanout=$(peak_mib "$DAEMON")
 kill "$DAEMON"; wait "$DAEMON" 2> /dev/null || true
 
