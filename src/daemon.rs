@@ -144,13 +144,17 @@ impl Daemon {
         let metrics_addr = config.metrics.listen;
         let config = Arc::new(config);
         let clock = options.clock.clone();
+        // What the last run was delivering when it crashed, if it did: held or tried alone.
+        let (journal, crashes) = crate::queue::inflight::recover(&data_dir);
         let queue = Queue::new(
             spool.clone(),
             deliverer,
             ledger.clone(),
             options.clock,
             config.clone(),
+            journal,
         );
+        queue.after_crash(&crashes).await;
         let admin_path = data_dir.join("admin.sock");
         let admin = crate::admin::bind(&admin_path, 0o600).map_err(StartError::Admin)?;
         let parts = Parts {
@@ -237,6 +241,7 @@ impl Daemon {
         if let Some(q) = queue {
             let _ = q.await;
         }
+        self.queue.stopped_cleanly();
         if let Err(e) = self.ledger.sync().and_then(|()| self.ledger.flush()) {
             tracing::error!(error = %e, "ledger flush at shutdown failed");
         }

@@ -4,10 +4,11 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{contains, open_spool, write_child_config, Child, Raw};
+use common::{contains, eventually, open_spool, submit, write_child_config, Child, Raw};
 
 /// Sends messages on one connection until the server goes away; records every acknowledged id.
 async fn sender(
@@ -236,6 +237,238 @@ async fn sigkill_during_delivery_still_delivers_everything_after_restart() {
         assert!(Instant::now() < deadline, "never delivered: {missing:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Accepts connections and never says a word: a delivery attempt to it stays in flight (up to
+/// `reply_timeout`).
+struct Tarpit {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Tarpit {
+    async fn start(addr: &str) -> Tarpit {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let tarpit = Tarpit {
+            addr: listener.local_addr().unwrap(),
+            connections: connections.clone(),
+        };
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        tarpit
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs `postern queue ARGS --config CONFIG`; returns (success, stdout + stderr).
+async fn queue_cli(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .arg("queue")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// hang.test's exchanger (127.0.0.2) never answers; dest.test's (127.0.0.1) is a sink on the
+/// same port. The daemon's config is written to `<dir>/config.toml`.
+struct CrashRig {
+    tarpit: Tarpit,
+    sink: common::sink::Sink,
+    _dns: common::dns::DnsServer,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+impl CrashRig {
+    async fn new() -> CrashRig {
+        let tarpit = Tarpit::start("127.0.0.2:0").await;
+        let port = tarpit.addr.port();
+        let sink = common::sink::Sink::start_on(&format!("127.0.0.1:{port}")).await;
+        let dns = common::dns::DnsServer::start().await;
+        dns.mx("hang.test", 10, "mx.hang.test");
+        dns.addr("mx.hang.test", "127.0.0.2");
+        dns.mx("dest.test", 10, "mx.sink.test");
+        dns.addr("mx.sink.test", "127.0.0.1");
+        let dir = tempfile::tempdir().unwrap();
+        let text = common::config_text(
+            dir.path(),
+            &format!(
+                "[delivery]\nport = {port}\nreply_timeout = \"10m\"\n[dns]\nnameservers = [\"{}\"]\n",
+                dns.nameserver()
+            ),
+        );
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        CrashRig {
+            tarpit,
+            sink,
+            _dns: dns,
+            dir,
+            config,
+        }
+    }
+
+    /// Waits (up to 20 s) until the tarpit has had `n` connections.
+    async fn attempted(&self, n: usize) -> bool {
+        eventually(Duration::from_secs(20), || self.tarpit.connections() >= n).await
+    }
+
+    async fn held(&self) -> String {
+        let (ok, held) = queue_cli(&self.config, &["list", "--state", "held"]).await;
+        assert!(ok, "{held}");
+        held
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_flight_at_two_crashes_in_a_row_is_held_and_other_mail_flows() {
+    let rig = CrashRig::new().await;
+    let (dir, config, tarpit, sink) = (&rig.dir, &rig.config, &rig.tarpit, &rig.sink);
+    let attempted = |n| rig.attempted(n);
+
+    // Run 1: the attempt hangs; the daemon crashes with it in flight.
+    let mut child = Child::spawn(dir.path(), None);
+    let stuck = submit(
+        child.relay,
+        "app@sender.test",
+        &["r@hang.test"],
+        "Subject: stuck\r\n\r\nSTUCK\r\n",
+    )
+    .await;
+    assert!(attempted(1).await, "never attempted: {}", child.log());
+    child.kill9();
+
+    // Run 2: one crash is not a loop: the message is tried again at once, and hangs again.
+    let mut child = Child::spawn(dir.path(), None);
+    assert!(
+        attempted(2).await,
+        "not retried after one crash: {}",
+        child.log()
+    );
+    assert!(!child.log().contains("message held"), "{}", child.log());
+    child.kill9();
+
+    // Run 3: in flight at two crashes in a row: held, logged, shown as held.
+    let child = Child::spawn(dir.path(), None);
+    let log = child.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("crashes in a row") && l.contains(&stuck))
+        .unwrap_or_else(|| panic!("no crash-loop warning for {stuck}: {log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains(&format!("postern queue release {stuck}")),
+        "{warning}"
+    );
+    let held = rig.held().await;
+    assert!(held.contains(&stuck), "held list: {held}");
+    let (ok, show) = queue_cli(config, &["show", &stuck]).await;
+    assert!(ok && show.contains("crash-loop"), "show: {show}");
+
+    // Other mail flows; the held message is not tried.
+    submit(
+        child.relay,
+        "app@sender.test",
+        &["r@dest.test"],
+        "Subject: other\r\n\r\nOTHER-MAIL\r\n",
+    )
+    .await;
+    let got = sink.wait_for(1).await;
+    assert!(contains(&got[0].data, b"OTHER-MAIL"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(tarpit.connections(), 2, "the held message was tried");
+
+    // Released: tried at once.
+    let (ok, out) = queue_cli(config, &["release", &stuck]).await;
+    assert!(ok, "release: {out}");
+    assert!(attempted(3).await, "not tried after the release");
+}
+
+/// Two messages in flight at a crash; at the restart one of them "crashes" the daemon again
+/// (kill -9 as soon as its attempt connects). Retried one at a time, the other was not in
+/// flight with it: only the culprit is held, and the other is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_its_messages_are_retried_alone_so_only_the_culprit_is_held() {
+    let rig = CrashRig::new().await;
+    let slow = Duration::from_secs(30);
+    rig.sink.behaviour.lock().unwrap().data_delay = Some(slow);
+    let mut child = Child::spawn(rig.dir.path(), None);
+    let culprit = submit(
+        child.relay,
+        "app@sender.test",
+        &["r@hang.test"],
+        "Subject: culprit\r\n\r\nCULPRIT\r\n",
+    )
+    .await;
+    let innocent = submit(
+        child.relay,
+        "app@sender.test",
+        &["r@dest.test"],
+        "Subject: innocent\r\n\r\nINNOCENT\r\n",
+    )
+    .await;
+    let innocent_in_flight = || !rig.sink.state.lock().unwrap().rcpt_attempts.is_empty();
+    let both = eventually(Duration::from_secs(20), || {
+        rig.tarpit.connections() >= 1 && innocent_in_flight()
+    })
+    .await;
+    assert!(both, "not both in flight: {}", child.log());
+    child.kill9();
+
+    // Run 2: the innocent one now takes 2 s; the crash comes the moment the culprit connects.
+    rig.sink.behaviour.lock().unwrap().data_delay = Some(Duration::from_secs(2));
+    let mut child = Child::spawn(rig.dir.path(), None);
+    assert!(
+        rig.attempted(2).await,
+        "culprit not retried: {}",
+        child.log()
+    );
+    child.kill9();
+
+    // Run 3: the culprit alone is held; the innocent one is delivered (in run 2 if its turn
+    // came first, else now) and leaves the queue.
+    rig.sink.behaviour.lock().unwrap().data_delay = None;
+    let child = Child::spawn(rig.dir.path(), None);
+    let held = rig.held().await;
+    assert!(held.contains(&culprit), "culprit not held: {held}");
+    assert!(!held.contains(&innocent), "innocent held too: {held}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, queued) = queue_cli(&rig.config, &["list"]).await;
+        assert!(ok, "{queued}");
+        if !queued.contains(&innocent) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "innocent still queued: {}",
+            child.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(rig
+        .sink
+        .received()
+        .iter()
+        .any(|r| contains(&r.data, b"INNOCENT")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,17 +12,20 @@
 //! [`crate::clock::ManualClock`] and call [`Queue::run_due`].
 
 mod due;
+pub(crate) mod inflight;
 mod ops;
 mod schedule;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use due::Due;
+use inflight::{Journal, Suspects};
 pub use ops::{ListEntry, MessageView, OpError, QueueCounts, QueueState, RcptView, Selector};
 pub use schedule::{Hold, HoldReason, RcptSchedule, Schedule};
 
@@ -52,18 +55,26 @@ pub struct Queue {
     tasks: TaskTracker,
     /// Cancelled at shutdown: attempts in flight are abandoned (the mail stays in the spool).
     abandon: CancellationToken,
+    /// Attempts in flight, for the next start to tell after a crash (see [`inflight`]).
+    journal: Mutex<Journal>,
+    /// Messages in flight at the last crash: retried one at a time.
+    suspects: Suspects,
 }
 
 impl Queue {
-    /// A queue over every live message of `spool`, each due when its state says.
-    pub fn new(
+    /// A queue over every live message of `spool`, each due when its state says; attempts are
+    /// journaled in `journal` (from [`inflight::recover`]).
+    pub(crate) fn new(
         spool: Spool,
         deliverer: Arc<Deliverer>,
         ledger: Arc<Ledger>,
         clock: Arc<dyn Clock>,
         config: Arc<Config>,
+        journal: Journal,
     ) -> Arc<Queue> {
         let queue = Arc::new(Queue {
+            journal: Mutex::new(journal),
+            suspects: Suspects::new(),
             active: Arc::new(Semaphore::new(config.delivery.max_active_messages.max(1))),
             abandon: CancellationToken::new(),
             spool,
@@ -123,25 +134,94 @@ impl Queue {
         self.lock().next_due()
     }
 
-    /// Starts every message due now, each as its own task.
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a crash, before the queue runs: a message in flight at [`inflight::HOLD_AT`]
+    /// crashes in a row is held (in the spool, like an operator's hold), one in flight at the
+    /// last crash only is a suspect, tried alone. `crashes` is from [`inflight::recover`].
+    pub(crate) async fn after_crash(&self, crashes: &HashMap<QueueId, u32>) {
+        for (&id, &n) in crashes {
+            if self.spool.state(id).is_none() {
+                continue;
+            }
+            if n < inflight::HOLD_AT {
+                self.suspects.add(id);
+                continue;
+            }
+            match self.hold(id, HoldReason::CrashLoop).await {
+                Ok(()) => tracing::warn!(
+                    queue_id = %id,
+                    crashes = n,
+                    "message held: its delivery was in progress at {n} crashes in a row; \
+                     see `postern queue show {id}`, and `postern queue release {id}` to try it again"
+                ),
+                Err(e) => tracing::error!(
+                    queue_id = %id,
+                    crashes = n,
+                    error = %e,
+                    "message in flight at {n} crashes in a row: held for this run, but the hold \
+                     could not be stored"
+                ),
+            }
+        }
+    }
+
+    /// A clean stop: the next start is not to take it for a crash.
+    pub(crate) fn stopped_cleanly(&self) {
+        self.journal().remove();
+    }
+
+    /// Starts every message due now, each as its own task. Those that can run at once are
+    /// journaled together (one write, with the ends not yet written) before they run.
     fn dispatch(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let now = self.clock.now();
         let ids = self.lock().take_due(now);
-        ids.into_iter()
-            .map(|id| {
-                let queue = self.clone();
-                self.tasks.spawn(async move {
-                    let mut running = Running {
-                        queue: &queue,
-                        id,
-                        decided: false,
-                    };
-                    let _active = queue.active.clone().acquire_owned().await;
-                    queue.process(id).await;
-                    running.decided = true;
-                })
-            })
+        let starts: Vec<(QueueId, Option<OwnedSemaphorePermit>)> =
+            ids.into_iter().map(|id| (id, self.free_slot(id))).collect();
+        let ready = starts.iter().filter(|(_, slot)| slot.is_some());
+        self.journal().started(ready.map(|(id, _)| *id));
+        starts
+            .into_iter()
+            .map(|(id, slot)| self.spawn_attempt(id, slot))
             .collect()
+    }
+
+    /// A slot among `max_active_messages` if one is free now, and the message is no suspect.
+    fn free_slot(&self, id: QueueId) -> Option<OwnedSemaphorePermit> {
+        if self.suspects.contains(id) {
+            return None;
+        }
+        self.active.clone().try_acquire_owned().ok()
+    }
+
+    /// One attempt as its own task; without a `slot`, it waits for its turn first.
+    fn spawn_attempt(
+        self: &Arc<Self>,
+        id: QueueId,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> tokio::task::JoinHandle<()> {
+        let queue = self.clone();
+        self.tasks.spawn(async move {
+            let mut running = Running {
+                queue: &queue,
+                id,
+                decided: false,
+                _slot: None,
+                _turn: None,
+            };
+            match slot {
+                Some(slot) => running._slot = Some(slot),
+                None => {
+                    running._turn = queue.suspects.turn(id).await;
+                    running._slot = queue.active.clone().acquire_owned().await.ok();
+                    queue.journal().started([id]);
+                }
+            }
+            queue.process(id).await;
+            running.decided = true;
+        })
     }
 
     /// Processes every message due at the clock's current time, including bounces they cause,
@@ -151,6 +231,7 @@ impl Queue {
         loop {
             let handles = self.dispatch();
             if handles.is_empty() {
+                self.journal().flush();
                 return total;
             }
             total += handles.len();
@@ -161,13 +242,18 @@ impl Queue {
     }
 
     /// Runs until `shutdown`, then abandons attempts in flight and waits (up to `grace`) for
-    /// the work that records state to finish.
+    /// the work that records state to finish. The caller then marks the stop clean
+    /// ([`Queue::stopped_cleanly`]).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, grace: Duration) {
         loop {
             self.dispatch();
             let now = self.clock.now();
-            // Sleep to the next due time, but wake now and then: the clock may jump.
-            let wait = self.next_due().map_or(60, |t| (t - now).clamp(0, 60)) as u64;
+            // Sleep to the next due time, but wake now and then: the clock may jump. Ends of
+            // attempts waiting to be journaled are written within a second.
+            let wait = match self.journal().has_pending() {
+                true => 1,
+                false => self.next_due().map_or(60, |t| (t - now).clamp(0, 60)) as u64,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
@@ -492,10 +578,15 @@ struct Running<'a> {
     id: QueueId,
     /// `process` ran to its end and scheduled (or destroyed) the message itself.
     decided: bool,
+    /// Its slot among `max_active_messages`, and a suspect's turn: given up after the end is
+    /// journaled (fields drop after `drop`), so the next suspect's start is written with it.
+    _slot: Option<OwnedSemaphorePermit>,
+    _turn: Option<inflight::Turn>,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
+        self.queue.journal().ended(self.id, self._turn.is_some());
         let fallback = (!self.decided).then(|| self.queue.clock.now() + LOCAL_RETRY);
         self.queue.lock().finish(self.id, fallback);
         // A reschedule parked while it ran is now due: the dispatcher must look again.
