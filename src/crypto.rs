@@ -259,7 +259,8 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> CryptoError {
+/// An I/O error with the path it happened at.
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> CryptoError {
     CryptoError::Io {
         path: path.display().to_string(),
         source,

@@ -4,10 +4,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::tarpit::Tarpit;
 use common::{contains, eventually, open_spool, submit, write_child_config, Child, Raw};
 
 /// Sends messages on one connection until the server goes away; records every acknowledged id.
@@ -236,36 +236,6 @@ async fn sigkill_during_delivery_still_delivers_everything_after_restart() {
         }
         assert!(Instant::now() < deadline, "never delivered: {missing:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Accepts connections and never says a word: a delivery attempt to it stays in flight (up to
-/// `reply_timeout`).
-struct Tarpit {
-    addr: std::net::SocketAddr,
-    connections: Arc<AtomicUsize>,
-}
-
-impl Tarpit {
-    async fn start(addr: &str) -> Tarpit {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let tarpit = Tarpit {
-            addr: listener.local_addr().unwrap(),
-            connections: connections.clone(),
-        };
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                connections.fetch_add(1, Ordering::SeqCst);
-                held.push(socket);
-            }
-        });
-        tarpit
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::dns::DnsServer;
 use common::sink::Sink;
+use common::tarpit::Tarpit;
 use common::{contains, submit, Raw, TestServer};
 use postern::clock::{Clock, ManualClock, SystemClock};
 use postern::daemon::Options;
@@ -154,31 +155,6 @@ async fn read_line<S: AsyncRead + Unpin>(io: &mut BufReader<S>) -> std::io::Resu
             .trim_end_matches(['\r', '\n'])
             .to_string(),
     ))
-}
-
-/// A listener that accepts connections and never says a word (they stay open).
-struct Tarpit {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-}
-
-impl Tarpit {
-    async fn start(addr: &str) -> Tarpit {
-        let listener = TcpListener::bind(addr).await.expect("bind tarpit");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let tarpit = Tarpit {
-            addr: listener.local_addr().unwrap(),
-            connections: connections.clone(),
-        };
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                connections.fetch_add(1, Ordering::SeqCst);
-                held.push(socket);
-            }
-        });
-        tarpit
-    }
 }
 
 /// Everything logged on this thread, at every level (the queue runs on the test's thread).

@@ -24,26 +24,51 @@ async fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A server on a manual clock with a fault injector under its spool, relaying to a sink that
+/// answers `reply` to RCPT for `rcpt`.
+struct FaultyRig {
+    sink: Sink,
+    server: TestServer,
+    queue: Arc<postern::queue::Queue>,
+    clock: Arc<ManualClock>,
+    faults: Arc<Faults>,
+}
+
+impl FaultyRig {
+    async fn start(rcpt: &str, reply: &str) -> FaultyRig {
+        let sink = Sink::start("127.0.0.1").await;
+        sink.behaviour
+            .lock()
+            .unwrap()
+            .rcpt_replies
+            .insert(rcpt.into(), reply.into());
+        let clock = Arc::new(ManualClock::new(SystemClock.now()));
+        let faults = Arc::new(Faults::default());
+        let options = Options {
+            clock: clock.clone(),
+            run_queue: false,
+            spool_faults: faults.clone(),
+        };
+        let extra = format!(
+            "[delivery]\nsmarthost = \"{}\"\ntls = \"none\"\n",
+            sink.addr
+        );
+        let (server, queue) = TestServer::start_with(&extra, options).await;
+        FaultyRig {
+            sink,
+            server,
+            queue,
+            clock,
+            faults,
+        }
+    }
+}
+
 #[tokio::test]
 async fn delivered_recipients_are_not_resent_while_state_cannot_be_written() {
-    let sink = Sink::start("127.0.0.1").await;
-    sink.behaviour
-        .lock()
-        .unwrap()
-        .rcpt_replies
-        .insert("later@dest.test".into(), "451 4.2.1 try later".into());
-    let clock = Arc::new(ManualClock::new(SystemClock.now()));
-    let faults = Arc::new(Faults::default());
-    let options = Options {
-        clock: clock.clone(),
-        run_queue: false,
-        spool_faults: faults.clone(),
-    };
-    let extra = format!(
-        "[delivery]\nsmarthost = \"127.0.0.1:{}\"\ntls = \"none\"\n",
-        sink.addr.port()
-    );
-    let (server, queue) = TestServer::start_with(&extra, options).await;
+    let rig = FaultyRig::start("later@dest.test", "451 4.2.1 try later").await;
+    let (sink, server, queue, clock, faults) =
+        (rig.sink, rig.server, rig.queue, rig.clock, rig.faults);
     submit(
         server.relay,
         "app@sender.test",
@@ -87,24 +112,9 @@ async fn delivered_recipients_are_not_resent_while_state_cannot_be_written() {
 /// and only becomes final once its notice is stored (never a failure the sender never hears of).
 #[tokio::test]
 async fn a_failure_notice_that_cannot_be_stored_keeps_its_recipient_queued() {
-    let sink = Sink::start("127.0.0.1").await;
-    sink.behaviour
-        .lock()
-        .unwrap()
-        .rcpt_replies
-        .insert("gone@dest.test".into(), "550 5.1.1 No such user".into());
-    let clock = Arc::new(ManualClock::new(SystemClock.now()));
-    let faults = Arc::new(Faults::default());
-    let options = Options {
-        clock: clock.clone(),
-        run_queue: false,
-        spool_faults: faults.clone(),
-    };
-    let extra = format!(
-        "[delivery]\nsmarthost = \"{}\"\ntls = \"none\"\n",
-        sink.addr
-    );
-    let (server, queue) = TestServer::start_with(&extra, options).await;
+    let rig = FaultyRig::start("gone@dest.test", "550 5.1.1 No such user").await;
+    let (sink, server, queue, clock, faults) =
+        (rig.sink, rig.server, rig.queue, rig.clock, rig.faults);
     let id = submit(
         server.relay,
         "app@sender.test",

@@ -24,12 +24,12 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use super::day_of;
-use crate::crypto::{sync_dir, CryptoError, Key, Pseudonymizer};
+use crate::crypto::{io_err, sync_dir, CryptoError, Key, Pseudonymizer};
 
 /// The pseudonym keys of `<data_dir>/ledger/pseudonyms/`, one file per generation, named by
 /// the day it takes effect (`20261101.key`) and wrapped by the master key.
@@ -201,16 +201,10 @@ fn start_time(day: &str) -> Option<i64> {
     Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp())
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> CryptoError {
-    CryptoError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// 2026-11-01 03:00 UTC.
     const T0: i64 = 1_793_491_200 + 3 * 3600;

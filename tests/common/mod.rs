@@ -5,6 +5,7 @@
 pub mod dns;
 pub mod dnsmasq;
 pub mod sink;
+pub mod tarpit;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
