@@ -681,17 +681,26 @@ pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<
     ) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], offset + done)?;
-                done += n as u64;
-            }
-            Ok(())
+            write_zeros(file, offset, len)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Zeros written at a time by [`write_zeros`].
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Overwrites `len` bytes at `offset` with zeros, [`ZERO_CHUNK`] at a time: the ciphertext is
+/// gone from the file although its blocks stay allocated.
+fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// The error a store gets when the free-space reserve would be crossed.
@@ -708,5 +717,41 @@ fn clone_io(e: &std::io::Error) -> std::io::Error {
     match e.raw_os_error() {
         Some(code) => std::io::Error::from_raw_os_error(code),
         None => std::io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fallback for filesystems without hole punching: exactly the range reads back as
+    /// zeros, over several chunks, and nothing around it changes.
+    #[test]
+    fn write_zeros_clears_exactly_the_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("segment");
+        let size = 3 * ZERO_CHUNK as usize;
+        std::fs::write(&path, vec![0xAAu8; size]).expect("write");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let (offset, len) = (100u64, 2 * ZERO_CHUNK + 3);
+        write_zeros(&file, offset, len).expect("zeros");
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(bytes.len(), size, "size unchanged");
+        let end = (offset + len) as usize;
+        assert!(
+            bytes[..offset as usize].iter().all(|&b| b == 0xAA),
+            "before intact"
+        );
+        assert!(
+            bytes[offset as usize..end].iter().all(|&b| b == 0),
+            "range zeroed"
+        );
+        assert!(bytes[end..].iter().all(|&b| b == 0xAA), "after intact");
+        write_zeros(&file, 0, 0).expect("empty range");
+        assert_eq!(std::fs::read(&path).expect("read")[0], 0xAA);
     }
 }
