@@ -821,6 +821,14 @@ pub struct DkimKeyConfig {
     pub subdomains: bool,
 }
 
+/// The error for `key`, with why it is refused.
+fn invalid(key: &str, reason: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    })
+}
+
 fn is_domain(s: &str) -> bool {
     let s = s.trim_end_matches('.');
     !s.is_empty()
@@ -901,19 +909,27 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, reason: &str| {
-            Err(ConfigError::Invalid {
-                key: key.to_string(),
-                reason: reason.to_string(),
-            })
-        };
+        self.validate_listeners()?;
+        self.validate_limits()?;
+        self.validate_delivery()?;
+        self.validate_privacy()?;
+        self.validate_dkim()?;
+        validate_accounts(&self.accounts)?;
+        for (i, d) in self.relay.sender_domains.iter().enumerate() {
+            if !is_domain(d) {
+                return invalid(
+                    &format!("relay.sender_domains[{i}]"),
+                    "must be a domain name",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `[server]` hostname and the `[[listener]]`s.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
         let host = &self.server.hostname;
-        if host.is_empty()
-            || host.len() > 253
-            || !host
-                .split('.')
-                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-        {
+        if host.ends_with('.') || !is_domain(host) {
             return invalid("server.hostname", "must be a fully qualified domain name");
         }
         if self.listeners.is_empty() {
@@ -935,6 +951,11 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Checks `[limits]` and `[spool]`.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
         let limits = &self.limits;
         if limits.max_message_size < 1024 {
             return invalid("limits.max_message_size", "must be at least 1024 bytes");
@@ -964,6 +985,11 @@ impl Config {
         if self.spool.segment_size < 1 << 20 {
             return invalid("spool.segment_size", "must be at least 1 MiB");
         }
+        Ok(())
+    }
+
+    /// Checks `[delivery]` and `[dns]`.
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
         let d = &self.delivery;
         if d.retry_schedule.is_empty() || d.retry_schedule.iter().any(|r| r.is_zero()) {
             return invalid(
@@ -1010,6 +1036,11 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Checks `[local]` and `[privacy]`.
+    fn validate_privacy(&self) -> Result<(), ConfigError> {
         if let Some(local) = &self.local {
             if local.dir.as_os_str().is_empty() {
                 return invalid("local.dir", "must not be empty");
@@ -1029,6 +1060,11 @@ impl Config {
         if self.privacy.pseudonym_rotation < Duration::from_secs(86_400) {
             return invalid("privacy.pseudonym_rotation", "must be at least one day");
         }
+        Ok(())
+    }
+
+    /// Checks `[[dkim.key]]`s.
+    fn validate_dkim(&self) -> Result<(), ConfigError> {
         for (i, k) in self.dkim.keys.iter().enumerate() {
             if crate::dkim::Algorithm::parse(&k.algorithm).is_none() {
                 return invalid(
@@ -1049,15 +1085,6 @@ impl Config {
                 return invalid(
                     &format!("dkim.key[{i}].selector"),
                     "must be letters, digits, '-' and '.'",
-                );
-            }
-        }
-        validate_accounts(&self.accounts)?;
-        for (i, d) in self.relay.sender_domains.iter().enumerate() {
-            if !is_domain(d) {
-                return invalid(
-                    &format!("relay.sender_domains[{i}]"),
-                    "must be a domain name",
                 );
             }
         }

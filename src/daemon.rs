@@ -105,39 +105,13 @@ impl Daemon {
     /// [`Daemon::start`] with a chosen clock and queue mode.
     pub async fn start_with(config: Config, options: Options) -> Result<Daemon, StartError> {
         let data_dir = config.data_dir();
-        // Private: nothing under it is for other local users, sealed or not.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&data_dir)
-            .map_err(SpoolError::Io)?;
-        // One daemon per data directory: a second one would recover (and cut) the first one's
-        // active spool segment. The lock goes with the process, however it ends.
-        let lock = lock_data_dir(&data_dir)?;
+        let lock = own_data_dir(&data_dir)?;
         // What the configuration names is checked before any data is touched.
         let master = load_or_create_master_key(&config.master_key_path())?;
         let dkim = Arc::new(crate::dkim::Keys::load(&config)?);
-        let (cert, key) = (config.path(&config.tls.cert), config.path(&config.tls.key));
-        let (tls, source) = crate::tls::server_config(&cert, &key, &config.server.hostname)?;
-        if source == CertSource::Generated {
-            tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; install a real one for production");
-        }
+        let tls = server_tls(&config)?;
         let deliverer = Arc::new(Deliverer::new(&config)?);
-        let ledger = Arc::new(Ledger::open(
-            &data_dir,
-            &master,
-            &config.privacy,
-            options.clock.now(),
-        )?);
-        let spool_options = SpoolOptions {
-            segment_size: config.spool.segment_size,
-            min_free: config.spool.min_free,
-            faults: options.spool_faults.clone(),
-        };
-        let (spool, recovery) = Spool::open_with(&data_dir, master.clone(), spool_options)?;
-        // Catches up after downtime; then hourly (see `run`).
-        let retention = retention_pass(&ledger, &spool, options.clock.now())?;
-        retention.log();
+        let (ledger, spool, recovery) = open_stores(&config, &data_dir, master, &options)?;
         let pickup = local_submission(&config, &data_dir)?;
         let shutdown = CancellationToken::new();
         let grace = config.server.shutdown_grace;
@@ -370,6 +344,48 @@ async fn purge_loop(
             Err(_) => {}
         }
     }
+}
+
+/// Creates the data directory (private: nothing under it is for other local users, sealed or
+/// not) and locks it: one daemon per data directory, since a second one would recover (and
+/// cut) the first one's active spool segment. The lock goes with the process, however it ends.
+fn own_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(SpoolError::Io)?;
+    lock_data_dir(data_dir)
+}
+
+/// The inbound certificate: loaded, or generated (self-signed) when neither file exists.
+fn server_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let (cert, key) = (config.path(&config.tls.cert), config.path(&config.tls.key));
+    let (tls, source) = crate::tls::server_config(&cert, &key, &config.server.hostname)?;
+    if source == CertSource::Generated {
+        tracing::warn!(cert = %cert.display(), "generated a self-signed certificate; install a real one for production");
+    }
+    Ok(tls)
+}
+
+/// Opens the ledger and the spool (recovering it), then runs the retention pass that catches
+/// up after downtime (then it runs hourly, see `run`).
+fn open_stores(
+    config: &Config,
+    data_dir: &std::path::Path,
+    master: crate::crypto::Key,
+    options: &Options,
+) -> Result<(Arc<Ledger>, Spool, RecoveryReport), StartError> {
+    let now = options.clock.now();
+    let ledger = Arc::new(Ledger::open(data_dir, &master, &config.privacy, now)?);
+    let spool_options = SpoolOptions {
+        segment_size: config.spool.segment_size,
+        min_free: config.spool.min_free,
+        faults: options.spool_faults.clone(),
+    };
+    let (spool, recovery) = Spool::open_with(data_dir, master, spool_options)?;
+    retention_pass(&ledger, &spool, now)?.log();
+    Ok((ledger, spool, recovery))
 }
 
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {

@@ -140,10 +140,17 @@ fn destination_label(domain: &str) -> String {
     domain
 }
 
+/// The process-wide recorder's handle, once installed.
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Whether metrics are being recorded: callers skip the work of preparing labels when not.
+pub fn enabled() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// Installs the process-wide recorder (once: later calls share it, as several daemons in one
 /// test process do).
 fn recorder() -> Result<PrometheusHandle, MetricsError> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }

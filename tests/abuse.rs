@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Raw, Reply, TestServer, PASSWORD, USER};
+use common::{submit, Raw, Reply, TestServer, PASSWORD, USER};
 use postern::clock::{Clock, ManualClock, SystemClock};
 
 /// A server on a manual clock; `extra` is appended to the test configuration.
@@ -386,17 +386,13 @@ async fn idle_connections_are_closed_by_the_timeout_and_their_slots_freed() {
 
     // All slots are back: a trusted client sends a message, and an address whose ten
     // connections were all open gets in again.
-    let (mut c, g) = Raw::connect_from("127.0.0.1", server.relay).await;
-    assert_eq!(g.map(|g| g.code), Some(220));
-    c.expect("EHLO client.test", 250).await;
-    let r = c
-        .send_mail(
-            "a@example.test",
-            &["b@dest.test"],
-            "Subject: x\r\n\r\nx\r\n",
-        )
-        .await;
-    assert_eq!(r.code, 250, "{r:?}");
+    submit(
+        server.relay,
+        "a@example.test",
+        &["b@dest.test"],
+        "Subject: x\r\n\r\nx\r\n",
+    )
+    .await;
     let (mut c, g) = Raw::connect_from(&source(0), server.relay).await;
     assert_eq!(g.map(|g| g.code), Some(220));
     c.expect("EHLO client.test", 250).await;

@@ -340,31 +340,7 @@ impl Connection {
         body: &[u8],
         needs: Needs,
     ) -> Result<Transaction, ClientError> {
-        if needs.smtputf8 && !self.ext.smtputf8 {
-            return Err(ClientError::NoSmtpUtf8 {
-                host: self.host.clone(),
-            });
-        }
-        if let Some(limit) = self.ext.size.filter(|l| *l > 0) {
-            if body.len() as u64 > limit {
-                return Err(ClientError::TooBig {
-                    host: self.host.clone(),
-                    size: body.len(),
-                    limit,
-                });
-            }
-        }
-        let mut mail = format!("MAIL FROM:<{from}>");
-        if self.ext.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", body.len()));
-        }
-        // Without 8BITMIME the body is sent as it is (as Postfix does); it has no bare CR/LF.
-        if needs.eight_bit && self.ext.eight_bit {
-            mail.push_str(" BODY=8BITMIME");
-        }
-        if needs.smtputf8 {
-            mail.push_str(" SMTPUTF8");
-        }
+        let mail = self.mail_command(from, body.len(), needs)?;
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
         let data_reply;
         if self.ext.pipelining {
@@ -408,6 +384,48 @@ impl Connection {
             }
             data_reply = self.command("DATA", Stage::Data).await?;
         }
+        self.data(rcpt_replies, data_reply, body).await
+    }
+
+    /// The MAIL command for this server: SIZE, BODY=8BITMIME and SMTPUTF8 as it offers and the
+    /// message needs. Refuses what the server cannot take (too big, UTF-8 without SMTPUTF8).
+    fn mail_command(&self, from: &str, size: usize, needs: Needs) -> Result<String, ClientError> {
+        if needs.smtputf8 && !self.ext.smtputf8 {
+            return Err(ClientError::NoSmtpUtf8 {
+                host: self.host.clone(),
+            });
+        }
+        if let Some(limit) = self.ext.size.filter(|l| *l > 0) {
+            if size as u64 > limit {
+                return Err(ClientError::TooBig {
+                    host: self.host.clone(),
+                    size,
+                    limit,
+                });
+            }
+        }
+        let mut mail = format!("MAIL FROM:<{from}>");
+        if self.ext.size.is_some() {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        // Without 8BITMIME the body is sent as it is (as Postfix does); it has no bare CR/LF.
+        if needs.eight_bit && self.ext.eight_bit {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if needs.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        Ok(mail)
+    }
+
+    /// After DATA was answered: the content when a recipient was accepted and the server said
+    /// 354, else the transaction is ended as the server's replies require.
+    async fn data(
+        &mut self,
+        rcpt_replies: Vec<Response>,
+        data_reply: Response,
+        body: &[u8],
+    ) -> Result<Transaction, ClientError> {
         let accepted = rcpt_replies.iter().any(Response::is_success);
         if data_reply.code != 354 {
             if accepted {

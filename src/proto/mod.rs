@@ -47,4 +47,4 @@ pub use data::{BodyChecker, BodyError, BodyLimits, DataDecoder, LineEndings, MAX
 pub use line::{CommandFramer, FramedLine, MAX_COMMAND_LINE};
 pub use reply::Reply;
 pub use response::{parse_response, EnhancedStatusCode, Response, ResponseError};
-pub use stuffing::{dot_stuff, DotStuffer};
+pub use stuffing::DotStuffer;

@@ -58,19 +58,19 @@ impl<'a> DotStuffer<'a> {
     }
 }
 
-/// The whole stuffed content at once (tests and tools; the client sends chunks).
-pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
-    let mut stuffer = DotStuffer::new(body);
-    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    while let Some(chunk) = stuffer.next_chunk() {
-        out.extend_from_slice(chunk);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole stuffed content at once (tests and tools; the client sends chunks).
+    fn dot_stuff(body: &[u8]) -> Vec<u8> {
+        let mut stuffer = DotStuffer::new(body);
+        let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+        while let Some(chunk) = stuffer.next_chunk() {
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
 
     #[test]
     fn stuffing() {

@@ -77,18 +77,18 @@ impl Due {
     }
 
     /// Takes `id` out of the scheduler's hands for an operator action (delete, bounce): it is
-    /// running until [`Due::finish`]. Refused while an attempt is in progress.
-    pub(super) fn claim(&mut self, id: QueueId) -> Result<(), Busy> {
+    /// running until [`Due::finish`]. Refused while an attempt is in progress. Returns the hold
+    /// it had, for putting it back if the action fails.
+    pub(super) fn claim(&mut self, id: QueueId) -> Result<Option<Hold>, Busy> {
         if self.running.contains_key(&id) {
             return Err(Busy::Running);
         }
         if let Some(old) = self.at.remove(&id) {
             self.order.remove(&(old, id));
         }
-        self.held.remove(&id);
         self.forced.remove(&id);
         self.running.insert(id, None);
-        Ok(())
+        Ok(self.held.remove(&id))
     }
 
     /// Puts `id` on hold: out of the waiting order, and any reschedule ignored until released.
@@ -228,7 +228,7 @@ mod tests {
         let mut due = Due::default();
         let a = id();
         due.schedule(a, 0);
-        assert_eq!(due.claim(a), Ok(()));
+        assert_eq!(due.claim(a), Ok(None));
         assert!(due.take_due(100).is_empty(), "claimed: not dispatched");
         assert_eq!(due.claim(a), Err(Busy::Running));
         due.finish(a, None);

@@ -345,8 +345,8 @@ impl Queue {
         if self.spool.state(id).is_none() {
             return Err(OpError::NotFound);
         }
-        let held = self.lock().hold_of(id);
-        self.lock()
+        let held = self
+            .lock()
             .claim(id)
             .map_err(|Busy::Running| OpError::Running)?;
         let result = match self.spool.read(id).await {

@@ -569,17 +569,7 @@ impl Session {
         let queue_id = id.to_string();
         let now = chrono::DateTime::from_timestamp(self.ctx.clock.now(), 0)
             .unwrap_or_else(chrono::Utc::now);
-        let trace = received::header(&Trace {
-            helo: self.helo.as_deref().unwrap_or(""),
-            client_ip: self.peer.ip(),
-            hostname: &self.ctx.config.server.hostname,
-            esmtp: self.esmtp,
-            authenticated: self.auth_user.is_some(),
-            smtputf8: tx.params.smtputf8,
-            tls: self.tls.as_deref(),
-            queue_id: &queue_id,
-            date: now,
-        });
+        let trace = self.trace_header(&tx, &queue_id, now);
         // Parsed once here; DKIM signs for the same domain.
         let from_domain = crate::dkim::from_domain(crate::bounce::headers(&body));
         // Before signing: DKIM then signs only for domains the sender may use.
@@ -612,16 +602,48 @@ impl Session {
                 return Ok(());
             }
         };
-        let size = signature.len() + trace.len() + body.len();
         let parts: [&[u8]; 3] = [signature.as_bytes(), trace.as_bytes(), &body];
-        match self.ctx.spool.store(id, &envelope, &parts).await {
+        self.store(id, &queue_id, &envelope, parts, &signing, started)
+            .await;
+        Ok(())
+    }
+
+    /// The `Received:` header this server adds (RFC 5321 4.4).
+    fn trace_header(
+        &self,
+        tx: &Transaction,
+        queue_id: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        received::header(&Trace {
+            helo: self.helo.as_deref().unwrap_or(""),
+            client_ip: self.peer.ip(),
+            hostname: &self.ctx.config.server.hostname,
+            esmtp: self.esmtp,
+            authenticated: self.auth_user.is_some(),
+            smtputf8: tx.params.smtputf8,
+            tls: self.tls.as_deref(),
+            queue_id,
+            date: now,
+        })
+    }
+
+    /// The durable store, then the answer: `250` only once the spool has synced the message;
+    /// then the ledger and the queue hear of it.
+    async fn store(
+        &mut self,
+        id: QueueId,
+        queue_id: &str,
+        envelope: &Envelope,
+        parts: [&[u8]; 3],
+        signing: &Signing,
+        started: std::time::Instant,
+    ) {
+        let size: usize = parts.iter().map(|p| p.len()).sum();
+        match self.ctx.spool.store(id, envelope, &parts).await {
             Ok(()) => {
                 // Metadata follows the durable store; losing it must never lose the message.
-                if let Err(e) = self
-                    .ctx
-                    .ledger
-                    .accepted(id, &envelope, size as u64, &signing)
-                {
+                if let Err(e) = self.ctx.ledger.accepted(id, envelope, size as u64, signing) {
                     tracing::error!(queue_id = %queue_id, error = %e, "ledger write failed");
                 }
                 self.ctx.queue.submitted(id);
@@ -649,7 +671,6 @@ impl Session {
                 });
             }
         }
-        Ok(())
     }
 
     /// DKIM-signs the message on a blocking thread (RSA costs ~0.3 ms of CPU). Returns the
