@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 /// Length of a nonce prepended to every sealed value.
@@ -105,18 +105,26 @@ impl Key {
         let mut nonce = [0u8; NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
         let cipher = XChaCha20Poly1305::new((&self.0).into());
-        let sealed = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .map_err(|_| CryptoError::Open)?;
+        // Encrypted where it lands in `out`: no second buffer the size of the plaintext.
+        let start = out.len();
+        out.reserve(plaintext.len() + OVERHEAD);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        Ok(())
+        out.extend_from_slice(plaintext);
+        let sealed = cipher.encrypt_in_place_detached(
+            XNonce::from_slice(&nonce),
+            aad,
+            &mut out[start + NONCE_LEN..],
+        );
+        match sealed {
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
+            Err(_) => {
+                out.truncate(start);
+                Err(CryptoError::Open)
+            }
+        }
     }
 
     /// Opens a value made by [`Key::seal`] with the same `aad`.

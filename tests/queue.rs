@@ -571,7 +571,7 @@ fn tried(server: &TestServer) -> usize {
         .spool
         .live()
         .into_iter()
-        .filter_map(|id| server.spool.state(id))
+        .filter_map(|id| server.spool.state(id).ok())
         .filter(|s| Schedule::decode(&s.queue_data, 1).rcpts[0].attempts == 1)
         .count()
 }

@@ -181,10 +181,7 @@ async fn delete_destroys_the_body_and_bounce_returns_one_notice() {
 
     let (ok, out, err) = rig.cli(&["delete", &doomed.to_string()]).await;
     assert!(ok && out.contains("\"cancelled\": 1"), "{out} {err}");
-    assert!(
-        rig.server.spool.state(doomed).is_none(),
-        "gone from the spool"
-    );
+    assert!(!rig.server.spool.contains(doomed), "gone from the spool");
     assert_destroyed(&sealed, &data);
     rig.clock.advance(3600);
     rig.queue.run_due().await;
@@ -193,7 +190,7 @@ async fn delete_destroys_the_body_and_bounce_returns_one_notice() {
     let before = rig.sink.received().len();
     let (ok, out, err) = rig.cli(&["bounce", &returned.to_string()]).await;
     assert!(ok && out.contains("\"returned\": 1"), "{out} {err}");
-    assert!(rig.server.spool.state(returned).is_none());
+    assert!(!rig.server.spool.contains(returned));
     rig.queue.run_due().await;
     let notices: Vec<_> = rig.sink.received().into_iter().skip(before).collect();
     assert_eq!(notices.len(), 1, "one notice");
@@ -223,7 +220,7 @@ async fn delete_is_refused_while_an_attempt_runs() {
     assert!(!ok && err.contains("in progress"), "{err}");
     attempt.await.expect("attempt");
     assert!(
-        rig.server.spool.state(id).is_none(),
+        !rig.server.spool.contains(id),
         "the running attempt delivered it"
     );
     assert_eq!(rig.sink.received().len(), 1);

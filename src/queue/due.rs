@@ -51,11 +51,12 @@ impl Due {
         self.order.insert((when, id));
     }
 
-    /// Takes every waiting message due at `now`; each is running until [`Due::finish`].
-    pub(super) fn take_due(&mut self, now: i64) -> Vec<QueueId> {
+    /// Takes waiting messages due at `now`, earliest first, at most `limit` of them; each is
+    /// running until [`Due::finish`].
+    pub(super) fn take_due(&mut self, now: i64, limit: usize) -> Vec<QueueId> {
         let mut ids = Vec::new();
         while let Some(&(when, id)) = self.order.first() {
-            if when > now {
+            if when > now || ids.len() >= limit {
                 break;
             }
             self.order.pop_first();
@@ -174,23 +175,43 @@ mod tests {
         let mut due = Due::default();
         let a = id();
         due.schedule(a, 10);
-        assert_eq!(due.take_due(10), vec![a]);
+        assert_eq!(due.take_due(10, usize::MAX), vec![a]);
         // The attempt reschedules before it is marked finished; a dispatch pass runs between.
         due.schedule(a, 11);
-        assert!(due.take_due(100).is_empty(), "not run twice at once");
+        assert!(
+            due.take_due(100, usize::MAX).is_empty(),
+            "not run twice at once"
+        );
         assert!(due.holds(a));
         due.finish(a, None);
         assert_eq!(due.next_due(), Some(11));
-        assert_eq!(due.take_due(100), vec![a]);
+        assert_eq!(due.take_due(100, usize::MAX), vec![a]);
         due.finish(a, None);
         assert!(
             !due.holds(a),
             "finished without a reschedule: gone (delivered)"
         );
         due.schedule(a, 5);
-        due.take_due(5);
+        due.take_due(5, usize::MAX);
         due.finish(a, Some(65));
         assert_eq!(due.next_due(), Some(65), "abandoned: back at the fallback");
+    }
+
+    /// The dispatcher takes no more than it has slots for; the rest wait in the index, earliest
+    /// first, and come out as slots free up.
+    #[test]
+    fn take_due_takes_at_most_the_limit_earliest_first() {
+        let mut due = Due::default();
+        let (a, b, c, later) = (id(), id(), id(), id());
+        due.schedule(c, 3);
+        due.schedule(a, 1);
+        due.schedule(b, 2);
+        due.schedule(later, 50);
+        assert_eq!(due.take_due(10, 2), vec![a, b]);
+        assert_eq!(due.waiting(), 2, "c and the later one still wait");
+        assert!(due.take_due(10, 0).is_empty());
+        assert_eq!(due.take_due(10, 5), vec![c], "the later one is not due");
+        assert_eq!(due.next_due(), Some(50));
     }
 
     fn operator() -> Hold {
@@ -206,7 +227,7 @@ mod tests {
         let (a, b) = (id(), id());
         due.schedule(a, 10);
         due.schedule(b, 20);
-        assert_eq!(due.take_due(10), vec![a]);
+        assert_eq!(due.take_due(10, usize::MAX), vec![a]);
         assert!(due.hold(a, operator()), "held while running");
         due.schedule(a, 11);
         due.finish(a, Some(70));
@@ -216,7 +237,7 @@ mod tests {
         assert!(!due.flush(b, 0), "a held message cannot be flushed");
         assert_eq!(due.release(b), Some(operator()));
         assert!(due.flush(b, 30));
-        assert_eq!(due.take_due(30), vec![b]);
+        assert_eq!(due.take_due(30, usize::MAX), vec![b]);
         assert!(
             due.take_forced(b) && !due.take_forced(b),
             "the mark is used once"
@@ -229,7 +250,10 @@ mod tests {
         let a = id();
         due.schedule(a, 0);
         assert_eq!(due.claim(a), Ok(None));
-        assert!(due.take_due(100).is_empty(), "claimed: not dispatched");
+        assert!(
+            due.take_due(100, usize::MAX).is_empty(),
+            "claimed: not dispatched"
+        );
         assert_eq!(due.claim(a), Err(Busy::Running));
         due.finish(a, None);
         assert!(!due.holds(a), "deleted: gone from the index");
@@ -249,7 +273,7 @@ mod tests {
                 let due = due.clone();
                 std::thread::spawn(move || {
                     for round in 0..2_000i64 {
-                        let taken = due.lock().unwrap().take_due(round);
+                        let taken = due.lock().unwrap().take_due(round, usize::MAX);
                         for (n, id) in taken.into_iter().enumerate() {
                             // Completion: reschedule, let other threads in, then finish.
                             due.lock().unwrap().schedule(id, round + (n as i64 + w) % 3);

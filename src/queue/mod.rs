@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use due::Due;
 use inflight::{Journal, Suspects};
 pub use ops::{ListEntry, MessageView, OpError, QueueCounts, QueueState, RcptView, Selector};
-pub use schedule::{Hold, HoldReason, RcptSchedule, Schedule};
+pub use schedule::{Failure, Hold, HoldReason, RcptSchedule, Schedule};
 
 use crate::bounce;
 use crate::clock::Clock;
@@ -35,7 +35,9 @@ use crate::config::Config;
 use crate::delivery::client::Needs;
 use crate::delivery::{Deliverer, Job, RcptOutcome};
 use crate::ledger::{Ledger, Outcome, Update};
-use crate::spool::{Envelope, Liveness, QueueId, Spool, SpoolError, StoredMessage};
+use crate::spool::{
+    Envelope, Liveness, QueueData, QueueId, Spool, SpoolError, StoredMessage, NOT_DUE,
+};
 
 /// A retry after a local error (the spool could not be read or updated).
 const LOCAL_RETRY: i64 = 60;
@@ -86,19 +88,27 @@ impl Queue {
             wake: Notify::new(),
             tasks: TaskTracker::new(),
         });
-        for id in queue.spool.live() {
-            let Some(state) = queue.spool.state(id) else {
+        queue.schedule_recovered();
+        queue
+    }
+
+    /// Puts every message of the spool in the due index, at the due time stored with it: no
+    /// record is read, except the state of a held message (for its hold).
+    fn schedule_recovered(&self) {
+        for (id, due) in self.spool.dues() {
+            if due != NOT_DUE {
+                self.schedule(id, due);
                 continue;
-            };
-            let sched = Schedule::decode(&state.queue_data, state.final_rcpts.len());
-            match sched.hold {
-                Some(hold) => {
-                    queue.lock().hold(id, hold);
-                }
-                None => queue.schedule(id, sched.next_due(&state.final_rcpts).unwrap_or(0)),
+            }
+            let hold = self.spool.state(id).ok().and_then(|state| {
+                Schedule::decode(&state.queue_data, state.final_rcpts.len()).hold
+            });
+            match hold {
+                Some(hold) => drop(self.lock().hold(id, hold)),
+                // Not held after all (or unreadable): try it, which reads it again.
+                None => self.schedule(id, 0),
             }
         }
-        queue
     }
 
     /// A message just accepted: due at once.
@@ -143,7 +153,7 @@ impl Queue {
     /// last crash only is a suspect, tried alone. `crashes` is from [`inflight::recover`].
     pub(crate) async fn after_crash(&self, crashes: &HashMap<QueueId, u32>) {
         for (&id, &n) in crashes {
-            if self.spool.state(id).is_none() {
+            if !self.spool.contains(id) {
                 continue;
             }
             if n < inflight::HOLD_AT {
@@ -173,11 +183,14 @@ impl Queue {
         self.journal().remove();
     }
 
-    /// Starts every message due now, each as its own task. Those that can run at once are
-    /// journaled together (one write, with the ends not yet written) before they run.
+    /// Starts messages due now, each as its own task, but no more than there are free slots
+    /// among `max_active_messages`: the rest stay in the due index, holding no memory beyond
+    /// their index entry, until an attempt ends and frees a slot (which wakes the dispatcher).
+    /// Those that can run at once are journaled together (one write, with the ends not yet
+    /// written) before they run.
     fn dispatch(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let now = self.clock.now();
-        let ids = self.lock().take_due(now);
+        let ids = self.lock().take_due(now, self.active.available_permits());
         let starts: Vec<(QueueId, Option<OwnedSemaphorePermit>)> =
             ids.into_iter().map(|id| (id, self.free_slot(id))).collect();
         let ready = starts.iter().filter(|(_, slot)| slot.is_some());
@@ -441,16 +454,26 @@ impl Queue {
     /// Writes the new state; the spool destroys the body once every recipient is final.
     async fn commit(&self, msg: &StoredMessage, finals: &[usize], sched: &Schedule, now: i64) {
         let id = msg.id;
-        match self.spool.update(id, finals, Some(sched.encode())).await {
+        let mut final_rcpts = msg.state.final_rcpts.clone();
+        for &i in finals {
+            if let Some(done) = final_rcpts.get_mut(i) {
+                *done = true;
+            }
+        }
+        let next = sched.next_due(&final_rcpts);
+        let data = QueueData {
+            data: sched.encode(),
+            due: match sched.hold {
+                Some(_) => NOT_DUE,
+                None => next.unwrap_or(0),
+            },
+        };
+        match self.spool.update(id, finals, Some(data)).await {
             Ok(Liveness::Destroyed) => {
                 tracing::debug!(queue_id = %id, "all recipients final; message destroyed")
             }
             Ok(Liveness::Live) => {
-                let mut final_rcpts = msg.state.final_rcpts.clone();
-                for &i in finals {
-                    final_rcpts[i] = true;
-                }
-                if let Some(when) = sched.next_due(&final_rcpts) {
+                if let Some(when) = next {
                     self.schedule(id, when);
                 }
             }
@@ -589,7 +612,9 @@ impl Drop for Running<'_> {
         self.queue.journal().ended(self.id, self._turn.is_some());
         let fallback = (!self.decided).then(|| self.queue.clock.now() + LOCAL_RETRY);
         self.queue.lock().finish(self.id, fallback);
-        // A reschedule parked while it ran is now due: the dispatcher must look again.
+        // The slot goes back before the dispatcher is woken, so that it finds it free.
+        drop(self._slot.take());
+        // A reschedule parked while it ran is now due, and a slot is free: look again.
         self.queue.wake.notify_one();
     }
 }

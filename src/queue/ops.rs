@@ -16,7 +16,7 @@ use super::{domain_of, update_of, Queue};
 use crate::bounce;
 use crate::delivery::RcptOutcome;
 use crate::ledger::{Outcome, Update};
-use crate::spool::{QueueId, SpoolError, StoredMessage};
+use crate::spool::{QueueData, QueueId, SpoolError, StoredMessage, NOT_DUE};
 
 /// Where a queued message stands, as the queue tools show it (Postfix's queue names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,7 +129,8 @@ impl Queue {
 
     /// The state of a live message; None if it is not in the spool.
     pub fn state_of(&self, id: QueueId) -> Option<QueueState> {
-        let stored = self.spool.state(id)?;
+        // Unreadable state (an I/O error) leaves the message out of the listing for now.
+        let stored = self.spool.state(id).ok()?;
         {
             let due = self.lock();
             if due.hold_of(id).is_some() {
@@ -228,7 +229,7 @@ impl Queue {
         };
         let mut flushed = 0;
         for id in ids {
-            if self.spool.state(id).is_none() {
+            if !self.spool.contains(id) {
                 continue;
             }
             if let Selector::Domain(d) = which {
@@ -252,7 +253,7 @@ impl Queue {
 
     /// Puts a message on hold, in memory at once and in the spool (so it survives a restart).
     pub async fn hold(&self, id: QueueId, reason: HoldReason) -> Result<(), OpError> {
-        if self.spool.state(id).is_none() {
+        if !self.spool.contains(id) {
             return Err(OpError::NotFound);
         }
         let hold = Hold {
@@ -275,9 +276,9 @@ impl Queue {
     /// cannot be stored leaves the message held.
     pub async fn release(&self, id: QueueId) -> Result<(), OpError> {
         if self.lock().hold_of(id).is_none() {
-            return Err(match self.spool.state(id) {
-                Some(_) => OpError::NotHeld,
-                None => OpError::NotFound,
+            return Err(match self.spool.contains(id) {
+                true => OpError::NotHeld,
+                false => OpError::NotFound,
             });
         }
         self.store_hold(id, None).await?;
@@ -342,7 +343,7 @@ impl Queue {
         F: FnOnce(StoredMessage, i64) -> Fut,
         Fut: std::future::Future<Output = Result<usize, OpError>>,
     {
-        if self.spool.state(id).is_none() {
+        if !self.spool.contains(id) {
             return Err(OpError::NotFound);
         }
         let held = self
@@ -367,10 +368,18 @@ impl Queue {
 
     /// Writes `hold` into the message's stored retry state.
     async fn store_hold(&self, id: QueueId, hold: Option<Hold>) -> Result<(), OpError> {
-        let stored = self.spool.state(id).ok_or(OpError::NotFound)?;
+        let stored = self.spool.state(id)?;
         let mut sched = Schedule::decode(&stored.queue_data, stored.final_rcpts.len());
         sched.hold = hold;
-        self.spool.update(id, &[], Some(sched.encode())).await?;
+        // A released message is flushed, i.e. due now.
+        let due = match hold {
+            Some(_) => NOT_DUE,
+            None => self.clock.now(),
+        };
+        let data = sched.encode();
+        self.spool
+            .update(id, &[], Some(QueueData { data, due }))
+            .await?;
         Ok(())
     }
 }

@@ -45,6 +45,23 @@ pub struct MessageState {
     /// Opaque to the spool: the queue's retry schedule and attempt counts.
     #[serde(default)]
     pub queue_data: Vec<u8>,
+    /// When the queue next wants the message (Unix time; [`NOT_DUE`] while it is held). The
+    /// spool keeps it in memory, so that a restart schedules every message without reading its
+    /// state record. 0 (due now) in records written before it existed.
+    #[serde(default)]
+    pub due: i64,
+}
+
+/// [`MessageState::due`] of a message the queue leaves alone until told otherwise (held).
+pub const NOT_DUE: i64 = i64::MAX;
+
+/// What the queue stores with a message on an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueData {
+    /// Its retry state, opaque to the spool.
+    pub data: Vec<u8>,
+    /// Its next due time ([`MessageState::due`]).
+    pub due: i64,
 }
 
 impl MessageState {
@@ -54,26 +71,21 @@ impl MessageState {
     }
 }
 
-/// Plaintext of a message record: envelope length (u32 LE), envelope JSON, body.
-pub(crate) fn encode_message(
-    envelope: &Envelope,
-    parts: &[&[u8]],
-) -> Result<Vec<u8>, serde_json::Error> {
-    let env = serde_json::to_vec(envelope)?;
-    let body_len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut out = Vec::with_capacity(4 + env.len() + body_len);
-    out.extend_from_slice(&(env.len() as u32).to_le_bytes());
-    out.extend_from_slice(&env);
-    for part in parts {
-        out.extend_from_slice(part);
-    }
-    Ok(out)
+/// The envelope as sealed in a message record.
+pub(crate) fn encode_envelope(envelope: &Envelope) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(envelope)
 }
 
-/// Inverse of [`encode_message`].
-pub(crate) fn decode_message(plain: &[u8]) -> Option<(Envelope, Vec<u8>)> {
+/// Inverse of [`encode_envelope`].
+pub(crate) fn decode_envelope(plain: &[u8]) -> Option<Envelope> {
+    serde_json::from_slice(plain).ok()
+}
+
+/// Envelope and body of a [`super::record::Kind::Whole`] record (the layout before envelope and
+/// body were sealed apart): envelope length (u32 LE), envelope JSON, body.
+pub(crate) fn decode_whole(plain: &[u8]) -> Option<(Envelope, Vec<u8>)> {
     let len = u32::from_le_bytes(plain.get(..4)?.try_into().ok()?) as usize;
     let env = plain.get(4..4usize.checked_add(len)?)?;
-    let envelope = serde_json::from_slice(env).ok()?;
+    let envelope = decode_envelope(env)?;
     Some((envelope, plain[4 + len..].to_vec()))
 }

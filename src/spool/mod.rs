@@ -37,7 +37,7 @@ mod record;
 mod recovery;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -46,12 +46,12 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-pub use envelope::{Envelope, MessageState};
+pub use envelope::{Envelope, MessageState, QueueData, NOT_DUE};
 pub use faults::{FaultPoint, Faults};
 pub use recovery::{Quarantined, RecoveryReport, Unreadable};
 
 use crate::crypto::{CryptoError, Key};
-use record::{Header, Kind, HEADER_LEN};
+use record::{Header, Kind, Part, HEADER_LEN};
 
 /// Identifies a message for its whole life: 48 bits of milliseconds, then 80 random bits, so
 /// ids sort roughly by arrival and never collide across restarts.
@@ -116,19 +116,77 @@ pub enum Liveness {
     Destroyed,
 }
 
-/// Where a record sits.
-#[derive(Debug, Clone, Copy)]
+/// Where a record sits. 16 bytes: a million of these is what a million queued messages cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Loc {
-    segment: u64,
     offset: u64,
+    segment: u32,
     /// Payload length (the header precedes it).
     len: u32,
 }
 
+/// What the spool keeps in memory of a live message: where its records are, which recipients
+/// are final and when the queue next wants it. The envelope, the body and the queue's retry
+/// state stay sealed on disk until the message is read.
 struct Entry {
     message: Loc,
     state: Option<Loc>,
-    current: MessageState,
+    finals: Finals,
+    /// The queue's next due time (see [`MessageState::due`]).
+    due: i64,
+}
+
+/// One flag per recipient (true once final), inline up to 64 recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Finals {
+    Few { count: u8, bits: u64 },
+    // A thin pointer (a `Box<[bool]>` is two words): keeps `Finals` at 16 bytes.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<bool>>),
+}
+
+impl Finals {
+    /// `count` recipients, none final.
+    fn new(count: usize) -> Finals {
+        Finals::from(&vec![false; count][..])
+    }
+
+    fn to_vec(&self) -> Vec<bool> {
+        match self {
+            Finals::Few { count, bits } => (0..*count).map(|i| bits & (1u64 << i) != 0).collect(),
+            Finals::Many(v) => v.to_vec(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Finals::Few { count, .. } => *count as usize,
+            Finals::Many(v) => v.len(),
+        }
+    }
+
+    fn all_final(&self) -> bool {
+        match self {
+            Finals::Few { count, bits } => bits.count_ones() == u32::from(*count),
+            Finals::Many(v) => v.iter().all(|f| *f),
+        }
+    }
+}
+
+impl From<&[bool]> for Finals {
+    fn from(flags: &[bool]) -> Finals {
+        if flags.len() > 64 {
+            return Finals::Many(Box::new(flags.to_vec()));
+        }
+        let bits = flags
+            .iter()
+            .enumerate()
+            .fold(0u64, |bits, (i, f)| bits | (u64::from(*f) << i));
+        Finals::Few {
+            count: flags.len() as u8,
+            bits,
+        }
+    }
 }
 
 struct Segment {
@@ -140,10 +198,13 @@ struct Segment {
 
 #[derive(Default)]
 struct Index {
-    messages: HashMap<QueueId, Entry>,
+    /// Ordered by id, i.e. by arrival. A B-tree rather than a hash map: no table that doubles
+    /// (and for a while holds twice the memory) as the queue grows past a power of two.
+    messages: BTreeMap<QueueId, Entry>,
     segments: HashMap<u64, Segment>,
-    /// Messages whose `current` state is newer than their last state record on disk.
-    unsynced: std::collections::BTreeSet<QueueId>,
+    /// Messages whose state is newer than their last state record on disk (the disk refused
+    /// it), with that state: kept whole in memory until the writer gets it onto the disk.
+    unsynced: BTreeMap<QueueId, MessageState>,
 }
 
 struct Shared {
@@ -273,13 +334,14 @@ impl Spool {
         envelope: &Envelope,
         parts: &[&[u8]],
     ) -> Result<(), SpoolError> {
-        let plaintext =
-            envelope::encode_message(envelope, parts).map_err(|_| SpoolError::Closed)?;
+        let sealed_envelope =
+            envelope::encode_envelope(envelope).map_err(|_| SpoolError::Closed)?;
         let rcpts = envelope.recipients.len();
         let (reply, rx) = oneshot::channel();
         self.send(writer::Request::Store {
             id,
-            plaintext,
+            envelope: sealed_envelope,
+            body: parts.concat(),
             rcpts,
             reply,
         })?;
@@ -287,19 +349,19 @@ impl Spool {
     }
 
     /// Marks recipients (indices into the envelope's list) final and, when given, replaces the
-    /// queue's scheduling data. When every recipient is final the message is destroyed at once.
-    /// Returns after the change is durable.
+    /// queue's data. When every recipient is final the message is destroyed at once. Returns
+    /// after the change is durable.
     pub async fn update(
         &self,
         id: QueueId,
         final_rcpts: &[usize],
-        queue_data: Option<Vec<u8>>,
+        queue: Option<QueueData>,
     ) -> Result<Liveness, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.send(writer::Request::Update {
             id,
             final_rcpts: final_rcpts.to_vec(),
-            queue_data,
+            queue,
             reply,
         })?;
         rx.await.map_err(|_| SpoolError::Closed)?
@@ -314,47 +376,48 @@ impl Spool {
 
     /// Ids of every live message, oldest first.
     pub fn live(&self) -> Vec<QueueId> {
-        let mut ids: Vec<QueueId> = self.shared.index().messages.keys().copied().collect();
-        ids.sort();
-        ids
+        self.shared.index().messages.keys().copied().collect()
     }
 
-    /// The current delivery state of a live message.
-    pub fn state(&self, id: QueueId) -> Option<MessageState> {
-        self.shared
-            .index()
-            .messages
-            .get(&id)
-            .map(|e| e.current.clone())
+    /// Whether `id` is a live message.
+    pub fn contains(&self, id: QueueId) -> bool {
+        self.shared.index().messages.contains_key(&id)
     }
 
-    /// Reads and opens a live message.
+    /// Every live message with the due time the queue last stored for it
+    /// ([`MessageState::due`]), oldest first: what a restart schedules from, with no record read.
+    pub fn dues(&self) -> Vec<(QueueId, i64)> {
+        let index = self.shared.index();
+        index.messages.iter().map(|(id, e)| (*id, e.due)).collect()
+    }
+
+    /// The current delivery state of a live message, with the queue's data read from its state
+    /// record (a small read from disk).
+    pub fn state(&self, id: QueueId) -> Result<MessageState, SpoolError> {
+        read_current_state(&self.shared, id)
+    }
+
+    /// Reads and opens a live message and its state.
     pub async fn read(&self, id: QueueId) -> Result<StoredMessage, SpoolError> {
-        let (loc, file, key, state) = {
+        let (loc, file, key) = {
             let index = self.shared.index();
             let entry = index.messages.get(&id).ok_or(SpoolError::NotFound)?;
-            let segment = index
-                .segments
-                .get(&entry.message.segment)
-                .ok_or(SpoolError::NotFound)?;
-            (
-                entry.message,
-                segment.file.clone(),
-                segment.key.clone(),
-                entry.current.clone(),
-            )
+            let segment = index.segment_of(entry.message)?;
+            (entry.message, segment.file.clone(), segment.key.clone())
         };
-        let plain =
-            tokio::task::spawn_blocking(move || read_record(&file, &key, loc, id, Kind::Message))
-                .await
-                .map_err(|_| SpoolError::Closed)??;
-        let (envelope, body) = envelope::decode_message(&plain).ok_or(SpoolError::Corrupt(id))?;
-        Ok(StoredMessage {
-            id,
-            envelope,
-            body,
-            state,
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let (envelope, body) = read_message(&file, &key, loc, id)?;
+            let state = read_current_state(&shared, id)?;
+            Ok(StoredMessage {
+                id,
+                envelope,
+                body,
+                state,
+            })
         })
+        .await
+        .map_err(|_| SpoolError::Closed)?
     }
 
     /// Deletes what recovery set aside in `quarantine/` before `cutoff` (Unix time): mail
@@ -414,23 +477,111 @@ impl Spool {
     }
 }
 
-/// Reads one record's payload and opens it, checking that the header still names `id`.
-fn read_record(
+/// Attempts at reading a state record that the writer replaced (and punched) meanwhile.
+const STATE_READS: usize = 3;
+
+/// A live message's state: the one owed to the disk if any, else its state record's, else that
+/// of a message never updated.
+fn read_current_state(shared: &Shared, id: QueueId) -> Result<MessageState, SpoolError> {
+    for _ in 0..STATE_READS {
+        let (loc, file, key, finals, due) = {
+            let index = shared.index();
+            if let Some(owed) = index.unsynced.get(&id) {
+                return Ok(owed.clone());
+            }
+            let entry = index.messages.get(&id).ok_or(SpoolError::NotFound)?;
+            let Some(loc) = entry.state else {
+                return Ok(MessageState {
+                    final_rcpts: entry.finals.to_vec(),
+                    queue_data: Vec::new(),
+                    due: entry.due,
+                });
+            };
+            let segment = index.segment_of(loc)?;
+            let (file, key) = (segment.file.clone(), segment.key.clone());
+            (loc, file, key, entry.finals.to_vec(), entry.due)
+        };
+        match read_state(&file, &key, loc, id) {
+            Ok(plain) => {
+                let stored: MessageState =
+                    serde_json::from_slice(&plain).map_err(|_| SpoolError::Corrupt(id))?;
+                // The index is the truth for finals and due (it may be ahead of the record).
+                return Ok(MessageState {
+                    final_rcpts: finals,
+                    due,
+                    ..stored
+                });
+            }
+            // Replaced and punched between the lookup and the read: look again.
+            Err(e) if shared.index().messages.get(&id).and_then(|e| e.state) != Some(loc) => {
+                tracing::debug!(queue_id = %id, error = %e, "state record replaced while read");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(SpoolError::Corrupt(id))
+}
+
+impl Index {
+    fn segment_of(&self, loc: Loc) -> Result<&Segment, SpoolError> {
+        self.segments
+            .get(&u64::from(loc.segment))
+            .ok_or(SpoolError::NotFound)
+    }
+}
+
+/// Reads a message record and opens its envelope and body.
+fn read_message(
     file: &File,
     key: &Key,
     loc: Loc,
     id: QueueId,
-    kind: Kind,
-) -> Result<Vec<u8>, SpoolError> {
+) -> Result<(Envelope, Vec<u8>), SpoolError> {
+    let (kind, buf) = read_raw(file, loc, id)?;
+    let (raw, payload) = split_record(&buf);
+    let corrupt = || SpoolError::Corrupt(id);
+    match kind {
+        Kind::Message => {
+            let env = record::open_part(key, raw, payload, Part::Envelope)?;
+            let envelope = envelope::decode_envelope(&env).ok_or_else(corrupt)?;
+            let body = record::open_part(key, raw, payload, Part::Body)?;
+            Ok((envelope, body))
+        }
+        Kind::Whole => {
+            let plain = key.open(Header::aad(raw), payload)?;
+            envelope::decode_whole(&plain).ok_or_else(corrupt)
+        }
+        Kind::State => Err(corrupt()),
+    }
+}
+
+/// Reads a state record and opens it.
+fn read_state(file: &File, key: &Key, loc: Loc, id: QueueId) -> Result<Vec<u8>, SpoolError> {
+    match read_raw(file, loc, id)? {
+        (Kind::State, buf) => {
+            let (raw, payload) = split_record(&buf);
+            Ok(key.open(Header::aad(raw), payload)?)
+        }
+        _ => Err(SpoolError::Corrupt(id)),
+    }
+}
+
+/// Reads one record (header and payload, with one `pread`), checking that the header still
+/// names `id` and has the length the index knows.
+fn read_raw(file: &File, loc: Loc, id: QueueId) -> Result<(Kind, Vec<u8>), SpoolError> {
     let mut buf = vec![0u8; HEADER_LEN + loc.len as usize];
     file.read_exact_at(&mut buf, loc.offset)?;
     let header = Header::decode(&buf).map_err(|_| SpoolError::Corrupt(id))?;
-    if header.id != id || header.kind != kind || header.len != loc.len {
+    if header.id != id || header.len != loc.len {
         return Err(SpoolError::Corrupt(id));
     }
-    let mut raw = [0u8; HEADER_LEN];
-    raw.copy_from_slice(&buf[..HEADER_LEN]);
-    Ok(key.open(Header::aad(&raw), &buf[HEADER_LEN..])?)
+    Ok((header.kind, buf))
+}
+
+/// A whole record's header bytes and payload.
+fn split_record(record: &[u8]) -> (&[u8; HEADER_LEN], &[u8]) {
+    let (raw, payload) = record.split_at(HEADER_LEN);
+    (raw.try_into().expect("split at HEADER_LEN"), payload)
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

@@ -3,20 +3,35 @@
 //! ```text
 //! offset size
 //!  0     4    magic "PSTR"
-//!  4     1    kind (1 = message, 2 = state)
+//!  4     1    kind (1 = whole message, 2 = state, 3 = message)
 //!  5     3    reserved, zero
 //!  8     16   queue id
 //!  24    4    payload length (little endian)
 //!  28    4    CRC-32 of bytes 0..28
-//!  32    len  payload: XChaCha20-Poly1305 seal (nonce || ciphertext || tag), AAD = bytes 0..28
+//!  32    len  payload
 //! ```
 //!
+//! A seal is XChaCha20-Poly1305 (nonce || ciphertext || tag) with the header's bytes 0..28 in
+//! its AAD. A state record's payload is one seal. A message record's payload is two:
+//!
+//! ```text
+//!  0     4    length E of the sealed envelope (little endian)
+//!  4     E    sealed envelope   (AAD: header 0..28, then "envelope")
+//!  4+E   ...  sealed body       (AAD: header 0..28, then "body")
+//! ```
+//!
+//! so that recovery opens the envelope (to count recipients) and never the body: a restart
+//! costs what the queue's envelopes cost, not what its bodies weigh. Kind 1, one seal over
+//! envelope and body together, was written before this layout; it is still read.
+//!
 //! The header carries no personal data. Its CRC lets recovery trust the length (and so find
-//! the next record) without the key; the AEAD tag covers the header too, so a record cannot be
-//! moved to another queue id. A destroyed record keeps its header while its payload is punched
-//! out and reads back as zeros, which is how recovery tells "destroyed" from "corrupt".
+//! the next record) without the key; the AEAD tags cover the header too, so a record cannot be
+//! moved to another queue id, and the labels keep an envelope from opening as a body. A
+//! destroyed record keeps its header while its payload is punched out and reads back as zeros,
+//! which is how recovery tells "destroyed" from "corrupt".
 
 use super::QueueId;
+use crate::crypto::{CryptoError, Key, OVERHEAD};
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 32;
@@ -27,10 +42,13 @@ pub const MAX_PAYLOAD: u32 = 1 << 30;
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// Envelope and body of an accepted message.
-    Message = 1,
+    /// Envelope and body of an accepted message in one seal (the layout before [`Kind::Message`];
+    /// read, no longer written).
+    Whole = 1,
     /// Latest delivery state of a message; supersedes earlier state records.
     State = 2,
+    /// Envelope and body of an accepted message, sealed apart.
+    Message = 3,
 }
 
 /// A decoded, CRC-checked record header.
@@ -71,8 +89,9 @@ impl Header {
             return Err(HeaderError::Corrupt);
         }
         let kind = match h[4] {
-            1 => Kind::Message,
+            1 => Kind::Whole,
             2 => Kind::State,
+            3 => Kind::Message,
             _ => return Err(HeaderError::Corrupt),
         };
         let mut id = [0u8; 16];
@@ -94,18 +113,82 @@ impl Header {
     }
 }
 
-/// Appends a whole record to `out`, sealing `plaintext` with `key`.
+/// Appends a message record to `out`: `envelope` and the concatenation of `body` sealed apart.
+pub fn append_message(
+    out: &mut Vec<u8>,
+    id: QueueId,
+    key: &Key,
+    envelope: &[u8],
+    body: &[u8],
+) -> Result<(), CryptoError> {
+    let env_len = envelope.len() + OVERHEAD;
+    let len = u32::try_from(4 + env_len + body.len() + OVERHEAD)
+        .ok()
+        .filter(|l| *l <= MAX_PAYLOAD)
+        .ok_or(CryptoError::Open)?;
+    let header = Header {
+        kind: Kind::Message,
+        id,
+        len,
+    }
+    .encode();
+    let start = out.len();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&(env_len as u32).to_le_bytes());
+    key.seal_into(&part_aad(&header, Part::Envelope), envelope, out)
+        .and_then(|()| key.seal_into(&part_aad(&header, Part::Body), body, out))
+        .inspect_err(|_| out.truncate(start))
+}
+
+/// The two seals of a message record's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Envelope,
+    Body,
+}
+
+/// Opens one part of a message record (`header` and `payload` as read from the segment).
+pub fn open_part(
+    key: &Key,
+    header: &[u8; HEADER_LEN],
+    payload: &[u8],
+    part: Part,
+) -> Result<Vec<u8>, CryptoError> {
+    let env_len = u32::from_le_bytes(
+        payload
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(CryptoError::Open)?,
+    ) as usize;
+    let rest = &payload[4..];
+    let sealed = match part {
+        Part::Envelope => rest.get(..env_len),
+        Part::Body => rest.get(env_len..),
+    };
+    key.open(&part_aad(header, part), sealed.ok_or(CryptoError::Open)?)
+}
+
+/// The AAD of one part: the header's checked bytes, then the part's label.
+fn part_aad(header: &[u8; HEADER_LEN], part: Part) -> Vec<u8> {
+    let label: &[u8] = match part {
+        Part::Envelope => b"envelope",
+        Part::Body => b"body",
+    };
+    [Header::aad(header), label].concat()
+}
+
+/// Appends a record to `out` whose payload is one seal of `plaintext` with `key`.
 pub fn append(
     out: &mut Vec<u8>,
     kind: Kind,
     id: QueueId,
-    key: &crate::crypto::Key,
+    key: &Key,
     plaintext: &[u8],
-) -> Result<(), crate::crypto::CryptoError> {
-    let len = u32::try_from(plaintext.len() + crate::crypto::OVERHEAD)
+) -> Result<(), CryptoError> {
+    let len = u32::try_from(plaintext.len() + OVERHEAD)
         .ok()
         .filter(|l| *l <= MAX_PAYLOAD)
-        .ok_or(crate::crypto::CryptoError::Open)?;
+        .ok_or(CryptoError::Open)?;
     let header = Header { kind, id, len }.encode();
     out.extend_from_slice(&header);
     key.seal_into(Header::aad(&header), plaintext, out)
@@ -136,11 +219,49 @@ mod tests {
         );
     }
 
+    /// Envelope and body open apart, each only as itself and only under its own header.
+    #[test]
+    fn message_parts_open_apart() {
+        let key = Key::generate().unwrap();
+        let mut out = b"before".to_vec();
+        append_message(&mut out, QueueId([2; 16]), &key, b"{env}", b"the body").unwrap();
+        let rec = &out[6..];
+        let h = Header::decode(rec).unwrap();
+        assert_eq!(
+            (h.kind, h.len as usize),
+            (Kind::Message, rec.len() - HEADER_LEN)
+        );
+        let header: [u8; HEADER_LEN] = rec[..HEADER_LEN].try_into().unwrap();
+        let payload = &rec[HEADER_LEN..];
+        assert_eq!(
+            open_part(&key, &header, payload, Part::Envelope).unwrap(),
+            b"{env}"
+        );
+        assert_eq!(
+            open_part(&key, &header, payload, Part::Body).unwrap(),
+            b"the body"
+        );
+        // The envelope's seal does not open as a body (labels differ), nor under another id.
+        let env_len = u32::from_le_bytes(payload[..4].try_into().unwrap()) as usize;
+        let mut swapped = (env_len as u32).to_le_bytes().to_vec();
+        swapped.extend_from_slice(&payload[4..4 + env_len]);
+        swapped.extend_from_slice(&payload[4..4 + env_len]);
+        assert!(open_part(&key, &header, &swapped, Part::Body).is_err());
+        let mut moved = header;
+        moved[8] ^= 1;
+        assert!(open_part(&key, &moved, payload, Part::Envelope).is_err());
+        assert!(open_part(&key, &header, &payload[..3], Part::Envelope).is_err());
+        assert!(
+            open_part(&key, &header, &[0u8; 64], Part::Body).is_err(),
+            "punched"
+        );
+    }
+
     #[test]
     fn record_payload_opens_with_header_as_aad() {
         let key = crate::crypto::Key::generate().unwrap();
         let mut out = Vec::new();
-        append(&mut out, Kind::Message, QueueId([1; 16]), &key, b"body").unwrap();
+        append(&mut out, Kind::State, QueueId([1; 16]), &key, b"body").unwrap();
         let h = Header::decode(&out).unwrap();
         assert_eq!(h.len as usize, out.len() - HEADER_LEN);
         let header: [u8; HEADER_LEN] = out[..HEADER_LEN].try_into().unwrap();

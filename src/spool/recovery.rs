@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::faults::{FaultPoint, Faults};
-use super::record::{Header, HeaderError, Kind, HEADER_LEN};
+use super::record::{self, Header, HeaderError, Kind, Part, HEADER_LEN};
 use super::writer::remove_segment_files;
-use super::{key_path, key_purpose, Entry, Index, Loc, MessageState, QueueId, Segment, SpoolError};
+use super::{
+    key_path, key_purpose, Entry, Finals, Index, Loc, MessageState, QueueId, Segment, SpoolError,
+};
 use crate::crypto::Key;
 
 /// What recovery found.
@@ -67,7 +69,7 @@ pub(super) fn recover(
     let next = numbers.last().map_or(1, |n| n + 1);
     let mut index = Index::default();
     let mut report = RecoveryReport::default();
-    let mut states: HashMap<QueueId, (Loc, MessageState)> = HashMap::new();
+    let mut states: HashMap<QueueId, RecoveredState> = HashMap::new();
     // Segments that must stay even if nothing in them is live (a quarantine copy failed).
     let mut keep = HashSet::new();
     for n in numbers {
@@ -111,7 +113,7 @@ fn read_segment(
     master: &Key,
     faults: &Faults,
     index: &mut Index,
-    states: &mut HashMap<QueueId, (Loc, MessageState)>,
+    states: &mut HashMap<QueueId, RecoveredState>,
     report: &mut RecoveryReport,
 ) -> bool {
     let seg_path = super::segment_path(dir, n);
@@ -137,13 +139,22 @@ fn read_segment(
     report.quarantined[quarantined..].iter().any(|q| !q.saved)
 }
 
+/// What recovery keeps of a state record: where it is, and what the index holds of it (the
+/// queue's data stays on disk).
+struct RecoveredState {
+    loc: Loc,
+    finals: Finals,
+    due: i64,
+}
+
 /// Gives each message its last state record (recipient counts must agree).
-fn attach_states(index: &mut Index, states: HashMap<QueueId, (Loc, MessageState)>) {
-    for (id, (loc, state)) in states {
+fn attach_states(index: &mut Index, states: HashMap<QueueId, RecoveredState>) {
+    for (id, state) in states {
         if let Some(entry) = index.messages.get_mut(&id) {
-            if state.final_rcpts.len() == entry.current.final_rcpts.len() {
-                entry.state = Some(loc);
-                entry.current = state;
+            if state.finals.len() == entry.finals.len() {
+                entry.state = Some(state.loc);
+                entry.finals = state.finals;
+                entry.due = state.due;
             }
         }
     }
@@ -156,7 +167,7 @@ fn finish_final(index: &mut Index, keep: &mut HashSet<u64>) {
     let dead: Vec<QueueId> = index
         .messages
         .iter()
-        .filter(|(_, e)| e.current.all_final())
+        .filter(|(_, e)| e.finals.all_final())
         .map(|(id, _)| *id)
         .collect();
     for id in dead {
@@ -164,13 +175,13 @@ fn finish_final(index: &mut Index, keep: &mut HashSet<u64>) {
             continue;
         };
         for loc in std::iter::once(e.message).chain(e.state) {
-            let Some(seg) = index.segments.get(&loc.segment) else {
+            let Ok(seg) = index.segment_of(loc) else {
                 continue;
             };
             let offset = loc.offset + HEADER_LEN as u64;
             if let Err(err) = super::writer::punch_hole(&seg.file, offset, loc.len as u64) {
                 tracing::warn!(segment = loc.segment, error = %err, "spool recovery: cannot punch a final record; will retry at next start");
-                keep.insert(loc.segment);
+                keep.insert(u64::from(loc.segment));
             }
         }
     }
@@ -182,6 +193,7 @@ fn remove_empty(dir: &Path, index: &mut Index, keep: &HashSet<u64>) {
         .messages
         .values()
         .flat_map(|e| std::iter::once(e.message.segment).chain(e.state.map(|s| s.segment)))
+        .map(u64::from)
         .collect();
     for n in live {
         if let Some(seg) = index.segments.get_mut(&n) {
@@ -285,7 +297,7 @@ fn scan(
     data: &[u8],
     key: &Key,
     index: &mut Index,
-    states: &mut HashMap<QueueId, (Loc, MessageState)>,
+    states: &mut HashMap<QueueId, RecoveredState>,
     report: &mut RecoveryReport,
 ) {
     let mut pos = 0usize;
@@ -323,7 +335,7 @@ fn scan(
         let end = pos + HEADER_LEN + header.len as usize;
         let payload = &data[pos + HEADER_LEN..end];
         let loc = Loc {
-            segment: n,
+            segment: n as u32,
             offset: pos as u64,
             len: header.len,
         };
@@ -333,34 +345,38 @@ fn scan(
         }
         let mut raw = [0u8; HEADER_LEN];
         raw.copy_from_slice(&data[pos..pos + HEADER_LEN]);
-        let opened = key.open(Header::aad(&raw), payload).ok();
-        match (header.kind, opened) {
-            (Kind::Message, Some(plain)) => match super::envelope::decode_message(&plain) {
-                Some((envelope, _)) => {
-                    index.messages.insert(
-                        header.id,
-                        Entry {
-                            message: loc,
-                            state: None,
-                            current: MessageState {
-                                final_rcpts: vec![false; envelope.recipients.len()],
-                                queue_data: Vec::new(),
+        match (
+            header.kind,
+            open_for_recovery(key, header.kind, &raw, payload),
+        ) {
+            (Kind::Message | Kind::Whole, Some(plain)) => {
+                match decode_envelope(header.kind, &plain) {
+                    Some(envelope) => {
+                        index.messages.insert(
+                            header.id,
+                            Entry {
+                                message: loc,
+                                state: None,
+                                finals: Finals::new(envelope.recipients.len()),
+                                due: 0,
                             },
-                        },
-                    );
+                        );
+                    }
+                    None => quarantine(
+                        dir,
+                        n,
+                        pos,
+                        &data[pos..end],
+                        "message record does not decode",
+                        report,
+                    ),
                 }
-                None => quarantine(
-                    dir,
-                    n,
-                    pos,
-                    &data[pos..end],
-                    "message record does not decode",
-                    report,
-                ),
-            },
+            }
             (Kind::State, Some(plain)) => match serde_json::from_slice::<MessageState>(&plain) {
                 Ok(state) => {
-                    states.insert(header.id, (loc, state));
+                    let finals = Finals::from(&state.final_rcpts[..]);
+                    let due = state.due;
+                    states.insert(header.id, RecoveredState { loc, finals, due });
                 }
                 Err(_) => quarantine(
                     dir,
@@ -381,6 +397,28 @@ fn scan(
             ),
         }
         pos = end;
+    }
+}
+
+/// Opens what recovery needs of a record: a message's envelope (never its body, where the two
+/// are sealed apart), or a state record.
+fn open_for_recovery(
+    key: &Key,
+    kind: Kind,
+    raw: &[u8; HEADER_LEN],
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    match kind {
+        Kind::Message => record::open_part(key, raw, payload, Part::Envelope).ok(),
+        Kind::Whole | Kind::State => key.open(Header::aad(raw), payload).ok(),
+    }
+}
+
+/// The envelope in what [`open_for_recovery`] opened of a message record.
+fn decode_envelope(kind: Kind, plain: &[u8]) -> Option<super::Envelope> {
+    match kind {
+        Kind::Whole => super::envelope::decode_whole(plain).map(|(envelope, _)| envelope),
+        _ => super::envelope::decode_envelope(plain),
     }
 }
 

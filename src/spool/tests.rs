@@ -23,6 +23,14 @@ async fn store(spool: &Spool, env: &Envelope, body: &[u8]) -> QueueId {
     id
 }
 
+/// Queue data for an update, due now.
+fn qd(data: &[u8]) -> QueueData {
+    QueueData {
+        data: data.to_vec(),
+        due: 0,
+    }
+}
+
 fn open(dir: &Path, master: &Key) -> (Spool, RecoveryReport) {
     Spool::open(dir, master.clone(), 1 << 20).expect("spool opens")
 }
@@ -102,17 +110,11 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
     )
     .await;
     assert_eq!(
-        spool
-            .update(id, &[1], Some(b"sched-1".to_vec()))
-            .await
-            .unwrap(),
+        spool.update(id, &[1], Some(qd(b"sched-1"))).await.unwrap(),
         Liveness::Live
     );
     assert_eq!(
-        spool
-            .update(id, &[0], Some(b"sched-2".to_vec()))
-            .await
-            .unwrap(),
+        spool.update(id, &[0], Some(qd(b"sched-2"))).await.unwrap(),
         Liveness::Live
     );
     drop(spool);
@@ -124,7 +126,7 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
     assert_eq!(state.queue_data, b"sched-2");
 
     let loc = spool.shared.index().messages[&id].message;
-    let seg = segment_path(spool.dir(), loc.segment);
+    let seg = segment_path(spool.dir(), u64::from(loc.segment));
     assert_eq!(
         spool.update(id, &[2], None).await.unwrap(),
         Liveness::Destroyed
@@ -133,7 +135,7 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
     assert!(matches!(spool.read(id).await, Err(SpoolError::NotFound)));
     // The old segment held nothing else and is not the active one: gone, key and all.
     assert!(!seg.exists(), "emptied segment is unlinked at once");
-    assert!(!key_path(spool.dir(), loc.segment).exists());
+    assert!(!key_path(spool.dir(), u64::from(loc.segment)).exists());
     drop(spool);
     let (_spool, report) = open(dir.path(), &master);
     assert_eq!(report.recovered, 0);
@@ -148,7 +150,7 @@ async fn destroyed_body_range_reads_back_as_zeros() {
     let gone = store(&spool, &envelope(&["g@x.test"]), &vec![b'z'; 10_000]).await;
     let loc = spool.shared.index().messages[&gone].message;
     spool.destroy(gone).await.unwrap();
-    let bytes = std::fs::read(segment_path(spool.dir(), loc.segment)).unwrap();
+    let bytes = std::fs::read(segment_path(spool.dir(), u64::from(loc.segment))).unwrap();
     let payload = &bytes[loc.offset as usize + HEADER_LEN..][..loc.len as usize];
     assert!(payload.iter().all(|b| *b == 0));
     assert!(matches!(
@@ -170,7 +172,7 @@ async fn corrupt_and_truncated_records_are_quarantined_not_fatal() {
         let index = spool.shared.index();
         (
             index.messages[&b].message,
-            index.messages[&b].message.segment,
+            u64::from(index.messages[&b].message.segment),
         )
     };
     drop(spool);
@@ -257,7 +259,7 @@ fn is_disk_full(e: &SpoolError) -> bool {
 }
 
 fn active_segment(spool: &Spool, id: QueueId) -> u64 {
-    spool.shared.index().messages[&id].message.segment
+    u64::from(spool.shared.index().messages[&id].message.segment)
 }
 
 #[tokio::test]
@@ -274,7 +276,7 @@ async fn enospc_on_append_refuses_that_batch_then_accepts_again_without_restart(
             .await
             .expect_err("disk full");
         assert!(is_disk_full(&err), "{err:?}");
-        assert!(spool.state(id).is_none(), "nothing half-accepted");
+        assert!(!spool.contains(id), "nothing half-accepted");
     }
     // Space is back: the next message is accepted, in a fresh segment.
     let after = store(&spool, &envelope(&["c@x.test"]), b"after\r\n").await;
@@ -317,10 +319,10 @@ async fn a_failed_fdatasync_is_never_retried_and_trusted() {
     drop(spool);
     let (spool, _) = open(dir.path(), &master);
     assert!(
-        spool.state(b).is_none(),
+        !spool.contains(b),
         "the unacknowledged one is not resurrected"
     );
-    assert!(spool.state(a).is_some() && spool.state(c).is_some());
+    assert!(spool.contains(a) && spool.contains(c));
 }
 
 #[tokio::test]
@@ -360,7 +362,7 @@ async fn state_the_disk_refuses_is_kept_in_memory_and_written_later() {
     spool.faults().fail(FaultPoint::Append, 2, ENOSPC);
     // The queue hears "done": recipient 0 is final and must never be delivered again.
     assert_eq!(
-        spool.update(id, &[0], Some(b"s1".to_vec())).await.unwrap(),
+        spool.update(id, &[0], Some(qd(b"s1"))).await.unwrap(),
         Liveness::Live
     );
     assert_eq!(spool.state(id).unwrap().final_rcpts, vec![true, false]);
@@ -394,7 +396,7 @@ async fn the_last_final_recipient_destroys_the_body_even_when_appends_fail() {
         spool.update(id, &[0], None).await.unwrap(),
         Liveness::Destroyed
     );
-    let bytes = std::fs::read(segment_path(spool.dir(), loc.segment)).unwrap();
+    let bytes = std::fs::read(segment_path(spool.dir(), u64::from(loc.segment))).unwrap();
     let payload = &bytes[loc.offset as usize + HEADER_LEN..][..loc.len as usize];
     assert!(payload.iter().all(|b| *b == 0), "punching needs no space");
     spool.faults().clear();
@@ -412,8 +414,8 @@ async fn a_punch_that_fails_is_retried_and_the_queue_is_not_told_to_resend() {
         spool.update(id, &[0], None).await.unwrap(),
         Liveness::Destroyed
     );
-    assert!(spool.state(id).is_none());
-    let path = segment_path(spool.dir(), loc.segment);
+    assert!(!spool.contains(id));
+    let path = segment_path(spool.dir(), u64::from(loc.segment));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let bytes = std::fs::read(&path).unwrap();
@@ -460,7 +462,7 @@ async fn a_segment_that_cannot_be_read_stays_in_place_and_is_reported() {
     std::fs::remove_file(&key).unwrap(); // e.g. restored from a backup without its keys
 
     let (spool, report) = open(dir.path(), &master);
-    assert!(spool.state(id).is_none());
+    assert!(!spool.contains(id));
     assert_eq!(report.unreadable.len(), 1, "{report:?}");
     assert_eq!(report.unreadable[0].segment, seg);
     assert_eq!(
@@ -496,4 +498,123 @@ async fn below_the_free_space_reserve_new_mail_is_refused_but_state_is_written()
     assert!(is_disk_full(&err), "{err:?}");
     assert_eq!(spool.update(id, &[0], None).await.unwrap(), Liveness::Live);
     assert_eq!(spool.unsynced(), 0, "state records still go to disk");
+}
+
+/// Recovery opens envelopes, never bodies: a body whose seal no longer opens is not noticed at
+/// start (the message is recovered, nothing is quarantined), only when the message is read.
+#[tokio::test]
+async fn recovery_opens_envelopes_not_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store(&spool, &envelope(&["a@x.test"]), &vec![b'b'; 4096]).await;
+    let loc = spool.shared.index().messages[&id].message;
+    drop(spool);
+    let path = segment_path(&dir.path().join("spool"), u64::from(loc.segment));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let end = (loc.offset + HEADER_LEN as u64 + u64::from(loc.len)) as usize;
+    bytes[end - 100] ^= 0xff; // inside the body's ciphertext
+    std::fs::write(&path, &bytes).unwrap();
+
+    let (spool, report) = open(dir.path(), &master);
+    assert_eq!(report.recovered, 1);
+    assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
+    assert_eq!(spool.dues(), vec![(id, 0)]);
+    assert!(matches!(spool.read(id).await, Err(SpoolError::Crypto(_))));
+}
+
+/// A spool written before envelope and body were sealed apart (one seal over both, kind 1) is
+/// still recovered and read.
+#[tokio::test]
+async fn whole_records_of_the_old_layout_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let spool_dir = dir.path().join("spool");
+    std::fs::create_dir_all(&spool_dir).unwrap();
+    let key = Key::generate().unwrap();
+    master
+        .write_wrapped(&key_path(&spool_dir, 1), &key_purpose(1), &key)
+        .unwrap();
+    let env = envelope(&["old@x.test", "older@x.test"]);
+    let json = serde_json::to_vec(&env).unwrap();
+    let mut plain = (json.len() as u32).to_le_bytes().to_vec();
+    plain.extend_from_slice(&json);
+    plain.extend_from_slice(b"Subject: old\r\n\r\nbody\r\n");
+    let id = QueueId::generate().unwrap();
+    let mut seg = Vec::new();
+    record::append(&mut seg, Kind::Whole, id, &key, &plain).unwrap();
+    std::fs::write(segment_path(&spool_dir, 1), &seg).unwrap();
+
+    let (spool, report) = open(dir.path(), &master);
+    assert_eq!((report.recovered, report.quarantined.len()), (1, 0));
+    let msg = spool.read(id).await.unwrap();
+    assert_eq!(msg.envelope, env);
+    assert_eq!(msg.body, b"Subject: old\r\n\r\nbody\r\n");
+    assert_eq!(msg.state.final_rcpts, vec![false, false]);
+}
+
+/// What the index keeps in memory survives a restart without the state records being read
+/// for it: the due time the queue stored (or "held"), and the final flags, inline up to 64
+/// recipients and beyond. The queue's data is read from disk when asked for.
+#[tokio::test]
+async fn due_times_and_finals_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let many: Vec<String> = (0..70).map(|i| format!("r{i}@x.test")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let a = store(&spool, &envelope(&many), b"X: a\r\n\r\n").await;
+    let b = store(
+        &spool,
+        &envelope(&["b@x.test", "c@x.test"]),
+        b"X: b\r\n\r\n",
+    )
+    .await;
+    let fresh = store(&spool, &envelope(&["d@x.test"]), b"X: d\r\n\r\n").await;
+    let data = |due| QueueData {
+        data: format!("due {due}").into_bytes(),
+        due,
+    };
+    spool
+        .update(a, &[0, 65, 69], Some(data(500)))
+        .await
+        .unwrap();
+    spool.update(b, &[1], Some(data(NOT_DUE))).await.unwrap();
+    drop(spool);
+
+    let (spool, _) = open(dir.path(), &master);
+    let mut dues = spool.dues();
+    dues.sort();
+    let mut want = vec![(a, 500), (b, NOT_DUE), (fresh, 0)];
+    want.sort();
+    assert_eq!(dues, want);
+    let state = spool.state(a).unwrap();
+    let finals: Vec<usize> = (0..70).filter(|&i| state.final_rcpts[i]).collect();
+    assert_eq!(finals, vec![0, 65, 69]);
+    assert_eq!((state.queue_data, state.due), (b"due 500".to_vec(), 500));
+    assert_eq!(spool.state(b).unwrap().final_rcpts, vec![false, true]);
+    // An update without queue data keeps the stored data (read back from disk) and due time.
+    spool.update(b, &[], None).await.unwrap();
+    let state = spool.state(b).unwrap();
+    assert_eq!(
+        (state.queue_data, state.due),
+        (format!("due {NOT_DUE}").into_bytes(), NOT_DUE)
+    );
+    assert!(matches!(
+        spool.state(QueueId([9; 16])),
+        Err(SpoolError::NotFound)
+    ));
+}
+
+#[test]
+fn finals_pack_and_unpack() {
+    for n in [0usize, 1, 63, 64, 65, 200] {
+        let flags: Vec<bool> = (0..n).map(|i| i % 3 == 0).collect();
+        let finals = Finals::from(&flags[..]);
+        assert_eq!(finals.to_vec(), flags, "{n}");
+        assert_eq!(finals.len(), n);
+        assert_eq!(finals.all_final(), flags.iter().all(|f| *f), "{n}");
+        assert!(Finals::from(&vec![true; n][..]).all_final());
+        assert_eq!(Finals::new(n).all_final(), n == 0);
+    }
 }

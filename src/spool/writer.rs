@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 use super::faults::FaultPoint;
 use super::record::{self, Kind, HEADER_LEN};
 use super::{
-    key_path, key_purpose, segment_path, Entry, Index, Liveness, Loc, MessageState, QueueId,
-    Segment, Shared, SpoolError,
+    key_path, key_purpose, segment_path, Entry, Finals, Index, Liveness, Loc, MessageState,
+    QueueData, QueueId, Segment, Shared, SpoolError,
 };
 use crate::crypto::{sync_dir, Key};
 
@@ -20,14 +20,16 @@ use crate::crypto::{sync_dir, Key};
 pub(super) enum Request {
     Store {
         id: QueueId,
-        plaintext: Vec<u8>,
+        /// The envelope as encoded for sealing, and the body.
+        envelope: Vec<u8>,
+        body: Vec<u8>,
         rcpts: usize,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Update {
         id: QueueId,
         final_rcpts: Vec<usize>,
-        queue_data: Option<Vec<u8>>,
+        queue: Option<QueueData>,
         reply: oneshot::Sender<Result<Liveness, SpoolError>>,
     },
     Destroy {
@@ -49,6 +51,18 @@ struct Active {
     key: Arc<Key>,
     /// Bytes in the segment: the offset of the next record.
     len: u64,
+}
+
+impl Active {
+    /// Where the record that starts at `start` in `buf` (this pass's appends) will sit.
+    fn loc_of(&self, buf: &[u8], start: usize) -> Loc {
+        Loc {
+            // Segment numbers fit in 32 bits: one is made per start and per 64 MiB written.
+            segment: self.number as u32,
+            offset: self.len + start as u64,
+            len: (buf.len() - start - HEADER_LEN) as u32,
+        }
+    }
 }
 
 pub(super) struct Writer {
@@ -129,8 +143,8 @@ impl Writer {
             while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(r) => {
-                        if let Request::Store { plaintext, .. } = &r {
-                            bytes += plaintext.len();
+                        if let Request::Store { envelope, body, .. } = &r {
+                            bytes += envelope.len() + body.len();
                         }
                         batch.push(r);
                     }
@@ -184,18 +198,19 @@ impl Writer {
             match request {
                 Request::Store {
                     id,
-                    plaintext,
+                    envelope,
+                    body,
                     rcpts,
                     reply,
                 } => {
                     // The free-space reserve, counting what this batch already takes.
-                    let size = plaintext.len() as u64;
+                    let size = (envelope.len() + body.len()) as u64;
                     if !self.shared.fits(room, size) {
                         let _ = reply.send(Err(storage_full()));
                         continue;
                     }
                     room -= size;
-                    match self.append_record(&mut buf, Kind::Message, id, &plaintext) {
+                    match self.append_message(&mut buf, id, &envelope, &body) {
                         Ok(loc) => pending.push(Pending::Store {
                             id,
                             loc,
@@ -208,11 +223,10 @@ impl Writer {
                 Request::Update {
                     id,
                     final_rcpts,
-                    queue_data,
+                    queue,
                     reply,
                 } => {
-                    let Some(state) = self.next_state(&updated, id, &final_rcpts, queue_data)
-                    else {
+                    let Some(state) = self.next_state(&updated, id, &final_rcpts, queue) else {
                         let _ = reply.send(Err(SpoolError::NotFound));
                         continue;
                     };
@@ -249,8 +263,8 @@ impl Writer {
             index
                 .unsynced
                 .iter()
-                .filter(|id| !updated.contains_key(id))
-                .filter_map(|id| index.messages.get(id).map(|e| (*id, e.current.clone())))
+                .filter(|(id, _)| !updated.contains_key(id))
+                .map(|(id, state)| (*id, state.clone()))
                 .collect()
         };
         for (id, state) in owed {
@@ -267,27 +281,58 @@ impl Writer {
     }
 
     /// The state a message will have after this update: the newest one (this batch's, else
-    /// the index's) with `final_rcpts` set and the queue's data replaced.
+    /// the index's) with `final_rcpts` set and the queue's data replaced. None when the message
+    /// is not live.
     fn next_state(
         &self,
         updated: &HashMap<QueueId, MessageState>,
         id: QueueId,
         final_rcpts: &[usize],
-        queue_data: Option<Vec<u8>>,
+        queue: Option<QueueData>,
     ) -> Option<MessageState> {
         let mut state = match updated.get(&id) {
             Some(s) => s.clone(),
-            None => self.shared.index().messages.get(&id)?.current.clone(),
+            None => self.current_state(id, queue.is_none())?,
         };
         for &i in final_rcpts {
             if let Some(flag) = state.final_rcpts.get_mut(i) {
                 *flag = true;
             }
         }
-        if let Some(data) = queue_data {
-            state.queue_data = data;
+        if let Some(queue) = queue {
+            state.queue_data = queue.data;
+            state.due = queue.due;
         }
         Some(state)
+    }
+
+    /// A live message's state as the index has it; with `with_data`, with the queue's data read
+    /// back from its state record too. Should that read fail, the data is left empty: the queue
+    /// then starts its retry state afresh (a recipient may be tried early, never forgotten).
+    fn current_state(&self, id: QueueId, with_data: bool) -> Option<MessageState> {
+        let (finals, due) = {
+            let index = self.shared.index();
+            if let Some(owed) = index.unsynced.get(&id) {
+                return Some(owed.clone());
+            }
+            let entry = index.messages.get(&id)?;
+            (entry.finals.to_vec(), entry.due)
+        };
+        let queue_data = match with_data {
+            true => match super::read_current_state(&self.shared, id) {
+                Ok(state) => state.queue_data,
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "spool: cannot read a state record; the retry state starts afresh");
+                    Vec::new()
+                }
+            },
+            false => Vec::new(),
+        };
+        Some(MessageState {
+            final_rcpts: finals,
+            queue_data,
+            due,
+        })
     }
 
     /// Seals a state record into `buf`; None when there is no segment to put it in (it is
@@ -295,6 +340,19 @@ impl Writer {
     fn append_state(&self, buf: &mut Vec<u8>, id: QueueId, state: &MessageState) -> Option<Loc> {
         let plain = serde_json::to_vec(state).ok()?;
         self.append_record(buf, Kind::State, id, &plain).ok()
+    }
+
+    fn append_message(
+        &self,
+        buf: &mut Vec<u8>,
+        id: QueueId,
+        envelope: &[u8],
+        body: &[u8],
+    ) -> Result<Loc, SpoolError> {
+        let active = self.active.as_ref().ok_or_else(no_segment)?;
+        let start = buf.len();
+        record::append_message(buf, id, &active.key, envelope, body)?;
+        Ok(active.loc_of(buf, start))
     }
 
     fn append_record(
@@ -310,11 +368,7 @@ impl Writer {
             buf.truncate(start);
             return Err(e.into());
         }
-        Ok(Loc {
-            segment: active.number,
-            offset: active.len + start as u64,
-            len: (buf.len() - start - HEADER_LEN) as u32,
-        })
+        Ok(active.loc_of(buf, start))
     }
 
     /// Applies the pass to the index. With `failed` set nothing of this pass reached the disk:
@@ -347,10 +401,8 @@ impl Writer {
                         Entry {
                             message: loc,
                             state: None,
-                            current: MessageState {
-                                final_rcpts: vec![false; rcpts],
-                                queue_data: Vec::new(),
-                            },
+                            finals: Finals::new(rcpts),
+                            due: 0,
                         },
                     );
                     let _ = reply.send(Ok(()));
@@ -477,11 +529,11 @@ impl Writer {
         let files: Vec<(Loc, Option<Arc<File>>)> = {
             let index = self.shared.index();
             dead.iter()
-                .map(|l| (*l, index.segments.get(&l.segment).map(|s| s.file.clone())))
+                .map(|l| (*l, index.segment_of(*l).ok().map(|s| s.file.clone())))
                 .collect()
         };
         let mut failed = Vec::new();
-        let mut touched: BTreeMap<u64, (Arc<File>, Vec<Loc>)> = BTreeMap::new();
+        let mut touched: BTreeMap<u32, (Arc<File>, Vec<Loc>)> = BTreeMap::new();
         for (loc, file) in files {
             let Some(file) = file else { continue };
             let punched =
@@ -518,10 +570,11 @@ impl Writer {
         {
             let mut index = self.shared.index();
             for loc in done {
-                if let Some(seg) = index.segments.get_mut(&loc.segment) {
+                let n = u64::from(loc.segment);
+                if let Some(seg) = index.segments.get_mut(&n) {
                     seg.live = seg.live.saturating_sub(1);
-                    if seg.live == 0 && Some(loc.segment) != active {
-                        emptied.push(loc.segment);
+                    if seg.live == 0 && Some(n) != active {
+                        emptied.push(n);
                     }
                 }
             }
@@ -580,9 +633,9 @@ impl Index {
             // Destroyed earlier in this same batch.
             return Liveness::Destroyed;
         };
-        entry.current = state;
+        entry.finals = Finals::from(&state.final_rcpts[..]);
+        entry.due = state.due;
         if all_final {
-            self.unsynced.remove(&id);
             dead.extend(self.remove(id));
             return Liveness::Destroyed;
         }
@@ -595,14 +648,14 @@ impl Index {
                 self.add_live(loc.segment);
             }
             None => {
-                self.unsynced.insert(id);
+                self.unsynced.insert(id, state);
             }
         }
         Liveness::Live
     }
 
-    fn add_live(&mut self, segment: u64) {
-        if let Some(s) = self.segments.get_mut(&segment) {
+    fn add_live(&mut self, segment: u32) {
+        if let Some(s) = self.segments.get_mut(&u64::from(segment)) {
             s.live += 1;
         }
     }
