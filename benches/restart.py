@@ -63,7 +63,7 @@ def fill(args, data):
         f.write(want)
 
 
-def write_config(path, data, relay, closed):
+def write_config(path, data, relay, closed, extra):
     with open(path, "w") as f:
         f.write(f"""[server]
 hostname = "bench.postern.test"
@@ -76,6 +76,7 @@ networks = ["127.0.0.0/8"]
 [delivery]
 smarthost = "127.0.0.1:{closed}"
 tls = "none"
+{extra}
 """)
 
 
@@ -105,13 +106,14 @@ def main():
     p.add_argument("--cold", action="store_true")
     p.add_argument("--after", type=float, default=10)
     p.add_argument("--dir")
+    p.add_argument("--extra", default="", help="lines added to [delivery] of the daemon's config")
     args = p.parse_args()
     work = args.dir or tempfile.mkdtemp(prefix="postern-restart-", dir=f"{ROOT}/target")
     data = os.path.join(work, "data")
     fill(args, data)
     relay, closed = free_port(), free_port()
     config = os.path.join(work, "config.toml")
-    write_config(config, data, relay, closed)
+    write_config(config, data, relay, closed, args.extra)
     if args.cold:
         subprocess.run(["sync"], check=True)
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -133,6 +135,8 @@ def main():
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)
+        # The daemon has worked on the queue: the next run fills it afresh.
+        os.remove(os.path.join(data, "filled"))
     kind = "deferred" if args.deferred else "fresh"
     print(f"restart over {args.messages} {kind} messages of {args.size} B ({'cold' if args.cold else 'warm'} cache): "
           f"listening after {took:.2f} s, RSS {rss / 1024:.0f} MiB then; "

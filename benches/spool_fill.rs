@@ -12,6 +12,9 @@
 //! `bench.invalid`. With `--deferred`, each also gets the state record of one failed attempt
 //! (a retry state with a last status and diagnostic, next attempt in an hour), as a queue
 //! holds after an outage: a restart must then read a state record per message too.
+//!
+//! `--reopen` writes nothing: it opens the spool in DIR (recovery alone, without the rest of the
+//! daemon's start) and prints how long that took and the process's resident memory after it.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -27,6 +30,7 @@ struct Args {
     messages: usize,
     size: usize,
     deferred: bool,
+    reopen: bool,
 }
 
 fn parse_args() -> Args {
@@ -35,6 +39,7 @@ fn parse_args() -> Args {
         messages: 100_000,
         size: 4096,
         deferred: false,
+        reopen: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -47,6 +52,7 @@ fn parse_args() -> Args {
             "--messages" => args.messages = value().parse().unwrap_or_else(|_| usage("--messages")),
             "--size" => args.size = value().parse().unwrap_or_else(|_| usage("--size")),
             "--deferred" => args.deferred = true,
+            "--reopen" => args.reopen = true,
             "--bench" => {}
             other => usage(&format!("unknown argument {other}")),
         }
@@ -58,7 +64,7 @@ fn parse_args() -> Args {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("spool_fill: {why}\nusage: spool_fill --data-dir DIR [--messages N] [--size BYTES] [--deferred]");
+    eprintln!("spool_fill: {why}\nusage: spool_fill --data-dir DIR [--messages N] [--size BYTES] [--deferred] [--reopen]");
     std::process::exit(2);
 }
 
@@ -147,13 +153,33 @@ async fn fill(spool: Spool, args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// This process's resident memory (VmRSS) in MiB.
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    kib.unwrap_or(0) / 1024
+}
+
 fn main() {
     let args = parse_args();
     let started = Instant::now();
     let master = load_or_create_master_key(&args.data_dir.join("master.key"))
         .unwrap_or_else(|e| usage(&format!("master key: {e}")));
-    let (spool, _) = Spool::open(&args.data_dir, master, 64 << 20)
+    let (spool, report) = Spool::open(&args.data_dir, master, 64 << 20)
         .unwrap_or_else(|e| usage(&format!("cannot open the spool: {e}")));
+    if args.reopen {
+        println!(
+            "spool_fill: recovered {} messages from {} segments in {:.2} s; RSS {} MiB",
+            report.recovered,
+            report.segments,
+            started.elapsed().as_secs_f64(),
+            rss_mib()
+        );
+        return;
+    }
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| usage(&e.to_string()));
     if let Err(e) = runtime.block_on(fill(spool.clone(), &args)) {
         usage(&format!("store failed: {e}"));

@@ -575,3 +575,43 @@ fn tried(server: &TestServer) -> usize {
         .filter(|s| Schedule::decode(&s.queue_data, 1).rcpts[0].attempts == 1)
         .count()
 }
+
+/// The working set is bounded: with more messages due than `max_active_messages`, only that
+/// many are taken from the due index (and journaled, and read); the others wait there, holding
+/// nothing but their index entry, instead of each becoming a task that waits for a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_messages_are_taken_than_there_are_active_slots() {
+    let tarpit = Tarpit::start("127.0.0.1:0").await;
+    let (server, queue) = TestServer::start_with(
+        &format!(
+            "[delivery]\nsmarthost = \"{}\"\nmax_active_messages = 3\nreply_timeout = \"10m\"\n",
+            tarpit.addr
+        ),
+        Options::default(),
+    )
+    .await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..10 {
+        let r = c
+            .send_mail(
+                "app@sender.test",
+                &[&format!("r{i}@dest.test")],
+                "Subject: t\r\n\r\nhi\r\n",
+            )
+            .await;
+        assert_eq!(r.code, 250);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tarpit.connections.load(Ordering::SeqCst) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the three attempts never reached the tarpit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = queue.counts();
+    assert_eq!((counts.active, counts.waiting), (3, 7), "{counts:?}");
+    assert_eq!(tarpit.connections.load(Ordering::SeqCst), 3);
+}

@@ -8,7 +8,7 @@
 //! A held message is in neither: [`Due::schedule`] ignores it until [`Due::release`], so a
 //! hold placed while the message runs also outlasts that attempt's own reschedule.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::schedule::Hold;
 use crate::spool::QueueId;
@@ -18,7 +18,8 @@ pub(super) struct Due {
     /// Waiting messages: (due time, id), earliest first.
     order: BTreeSet<(i64, QueueId)>,
     /// Each waiting id's entry in `order`, so rescheduling replaces rather than duplicates.
-    at: HashMap<QueueId, i64>,
+    /// A B-tree, as the spool's index: a queue of a million messages costs no table doubling.
+    at: BTreeMap<QueueId, i64>,
     /// Running messages, with the due time asked for while they ran (earliest wins).
     running: HashMap<QueueId, Option<i64>>,
     /// Held messages: never scheduled until released.

@@ -139,7 +139,10 @@ struct Entry {
 /// One flag per recipient (true once final), inline up to 64 recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Finals {
-    Few { count: u8, bits: u64 },
+    Few {
+        count: u8,
+        bits: u64,
+    },
     // A thin pointer (a `Box<[bool]>` is two words): keeps `Finals` at 16 bytes.
     #[allow(clippy::box_collection)]
     Many(Box<Vec<bool>>),

@@ -618,3 +618,26 @@ fn finals_pack_and_unpack() {
         assert_eq!(Finals::new(n).all_final(), n == 0);
     }
 }
+
+/// The queue's data is written as a base64 string (skipped quickly by recovery), and state
+/// records of the earlier form, with the bytes as an array of numbers, still read.
+#[test]
+fn queue_data_is_a_string_and_arrays_still_read() {
+    let state = MessageState {
+        final_rcpts: vec![true, false],
+        queue_data: b"{\"sched\":1}".to_vec(),
+        due: 42,
+    };
+    let json = serde_json::to_string(&state).unwrap();
+    assert!(
+        json.contains("\"queue_data\":\"eyJzY2hlZCI6MX0=\""),
+        "{json}"
+    );
+    assert_eq!(serde_json::from_str::<MessageState>(&json).unwrap(), state);
+    let old = r#"{"final_rcpts":[true,false],"queue_data":[104,105]}"#;
+    let read: MessageState = serde_json::from_str(old).unwrap();
+    assert_eq!((read.queue_data, read.due), (b"hi".to_vec(), 0));
+    assert!(
+        serde_json::from_str::<MessageState>(r#"{"final_rcpts":[],"queue_data":"!!"}"#).is_err()
+    );
+}
