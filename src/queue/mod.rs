@@ -95,11 +95,13 @@ impl Queue {
     /// Puts every message of the spool in the due index, at the due time stored with it: no
     /// record is read, except the state of a held message (for its hold).
     fn schedule_recovered(&self) {
-        for (id, due) in self.spool.dues() {
-            if due != NOT_DUE {
-                self.schedule(id, due);
-                continue;
-            }
+        let (due, held): (Vec<_>, Vec<_>) = self
+            .spool
+            .dues()
+            .into_iter()
+            .partition(|&(_, due)| due != NOT_DUE);
+        self.lock().load(due);
+        for (id, _) in held {
             let hold = self.spool.state(id).ok().and_then(|state| {
                 Schedule::decode(&state.queue_data, state.final_rcpts.len()).hold
             });
@@ -109,6 +111,7 @@ impl Queue {
                 None => self.schedule(id, 0),
             }
         }
+        self.wake.notify_one();
     }
 
     /// A message just accepted: due at once.

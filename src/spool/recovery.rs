@@ -8,7 +8,7 @@
 //! prove that. Quarantined copies are personal data like any message: they are deleted
 //! `privacy.retention_days` after they were set aside ([`purge_quarantine`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,17 +68,19 @@ pub(super) fn recover(
     let next = numbers.last().map_or(1, |n| n + 1);
     let mut index = Index::default();
     let mut report = RecoveryReport::default();
-    let mut states: HashMap<QueueId, RecoveredState> = HashMap::new();
+    let mut found = Found::default();
     // Segments that must stay even if nothing in them is live (a quarantine copy failed).
     let mut keep = HashSet::new();
     let mut reader = SegmentReader::default();
     for n in numbers {
-        let stores = (&mut index, &mut states, &mut report);
+        let stores = (&mut index, &mut found, &mut report);
         if read_segment(dir, n, master, faults, &mut reader, stores) {
             keep.insert(n);
         }
     }
-    attach_states(&mut index, states);
+    // The segment buffer (up to a segment's size) goes before the map is built.
+    drop(reader);
+    index.messages = found.into_messages();
     finish_final(&mut index, &mut keep);
     remove_empty(dir, &mut index, &keep);
     if let Err(e) = crate::crypto::sync_dir(dir) {
@@ -114,11 +116,7 @@ fn read_segment(
     master: &Key,
     faults: &Faults,
     reader: &mut SegmentReader,
-    (index, states, report): (
-        &mut Index,
-        &mut HashMap<QueueId, RecoveredState>,
-        &mut RecoveryReport,
-    ),
+    (index, found, report): (&mut Index, &mut Found, &mut RecoveryReport),
 ) -> bool {
     let seg_path = super::segment_path(dir, n);
     if !seg_path.exists() {
@@ -138,9 +136,50 @@ fn read_segment(
         }
     };
     let quarantined = report.quarantined.len();
-    scan(dir, n, data, &key, index, states, report);
+    scan(dir, n, data, &key, found, report);
     index.segments.insert(n, Segment { file, key, live: 0 });
     report.quarantined[quarantined..].iter().any(|q| !q.saved)
+}
+
+/// What the scan of the segments found, before it goes into the index.
+#[derive(Default)]
+struct Found {
+    /// Live message records, in the order read.
+    messages: Vec<(QueueId, Entry)>,
+    /// State records, in the order read (so the last of a message's is its newest).
+    states: Vec<(QueueId, RecoveredState)>,
+}
+
+impl Found {
+    /// The index's map of messages, each with its newest state record (when the recipient
+    /// counts agree). Lists rather than maps until here, and the map built at once from the
+    /// sorted list (full B-tree nodes): a million messages cost their entries, not tables
+    /// with room to spare.
+    fn into_messages(self) -> BTreeMap<QueueId, Entry> {
+        let Found {
+            mut messages,
+            mut states,
+        } = self;
+        messages.sort_unstable_by_key(|(id, _)| *id);
+        // Stable: of one message's state records, the newest stays last.
+        states.sort_by_key(|(id, _)| *id);
+        let mut states = states.into_iter().peekable();
+        for (id, entry) in messages.iter_mut() {
+            let mut newest = None;
+            while let Some((next, state)) = states.next_if(|(next, _)| next <= id) {
+                if next == *id {
+                    newest = Some(state);
+                }
+            }
+            if let Some(state) = newest.filter(|s| s.finals.len() == entry.finals.len()) {
+                entry.state = Some(state.loc);
+                entry.finals = state.finals;
+                entry.due = state.due;
+            }
+        }
+        drop(states);
+        messages.into_iter().collect()
+    }
 }
 
 /// What recovery keeps of a state record: where it is, and what the index holds of it (the
@@ -149,19 +188,6 @@ struct RecoveredState {
     loc: Loc,
     finals: Finals,
     due: i64,
-}
-
-/// Gives each message its last state record (recipient counts must agree).
-fn attach_states(index: &mut Index, states: HashMap<QueueId, RecoveredState>) {
-    for (id, state) in states {
-        if let Some(entry) = index.messages.get_mut(&id) {
-            if state.finals.len() == entry.finals.len() {
-                entry.state = Some(state.loc);
-                entry.finals = state.finals;
-                entry.due = state.due;
-            }
-        }
-    }
 }
 
 /// Messages final but not yet punched when the previous run stopped: finishes the job. A punch
@@ -317,8 +343,7 @@ fn scan(
     n: u64,
     data: &[u8],
     key: &Key,
-    index: &mut Index,
-    states: &mut HashMap<QueueId, RecoveredState>,
+    found: &mut Found,
     report: &mut RecoveryReport,
 ) {
     let mut pos = 0usize;
@@ -373,7 +398,7 @@ fn scan(
             (Kind::Message | Kind::Whole, Some(plain)) => {
                 match recipient_count(header.kind, &plain) {
                     Some(recipients) => {
-                        index.messages.insert(
+                        found.messages.push((
                             header.id,
                             Entry {
                                 message: loc,
@@ -381,7 +406,7 @@ fn scan(
                                 finals: Finals::new(recipients),
                                 due: 0,
                             },
-                        );
+                        ));
                     }
                     None => quarantine(
                         dir,
@@ -397,7 +422,9 @@ fn scan(
                 Ok(state) => {
                     let finals = Finals::from(&state.final_rcpts[..]);
                     let due = state.due;
-                    states.insert(header.id, RecoveredState { loc, finals, due });
+                    found
+                        .states
+                        .push((header.id, RecoveredState { loc, finals, due }));
                 }
                 Err(_) => quarantine(
                     dir,

@@ -641,3 +641,40 @@ fn queue_data_is_a_string_and_arrays_still_read() {
         serde_json::from_str::<MessageState>(r#"{"final_rcpts":[],"queue_data":"!!"}"#).is_err()
     );
 }
+
+/// When superseded state records are still on disk (their punch failed, or a crash came
+/// between the sync of the new one and the punch of the old), recovery takes the newest.
+#[tokio::test]
+async fn recovery_takes_the_newest_of_several_state_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let a = store(
+        &spool,
+        &envelope(&["a@x.test", "b@x.test"]),
+        b"X: a\r\n\r\n",
+    )
+    .await;
+    let b = store(&spool, &envelope(&["c@x.test"]), b"X: b\r\n\r\n").await;
+    spool.faults().fail(FaultPoint::Punch, 1000, EIO);
+    let data = |text: &str, due| QueueData {
+        data: text.as_bytes().to_vec(),
+        due,
+    };
+    spool.update(a, &[], Some(data("a1", 10))).await.unwrap();
+    spool.update(b, &[], Some(data("b1", 20))).await.unwrap();
+    spool.update(a, &[1], Some(data("a2", 30))).await.unwrap();
+    spool.update(b, &[], Some(data("b2", 40))).await.unwrap();
+    spool.update(a, &[], Some(data("a3", 50))).await.unwrap();
+    drop(spool);
+    let (spool, _) = open(dir.path(), &master);
+    let mut dues = spool.dues();
+    dues.sort();
+    let mut want = vec![(a, 50), (b, 40)];
+    want.sort();
+    assert_eq!(dues, want);
+    let state = spool.state(a).unwrap();
+    assert_eq!(state.queue_data, b"a3");
+    assert_eq!(state.final_rcpts, vec![false, true]);
+    assert_eq!(spool.state(b).unwrap().queue_data, b"b2");
+}

@@ -271,7 +271,7 @@ pub fn sealed_records(data_dir: &Path, id: &str) -> Vec<SealedRecord> {
     segments.sort();
     for segment in segments {
         let bytes = std::fs::read(&segment).expect("read segment");
-        for kind in [1u8, 2] {
+        for kind in [1u8, 2, 3] {
             let mut header = b"PSTR".to_vec();
             header.extend_from_slice(&[kind, 0, 0, 0]);
             header.extend_from_slice(&id.0);
