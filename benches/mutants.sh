@@ -7,7 +7,8 @@
 #
 #   bounce    DSN building                    src/bounce.rs
 #   suppress  the suppression list            src/suppress.rs
-#   spool     destruction of final messages   src/spool/*.rs (destroy, punch, Index::remove)
+#   spool     destruction of final messages   src/spool/*.rs (destroy, punch, which message is
+#                                             final: Index::apply, all_final, finish_final)
 #   purge     the ledger's retention purge    src/ledger/mod.rs (Ledger::purge)
 #   proto     DATA decoding, smuggling        src/proto/data.rs
 #   relay     who may relay                   src/config.rs (RelayConfig::allows), the RCPT
@@ -44,7 +45,7 @@ select_area() {
         bounce) FILES=(--file src/bounce.rs) TARGET=(--lib) FILTER=(bounce::) ;;
         suppress) FILES=(--file src/suppress.rs) TARGET=(--lib) FILTER=(ledger:: suppress::) ;;
         # The unit tests, and the delivery tests that look at the segment files.
-        spool) FILES=(--file 'src/spool/*.rs' --re 'punch|destroy|Index::remove')
+        spool) FILES=(--file 'src/spool/*.rs' --re 'punch|destroy|Index::remove|Index::apply|all_final|finish_final|write_zeros')
             TARGET=(--lib --test=delivery) FILTER=(spool:: body_destroyed segment retried) ;;
         purge) FILES=(--file src/ledger/mod.rs --re 'Ledger::purge') TARGET=(--lib) FILTER=(ledger::) ;;
         proto) FILES=(--file src/proto/data.rs) TARGET=(--lib) FILTER=(proto::) ;;
