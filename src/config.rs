@@ -588,6 +588,11 @@ pub struct DeliveryConfig {
     /// `qmgr_message_active_limit` is 20,000 too.
     #[serde(default = "default_max_active_messages")]
     pub max_active_messages: usize,
+    /// Message bytes that delivery attempts hold in memory at once: an attempt holds its
+    /// message (read from the spool) until it ends. Over it, an attempt waits before reading;
+    /// a message bigger than the whole amount waits until it can have all of it.
+    #[serde(default = "default_max_body_memory")]
+    pub max_body_memory: u64,
     /// Addresses of mail exchangers tried in one attempt (Postfix: `smtp_mx_address_limit`).
     #[serde(default = "default_max_mx_addresses")]
     pub max_mx_addresses: usize,
@@ -678,6 +683,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_max_active_messages() -> usize {
     20_000
+}
+fn default_max_body_memory() -> u64 {
+    128 << 20
 }
 fn default_max_mx_addresses() -> usize {
     5
@@ -1006,6 +1014,12 @@ impl Config {
                 "connection and message limits must be at least 1",
             );
         }
+        if d.max_body_memory < 1 << 20 {
+            return invalid(
+                "delivery.max_body_memory",
+                "must be at least 1 MiB (1048576)",
+            );
+        }
         for (i, host) in d.smarthost.to_vec().iter().enumerate() {
             if crate::delivery::parse_host_port(host, 25).is_none() {
                 return invalid(
@@ -1210,6 +1224,10 @@ mod tests {
                 "delivery.smarthost[0]",
             ),
             ("[delivery]\ntls = \"maybe\"\n", "tls"),
+            (
+                "[delivery]\nmax_body_memory = 65536\n",
+                "delivery.max_body_memory",
+            ),
             (
                 "[local]\ndir = \"spool\"\npickup_interval = \"0s\"\n",
                 "local.pickup_interval",

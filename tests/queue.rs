@@ -615,3 +615,48 @@ async fn no_more_messages_are_taken_than_there_are_active_slots() {
     assert_eq!((counts.active, counts.waiting), (3, 7), "{counts:?}");
     assert_eq!(tarpit.connections.load(Ordering::SeqCst), 3);
 }
+
+/// `max_body_memory` bounds the message bytes attempts hold: with room for one of two big
+/// messages, the second is not read (and so never reaches its destination) while the first
+/// holds its bytes; both are active, one waiting for memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_wait_for_body_memory() {
+    let tarpit = Tarpit::start("127.0.0.1:0").await;
+    let (server, queue) = TestServer::start_with(
+        &format!(
+            "[delivery]\nsmarthost = \"{}\"\nmax_body_memory = 1048576\nreply_timeout = \"10m\"\n",
+            tarpit.addr
+        ),
+        Options::default(),
+    )
+    .await;
+    // About 700 KiB: two do not fit in 1 MiB.
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "y".repeat(76)).repeat(9000)
+    );
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..2 {
+        let r = c
+            .send_mail("app@sender.test", &[&format!("r{i}@dest.test")], &body)
+            .await;
+        assert_eq!(r.code, 250);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tarpit.connections.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < deadline, "no attempt reached the tarpit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        queue.counts().active,
+        2,
+        "both taken, one waiting for memory"
+    );
+    assert_eq!(
+        tarpit.connections.load(Ordering::SeqCst),
+        1,
+        "the second message was read and sent while the first held the memory"
+    );
+}

@@ -54,6 +54,11 @@ pub struct Queue {
     /// Messages being worked on (`max_active_messages`). Sessions are limited separately, by
     /// the deliverer, and only while one talks to a server.
     active: Arc<Semaphore>,
+    /// Message bytes held by attempts, in KiB (`max_body_memory`): a message is read only once
+    /// its size fits.
+    memory: Arc<Semaphore>,
+    /// The whole of `memory`, in KiB: a bigger message waits for all of it.
+    memory_kib: u32,
     tasks: TaskTracker,
     /// Cancelled at shutdown: attempts in flight are abandoned (the mail stays in the spool).
     abandon: CancellationToken,
@@ -74,10 +79,13 @@ impl Queue {
         config: Arc<Config>,
         journal: Journal,
     ) -> Arc<Queue> {
+        let memory_kib = u32::try_from(config.delivery.max_body_memory / 1024).unwrap_or(u32::MAX);
         let queue = Arc::new(Queue {
             journal: Mutex::new(journal),
             suspects: Suspects::new(),
             active: Arc::new(Semaphore::new(config.delivery.max_active_messages.max(1))),
+            memory: Arc::new(Semaphore::new(memory_kib as usize)),
+            memory_kib,
             abandon: CancellationToken::new(),
             spool,
             deliverer,
@@ -294,6 +302,11 @@ impl Queue {
     /// One attempt at one message: who is due, the attempt, what follows from each outcome,
     /// the notices, and the new state in the spool.
     async fn process(self: &Arc<Self>, id: QueueId) {
+        // Held until the attempt ends, with the message.
+        let _memory = tokio::select! {
+            held = self.hold_memory(id) => held,
+            _ = self.abandon.cancelled() => return,
+        };
         let msg = match self.spool.read(id).await {
             Ok(m) => m,
             Err(SpoolError::NotFound) => return,
@@ -337,6 +350,15 @@ impl Queue {
         // A hold placed while the attempt ran is kept (the index already has it).
         sched.hold = self.lock().hold_of(id);
         self.commit(&msg, &finals, &sched, now).await;
+    }
+
+    /// Waits until the message's bytes fit under `max_body_memory` (all of it, for a message
+    /// bigger than that), and holds them. One acquisition for the whole amount, so that two
+    /// attempts never wait on each other, each holding a part. None when the message is gone.
+    async fn hold_memory(&self, id: QueueId) -> Option<OwnedSemaphorePermit> {
+        let size = self.spool.size(id)?;
+        let kib = size.div_ceil(1024).clamp(1, u64::from(self.memory_kib)) as u32;
+        self.memory.clone().acquire_many_owned(kib).await.ok()
     }
 
     /// Pending recipients due now (all of them after a flush), split into those suppressed

@@ -388,6 +388,12 @@ impl Spool {
         self.shared.index().messages.keys().copied().collect()
     }
 
+    /// The size of a live message's record (envelope and body, sealed), without reading it.
+    pub fn size(&self, id: QueueId) -> Option<u64> {
+        let index = self.shared.index();
+        index.messages.get(&id).map(|e| u64::from(e.message.len))
+    }
+
     /// Whether `id` is a live message.
     pub fn contains(&self, id: QueueId) -> bool {
         self.shared.index().messages.contains_key(&id)
@@ -493,7 +499,7 @@ const STATE_READS: usize = 3;
 /// of a message never updated.
 fn read_current_state(shared: &Shared, id: QueueId) -> Result<MessageState, SpoolError> {
     for _ in 0..STATE_READS {
-        let (loc, file, key, finals, due) = {
+        let (loc, file, key) = {
             let index = shared.index();
             if let Some(owed) = index.unsynced.get(&id) {
                 return Ok(owed.clone());
@@ -507,19 +513,12 @@ fn read_current_state(shared: &Shared, id: QueueId) -> Result<MessageState, Spoo
                 });
             };
             let segment = index.segment_of(loc)?;
-            let (file, key) = (segment.file.clone(), segment.key.clone());
-            (loc, file, key, entry.finals.to_vec(), entry.due)
+            (loc, segment.file.clone(), segment.key.clone())
         };
         match read_state(&file, &key, loc, id) {
+            // The record says what the index does (a state ahead of its record is owed, above).
             Ok(plain) => {
-                let stored: MessageState =
-                    serde_json::from_slice(&plain).map_err(|_| SpoolError::Corrupt(id))?;
-                // The index is the truth for finals and due (it may be ahead of the record).
-                return Ok(MessageState {
-                    final_rcpts: finals,
-                    due,
-                    ..stored
-                });
+                return serde_json::from_slice(&plain).map_err(|_| SpoolError::Corrupt(id))
             }
             // Replaced and punched between the lookup and the read: look again.
             Err(e) if shared.index().messages.get(&id).and_then(|e| e.state) != Some(loc) => {
