@@ -271,6 +271,12 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     #[serde(default = "default_max_recipients")]
     pub max_recipients: usize,
+    /// Message bytes held in memory at once: by sessions receiving messages (past the first
+    /// 256 KiB of each) and by delivery attempts, each its message from the read to the end
+    /// of the attempt. Over it, a session stops reading its client's data and an attempt waits
+    /// before reading its message; a need bigger than the whole amount waits for all of it.
+    #[serde(default = "default_max_body_memory")]
+    pub max_body_memory: u64,
     /// Concurrent SMTP connections over all listeners; more get `421 4.7.0`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -323,6 +329,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_size: default_max_message_size(),
             max_recipients: default_max_recipients(),
+            max_body_memory: default_max_body_memory(),
             max_connections: default_max_connections(),
             command_timeout: default_command_timeout(),
             data_timeout: default_data_timeout(),
@@ -588,11 +595,6 @@ pub struct DeliveryConfig {
     /// `qmgr_message_active_limit` is 20,000 too.
     #[serde(default = "default_max_active_messages")]
     pub max_active_messages: usize,
-    /// Message bytes that delivery attempts hold in memory at once: an attempt holds its
-    /// message (read from the spool) until it ends. Over it, an attempt waits before reading;
-    /// a message bigger than the whole amount waits until it can have all of it.
-    #[serde(default = "default_max_body_memory")]
-    pub max_body_memory: u64,
     /// Addresses of mail exchangers tried in one attempt (Postfix: `smtp_mx_address_limit`).
     #[serde(default = "default_max_mx_addresses")]
     pub max_mx_addresses: usize,
@@ -971,6 +973,9 @@ impl Config {
         if limits.max_recipients == 0 {
             return invalid("limits.max_recipients", "must be at least 1");
         }
+        if limits.max_body_memory < 1 << 20 {
+            return invalid("limits.max_body_memory", "must be at least 1 MiB (1048576)");
+        }
         if limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
         }
@@ -1012,12 +1017,6 @@ impl Config {
             return invalid(
                 "delivery",
                 "connection and message limits must be at least 1",
-            );
-        }
-        if d.max_body_memory < 1 << 20 {
-            return invalid(
-                "delivery.max_body_memory",
-                "must be at least 1 MiB (1048576)",
             );
         }
         for (i, host) in d.smarthost.to_vec().iter().enumerate() {
@@ -1225,8 +1224,8 @@ mod tests {
             ),
             ("[delivery]\ntls = \"maybe\"\n", "tls"),
             (
-                "[delivery]\nmax_body_memory = 65536\n",
-                "delivery.max_body_memory",
+                "[limits]\nmax_body_memory = 65536\n",
+                "limits.max_body_memory",
             ),
             (
                 "[local]\ndir = \"spool\"\npickup_interval = \"0s\"\n",

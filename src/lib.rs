@@ -8,6 +8,7 @@
 //! - [`server`]: listeners and sessions; drives `proto` over TCP and TLS.
 //! - [`auth`]: SMTP accounts (argon2) and the password-check pool. [`tls`]: the inbound certificate.
 //! - [`limits`]: counters for failed logins, connection rates and sending limits, behind a trait.
+//! - [`memory`]: the cap on message bytes held in memory, shared by sessions and deliveries.
 //! - [`dkim`]: signing with mail-auth, key generation, the DNS records to publish.
 //! - [`spool`]: encrypted append-only segments with group commit; `250` only after fdatasync.
 //! - [`queue`]: due times, retries, expiry, notices; [`clock`] makes its time injectable.
@@ -47,6 +48,7 @@ pub mod ledger;
 pub mod limits;
 pub mod local;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod proto;

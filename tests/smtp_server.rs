@@ -637,3 +637,47 @@ async fn a_second_daemon_on_the_same_data_directory_is_refused() {
         .await;
     assert_eq!(r.code, 250);
 }
+
+/// `limits.max_body_memory` bounds what sessions hold of bodies past their first 256 KiB: with
+/// room for one of two 700 KiB messages, the second session stops reading its body (no reply)
+/// until the first message is stored and its bytes given back; then it is accepted too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_256_kib_waits_for_memory() {
+    let server = TestServer::start("[limits]\nmax_body_memory = 1048576\n").await;
+    let line = format!("{}\r\n", "z".repeat(76));
+    let body = format!("Subject: big\r\n\r\n{}", line.repeat(9000));
+    let size = body.len();
+    let (mut a, _) = Raw::connect(server.relay).await;
+    a.expect("EHLO a.test", 250).await;
+    a.expect(&format!("MAIL FROM:<a@sender.test> SIZE={size}"), 250)
+        .await;
+    a.expect("RCPT TO:<r@dest.test>", 250).await;
+    a.expect("DATA", 354).await;
+    a.send(&body[..400 << 10]).await; // past 256 KiB: holds its declared 700 KiB
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (mut b, _) = Raw::connect(server.relay).await;
+    b.expect("EHLO b.test", 250).await;
+    b.expect(&format!("MAIL FROM:<b@sender.test> SIZE={size}"), 250)
+        .await;
+    b.expect("RCPT TO:<r@dest.test>", 250).await;
+    b.expect("DATA", 354).await;
+    // In a task: with the server not reading, the write itself may wait.
+    let whole = format!("{body}.\r\n");
+    let sending = tokio::spawn(async move {
+        b.send(whole).await;
+        b.reply().await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert!(
+        !sending.is_finished(),
+        "b was answered while a held the memory"
+    );
+    a.send(format!("{}.\r\n", &body[400 << 10..])).await;
+    assert_eq!(a.reply().await.code, 250);
+    let b_reply = sending.await.expect("b's task");
+    assert_eq!(
+        b_reply.code, 250,
+        "b accepted once a's bytes were given back"
+    );
+    assert_eq!(server.spool.live().len(), 2);
+}

@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::delivery::client::Needs;
 use crate::delivery::{Deliverer, Job, RcptOutcome};
 use crate::ledger::{Ledger, Outcome, Update};
+use crate::memory::{BodyMemory, Held};
 use crate::spool::{
     Envelope, Liveness, QueueData, QueueId, Spool, SpoolError, StoredMessage, NOT_DUE,
 };
@@ -54,11 +55,9 @@ pub struct Queue {
     /// Messages being worked on (`max_active_messages`). Sessions are limited separately, by
     /// the deliverer, and only while one talks to a server.
     active: Arc<Semaphore>,
-    /// Message bytes held by attempts, in KiB (`max_body_memory`): a message is read only once
-    /// its size fits.
-    memory: Arc<Semaphore>,
-    /// The whole of `memory`, in KiB: a bigger message waits for all of it.
-    memory_kib: u32,
+    /// Message bytes in memory (`limits.max_body_memory`), shared with the sessions: a
+    /// message is read only once its size fits.
+    memory: Arc<BodyMemory>,
     tasks: TaskTracker,
     /// Cancelled at shutdown: attempts in flight are abandoned (the mail stays in the spool).
     abandon: CancellationToken,
@@ -79,13 +78,11 @@ impl Queue {
         config: Arc<Config>,
         journal: Journal,
     ) -> Arc<Queue> {
-        let memory_kib = u32::try_from(config.delivery.max_body_memory / 1024).unwrap_or(u32::MAX);
         let queue = Arc::new(Queue {
             journal: Mutex::new(journal),
             suspects: Suspects::new(),
             active: Arc::new(Semaphore::new(config.delivery.max_active_messages.max(1))),
-            memory: Arc::new(Semaphore::new(memory_kib as usize)),
-            memory_kib,
+            memory: Arc::new(BodyMemory::new(config.limits.max_body_memory)),
             abandon: CancellationToken::new(),
             spool,
             deliverer,
@@ -352,13 +349,16 @@ impl Queue {
         self.commit(&msg, &finals, &sched, now).await;
     }
 
-    /// Waits until the message's bytes fit under `max_body_memory` (all of it, for a message
-    /// bigger than that), and holds them. One acquisition for the whole amount, so that two
-    /// attempts never wait on each other, each holding a part. None when the message is gone.
-    async fn hold_memory(&self, id: QueueId) -> Option<OwnedSemaphorePermit> {
+    /// Waits until the message's bytes fit under `limits.max_body_memory` (all of it, for a
+    /// message bigger than that), and holds them. None when the message is gone.
+    async fn hold_memory(&self, id: QueueId) -> Option<Held> {
         let size = self.spool.size(id)?;
-        let kib = size.div_ceil(1024).clamp(1, u64::from(self.memory_kib)) as u32;
-        self.memory.clone().acquire_many_owned(kib).await.ok()
+        Some(self.memory.hold(size).await)
+    }
+
+    /// The cap on message bytes in memory, for the sessions to share.
+    pub(crate) fn body_memory(&self) -> Arc<BodyMemory> {
+        self.memory.clone()
     }
 
     /// Pending recipients due now (all of them after a flush), split into those suppressed

@@ -26,6 +26,7 @@ use crate::auth::Priority;
 use crate::config::{LineEndingPolicy, ListenerMode};
 use crate::ledger::Signing;
 use crate::limits::{client_key, retry_text, LimitKey};
+use crate::memory::{Held, UNCOUNTED};
 use crate::proto::{
     self, AuthMechanism, BodyChecker, BodyLimits, BodyType, Command, CommandFramer, DataDecoder,
     FramedLine, LineEndings, MailParams, Reply, ReversePath,
@@ -60,6 +61,9 @@ struct Transaction {
     rcpts: Vec<String>,
     /// Content received so far by BDAT, with the first error (drained, reported at LAST).
     bdat: Option<BodyChecker>,
+    /// The body's bytes past the first [`UNCOUNTED`], held against `limits.max_body_memory`
+    /// until the message is stored (or the transaction ends).
+    memory: Held,
 }
 
 struct Session {
@@ -383,6 +387,7 @@ impl Session {
             params,
             rcpts: Vec::new(),
             bdat: None,
+            memory: Held::default(),
         });
         self.reply(Reply::new(250, "2.1.0", "Sender OK"));
         Ok(())
@@ -470,12 +475,15 @@ impl Session {
         self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
         self.flush().await?;
         let mut decoder = DataDecoder::new(self.body_limits());
+        let mut received = 0u64;
         loop {
             let (used, done) = decoder.feed(&self.input);
             self.input.advance(used);
+            received += used as u64;
             if done {
                 break;
             }
+            self.body_memory(received).await?;
             self.read_data_input().await?;
         }
         let tx = self.tx.take();
@@ -514,6 +522,9 @@ impl Session {
             if remaining == 0 {
                 break;
             }
+            if let Some(c) = &checker {
+                self.body_memory(c.size() as u64).await?;
+            }
             self.read_data_input().await?;
         }
         if let Some(reply) = refusal {
@@ -540,6 +551,51 @@ impl Session {
             Err(e) => {
                 tracing::info!(peer = %self.peer.ip(), error = %e, "message refused");
                 self.error(e.reply())
+            }
+        }
+    }
+
+    /// Past its first [`UNCOUNTED`] bytes a body counts against `limits.max_body_memory`. The
+    /// first time, the session waits (reading nothing, so its client waits too) for what the
+    /// message will take: its declared SIZE, else the largest message allowed. A body that
+    /// outgrows that takes more only if it is free; it is bounded by the largest message
+    /// allowed all the same. A wait longer than `data_timeout` ends the session with 421.
+    async fn body_memory(&mut self, received: u64) -> Flow {
+        let max = self.ctx.config.limits.max_message_size as u64;
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(());
+        };
+        let held = tx.memory.bytes();
+        if received <= UNCOUNTED || (held > 0 && received <= held) {
+            return Ok(());
+        }
+        if held > 0 {
+            let _ = self
+                .ctx
+                .memory
+                .try_grow(&mut tx.memory, max.saturating_sub(held).max(1));
+            return Ok(());
+        }
+        let need = tx
+            .params
+            .size
+            .unwrap_or(max)
+            .clamp(received, max.max(received));
+        let wait = self.ctx.config.limits.data_timeout;
+        match tokio::time::timeout(wait, self.ctx.memory.hold(need)).await {
+            Ok(memory) => {
+                tx.memory = memory;
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(peer = %self.peer.ip(), "no room in limits.max_body_memory for a message; closing");
+                self.reply(Reply::new(
+                    421,
+                    "4.3.2",
+                    "Too much mail in memory; try again later",
+                ));
+                let _ = self.flush().await;
+                Err(End::Closed)
             }
         }
     }

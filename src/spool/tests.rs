@@ -678,3 +678,82 @@ async fn recovery_takes_the_newest_of_several_state_records() {
     assert_eq!(state.final_rcpts, vec![false, true]);
     assert_eq!(spool.state(b).unwrap().queue_data, b"b2");
 }
+
+/// A message whose state record says every recipient is final (the previous run stopped
+/// before its records were punched) is finished at start: not requeued, and exactly its bytes
+/// punched, its header and its neighbour left as they were.
+#[tokio::test]
+async fn a_final_message_left_unpunched_is_punched_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let a = store(&spool, &envelope(&["a@x.test"]), &vec![b'a'; 3000]).await;
+    let b = store(&spool, &envelope(&["b@x.test"]), b"X: b\r\n\r\nkeep\r\n").await;
+    let loc = spool.shared.index().messages[&a].message;
+    drop(spool);
+    let spool_dir = dir.path().join("spool");
+    let n = u64::from(loc.segment);
+    let key = master
+        .read_wrapped(&key_path(&spool_dir, n), &key_purpose(n))
+        .unwrap();
+    let done = MessageState {
+        final_rcpts: vec![true],
+        ..MessageState::default()
+    };
+    let mut record = Vec::new();
+    record::append(
+        &mut record,
+        Kind::State,
+        a,
+        &key,
+        &serde_json::to_vec(&done).unwrap(),
+    )
+    .unwrap();
+    let path = segment_path(&spool_dir, n);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(&record);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let (spool, report) = open(dir.path(), &master);
+    assert_eq!(report.recovered, 1);
+    assert_eq!(spool.live(), vec![b]);
+    let after = std::fs::read(&path).unwrap();
+    let start = loc.offset as usize;
+    let payload = start + HEADER_LEN..start + HEADER_LEN + loc.len as usize;
+    assert_eq!(
+        after[start..start + HEADER_LEN],
+        bytes[start..start + HEADER_LEN],
+        "header kept"
+    );
+    assert!(
+        after[payload.clone()].iter().all(|&x| x == 0),
+        "payload punched"
+    );
+    let state_at = bytes.len() - record.len();
+    assert_eq!(
+        after[payload.end..state_at],
+        bytes[payload.end..state_at],
+        "b untouched"
+    );
+    assert!(
+        after[state_at + HEADER_LEN..].iter().all(|&x| x == 0),
+        "state punched"
+    );
+    assert_eq!(spool.read(b).await.unwrap().body, b"X: b\r\n\r\nkeep\r\n");
+}
+
+/// An operator's destroy hears of a punch that failed: the bytes are not gone yet (they are
+/// punched later); an update that makes the message final does not (its recipients are final
+/// whatever the disk says).
+#[tokio::test]
+async fn a_destroy_whose_punch_fails_is_not_reported_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store(&spool, &envelope(&["a@x.test"]), b"X: y\r\n\r\nbody\r\n").await;
+    spool.faults().fail(FaultPoint::Punch, 1, EIO);
+    assert!(matches!(spool.destroy(id).await, Err(SpoolError::Io(_))));
+    assert!(!spool.contains(id), "gone from the index all the same");
+    let other = store(&spool, &envelope(&["a@x.test"]), b"X: y\r\n\r\nbody\r\n").await;
+    assert!(spool.destroy(other).await.is_ok());
+}

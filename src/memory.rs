@@ -1,0 +1,121 @@
+//! A cap on message bytes held in memory at once, shared by the sessions receiving messages and
+//! the delivery attempts sending them (`limits.max_body_memory`).
+//!
+//! Each holder takes what it needs in one acquisition, and waits for it whole: nobody waits
+//! for more while holding a part, so holders never wait on each other in a circle. A need
+//! bigger than the cap takes all of it. Growing what one holds is only ever tried, never
+//! waited for ([`BodyMemory::try_grow`]).
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Message bytes a session may hold before it counts against the cap: most mail is smaller,
+/// and never waits.
+pub const UNCOUNTED: u64 = 256 << 10;
+
+/// The shared cap.
+pub struct BodyMemory {
+    /// Free KiB.
+    permits: Arc<Semaphore>,
+    /// The cap in KiB.
+    kib: u32,
+}
+
+/// Bytes held against the cap; given back when dropped.
+#[derive(Default)]
+pub struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl BodyMemory {
+    /// A cap of `bytes` (rounded down to KiB, at least 1 KiB).
+    pub fn new(bytes: u64) -> BodyMemory {
+        let kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX).max(1);
+        BodyMemory {
+            permits: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+        }
+    }
+
+    /// Waits until `bytes` can be held (the whole cap, for more), and holds them.
+    pub async fn hold(&self, bytes: u64) -> Held {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_many_owned(self.kib_for(bytes))
+            .await
+            .ok();
+        Held { permit }
+    }
+
+    /// Adds `bytes` to what `held` has if they are free now (within the cap); never waits.
+    pub fn try_grow(&self, held: &mut Held, bytes: u64) -> bool {
+        let Ok(more) = self
+            .permits
+            .clone()
+            .try_acquire_many_owned(self.kib_for(bytes))
+        else {
+            return false;
+        };
+        match &mut held.permit {
+            Some(permit) => permit.merge(more),
+            None => held.permit = Some(more),
+        }
+        true
+    }
+
+    /// Bytes free now.
+    pub fn available(&self) -> u64 {
+        self.permits.available_permits() as u64 * 1024
+    }
+
+    fn kib_for(&self, bytes: u64) -> u32 {
+        bytes.div_ceil(1024).clamp(1, u64::from(self.kib)) as u32
+    }
+}
+
+impl Held {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.permit
+            .as_ref()
+            .map_or(0, |p| p.num_permits() as u64 * 1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn holders_wait_for_room_and_a_big_one_takes_the_whole_cap() {
+        let memory = BodyMemory::new(1 << 20);
+        let a = memory.hold(600 << 10).await;
+        assert_eq!(a.bytes(), 600 << 10);
+        // 600 KiB more do not fit: the second waits until the first is dropped.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), memory.hold(600 << 10));
+        assert!(waiting.await.is_err(), "did not wait");
+        drop(a);
+        let b = memory.hold(600 << 10).await;
+        drop(b);
+        // More than the cap: all of it, not forever waiting.
+        let big = memory.hold(50 << 20).await;
+        assert_eq!((big.bytes(), memory.available()), (1 << 20, 0));
+    }
+
+    #[tokio::test]
+    async fn growing_is_tried_never_waited_for() {
+        let memory = BodyMemory::new(1 << 20);
+        let mut a = memory.hold(512 << 10).await;
+        assert!(memory.try_grow(&mut a, 256 << 10));
+        assert_eq!(a.bytes(), 768 << 10);
+        assert!(!memory.try_grow(&mut a, 512 << 10), "only 256 KiB are left");
+        let mut none = Held::default();
+        assert!(memory.try_grow(&mut none, 256 << 10));
+        assert_eq!(memory.available(), 0);
+        drop((a, none));
+        assert_eq!(memory.available(), 1 << 20);
+    }
+}
