@@ -235,3 +235,32 @@ async fn with_no_daemon_the_cli_says_so() {
     assert!(!ok);
     assert!(err.contains("is `postern serve` running?"), "{err}");
 }
+
+/// A hold stored in the spool is kept even when the due index does not know of it: a state
+/// record from before due times were stored says "due now" (0), and the attempt that then
+/// reads the message finds the hold and puts it back instead of delivering.
+#[tokio::test]
+async fn a_stored_hold_is_kept_when_the_message_comes_due() {
+    let rig = rig().await;
+    let id = rig.deferred_message().await;
+    let before = rig.attempts();
+    let state = rig.server.spool.state(id).expect("queued");
+    let mut sched = Schedule::decode(&state.queue_data, 1);
+    sched.hold = Some(postern::queue::Hold {
+        reason: HoldReason::Operator,
+        since: 0,
+    });
+    let old_style = postern::spool::QueueData {
+        data: sched.encode(),
+        due: 0,
+    };
+    rig.server
+        .spool
+        .update(id, &[], Some(old_style))
+        .await
+        .expect("stored");
+    rig.clock.advance(120);
+    rig.queue.run_due().await;
+    assert_eq!(rig.attempts(), before, "a held message was tried");
+    assert_eq!(rig.queue.counts().held, 1);
+}

@@ -112,7 +112,8 @@ impl Queue {
             });
             match hold {
                 Some(hold) => drop(self.lock().hold(id, hold)),
-                // Not held after all (or unreadable): try it, which reads it again.
+                // Not held after all, or unreadable: the attempt reads it again, and keeps a
+                // hold it finds.
                 None => self.schedule(id, 0),
             }
         }
@@ -315,6 +316,15 @@ impl Queue {
         };
         let now = self.clock.now();
         let mut sched = Schedule::decode(&msg.state.queue_data, msg.envelope.recipients.len());
+        // Held in the spool but not in the index (its state could not be read at start): the
+        // stored hold wins.
+        if let Some(hold) = sched.hold {
+            let mut due = self.lock();
+            if due.hold_of(id).is_none() {
+                due.hold(id, hold);
+                return;
+            }
+        }
         let forced = self.lock().take_forced(id);
         let lifetime = self.config.delivery.max_queue_lifetime.as_secs() as i64;
         let expires_at = msg.envelope.received_at.saturating_add(lifetime);
