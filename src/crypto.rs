@@ -89,15 +89,15 @@ impl Key {
     /// Seals `plaintext`, binding `aad` (context that must match on open). Output: nonce || ciphertext || tag.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
-        self.seal_into(aad, plaintext, &mut out)?;
+        self.seal_into(aad, &[plaintext], &mut out)?;
         Ok(out)
     }
 
-    /// Like [`Key::seal`], appending to `out`.
+    /// Like [`Key::seal`] of the concatenation of `plaintext`, appending to `out`.
     pub fn seal_into(
         &self,
         aad: &[u8],
-        plaintext: &[u8],
+        plaintext: &[&[u8]],
         out: &mut Vec<u8>,
     ) -> Result<(), CryptoError> {
         // Nonces from the thread's CSPRNG (ChaCha, seeded and reseeded from the OS): a 192-bit
@@ -107,9 +107,11 @@ impl Key {
         let cipher = XChaCha20Poly1305::new((&self.0).into());
         // Encrypted where it lands in `out`: no second buffer the size of the plaintext.
         let start = out.len();
-        out.reserve(plaintext.len() + OVERHEAD);
+        out.reserve(plaintext.iter().map(|p| p.len()).sum::<usize>() + OVERHEAD);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(plaintext);
+        for part in plaintext {
+            out.extend_from_slice(part);
+        }
         let sealed = cipher.encrypt_in_place_detached(
             XNonce::from_slice(&nonce),
             aad,

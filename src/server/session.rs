@@ -658,8 +658,8 @@ impl Session {
                 return Ok(());
             }
         };
-        let parts: [&[u8]; 3] = [signature.as_bytes(), trace.as_bytes(), &body];
-        self.store(id, &queue_id, &envelope, parts, &signing, started)
+        let head = [signature.as_bytes(), trace.as_bytes()];
+        self.store(id, &queue_id, &envelope, (head, body), &signing, started)
             .await;
         Ok(())
     }
@@ -691,12 +691,12 @@ impl Session {
         id: QueueId,
         queue_id: &str,
         envelope: &Envelope,
-        parts: [&[u8]; 3],
+        (head, body): ([&[u8]; 2], Vec<u8>),
         signing: &Signing,
         started: std::time::Instant,
     ) {
-        let size: usize = parts.iter().map(|p| p.len()).sum();
-        match self.ctx.spool.store(id, envelope, &parts).await {
+        let size: usize = head.iter().map(|p| p.len()).sum::<usize>() + body.len();
+        match self.ctx.spool.store_body(id, envelope, &head, body).await {
             Ok(()) => {
                 // Metadata follows the durable store; losing it must never lose the message.
                 if let Err(e) = self.ctx.ledger.accepted(id, envelope, size as u64, signing) {

@@ -343,6 +343,18 @@ impl Spool {
         envelope: &Envelope,
         parts: &[&[u8]],
     ) -> Result<(), SpoolError> {
+        self.store_body(id, envelope, &[], parts.concat()).await
+    }
+
+    /// [`Spool::store`] of `head` (trace and signature headers) then `body`, taken as it is:
+    /// the body is copied once, into the writer's batch, where it is sealed in place.
+    pub async fn store_body(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        head: &[&[u8]],
+        body: Vec<u8>,
+    ) -> Result<(), SpoolError> {
         let sealed_envelope =
             envelope::encode_envelope(envelope).map_err(|_| SpoolError::Closed)?;
         let rcpts = envelope.recipients.len();
@@ -350,7 +362,8 @@ impl Spool {
         self.send(writer::Request::Store {
             id,
             envelope: sealed_envelope,
-            body: parts.concat(),
+            head: head.concat(),
+            body,
             rcpts,
             reply,
         })?;

@@ -119,10 +119,11 @@ pub fn append_message(
     id: QueueId,
     key: &Key,
     envelope: &[u8],
-    body: &[u8],
+    body: &[&[u8]],
 ) -> Result<(), CryptoError> {
     let env_len = envelope.len() + OVERHEAD;
-    let len = u32::try_from(4 + env_len + body.len() + OVERHEAD)
+    let body_len: usize = body.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(4 + env_len + body_len + OVERHEAD)
         .ok()
         .filter(|l| *l <= MAX_PAYLOAD)
         .ok_or(CryptoError::Open)?;
@@ -135,7 +136,7 @@ pub fn append_message(
     let start = out.len();
     out.extend_from_slice(&header);
     out.extend_from_slice(&(env_len as u32).to_le_bytes());
-    key.seal_into(&part_aad(&header, Part::Envelope), envelope, out)
+    key.seal_into(&part_aad(&header, Part::Envelope), &[envelope], out)
         .and_then(|()| key.seal_into(&part_aad(&header, Part::Body), body, out))
         .inspect_err(|_| out.truncate(start))
 }
@@ -191,7 +192,7 @@ pub fn append(
         .ok_or(CryptoError::Open)?;
     let header = Header { kind, id, len }.encode();
     out.extend_from_slice(&header);
-    key.seal_into(Header::aad(&header), plaintext, out)
+    key.seal_into(Header::aad(&header), &[plaintext], out)
 }
 
 #[cfg(test)]
@@ -224,7 +225,14 @@ mod tests {
     fn message_parts_open_apart() {
         let key = Key::generate().unwrap();
         let mut out = b"before".to_vec();
-        append_message(&mut out, QueueId([2; 16]), &key, b"{env}", b"the body").unwrap();
+        append_message(
+            &mut out,
+            QueueId([2; 16]),
+            &key,
+            b"{env}",
+            &[b"the ", b"body"],
+        )
+        .unwrap();
         let rec = &out[6..];
         let h = Header::decode(rec).unwrap();
         assert_eq!(

@@ -20,8 +20,9 @@ use crate::crypto::{sync_dir, Key};
 pub(super) enum Request {
     Store {
         id: QueueId,
-        /// The envelope as encoded for sealing, and the body.
+        /// The envelope as encoded for sealing; the body is `head` then `body`.
         envelope: Vec<u8>,
+        head: Vec<u8>,
         body: Vec<u8>,
         rcpts: usize,
         reply: oneshot::Sender<Result<(), SpoolError>>,
@@ -143,8 +144,14 @@ impl Writer {
             while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(r) => {
-                        if let Request::Store { envelope, body, .. } = &r {
-                            bytes += envelope.len() + body.len();
+                        if let Request::Store {
+                            envelope,
+                            head,
+                            body,
+                            ..
+                        } = &r
+                        {
+                            bytes += envelope.len() + head.len() + body.len();
                         }
                         batch.push(r);
                     }
@@ -199,18 +206,19 @@ impl Writer {
                 Request::Store {
                     id,
                     envelope,
+                    head,
                     body,
                     rcpts,
                     reply,
                 } => {
                     // The free-space reserve, counting what this batch already takes.
-                    let size = (envelope.len() + body.len()) as u64;
+                    let size = (envelope.len() + head.len() + body.len()) as u64;
                     if !self.shared.fits(room, size) {
                         let _ = reply.send(Err(storage_full()));
                         continue;
                     }
                     room -= size;
-                    match self.append_message(&mut buf, id, &envelope, &body) {
+                    match self.append_message(&mut buf, id, &envelope, &[&head, &body]) {
                         Ok(loc) => pending.push(Pending::Store {
                             id,
                             loc,
@@ -347,7 +355,7 @@ impl Writer {
         buf: &mut Vec<u8>,
         id: QueueId,
         envelope: &[u8],
-        body: &[u8],
+        body: &[&[u8]],
     ) -> Result<Loc, SpoolError> {
         let active = self.active.as_ref().ok_or_else(no_segment)?;
         let start = buf.len();
