@@ -446,13 +446,8 @@ impl Writer {
     /// gone.
     fn punch_and_answer(&mut self, mut dead: Vec<Loc>, finished: Vec<Finished>) {
         dead.append(&mut self.unpunched);
+        // Each failed punch is logged where it fails.
         let failed = self.punch(&dead);
-        if !failed.is_empty() {
-            tracing::error!(
-                records = failed.len(),
-                "spool: cannot punch out destroyed records; retrying"
-            );
-        }
         let punch_error = !failed.is_empty();
         self.unpunched = failed;
         for f in finished {
@@ -555,7 +550,7 @@ impl Writer {
                     .1
                     .push(loc),
                 Err(e) => {
-                    tracing::warn!(segment = loc.segment, error = %e, "spool: punch failed");
+                    tracing::error!(segment = loc.segment, error = %e, "spool: cannot punch out a destroyed record; retrying");
                     failed.push(loc);
                 }
             }
