@@ -8,6 +8,7 @@
 #
 #   benches/memory.sh                       # builds target/release/postern
 #   POSTERN_BIN=/path/to/postern benches/memory.sh
+#   EXTRA=$'[limits]\nmax_body_memory = 33554432' benches/memory.sh   # config tables added
 #
 # The domains d1.bench.test ... d100.bench.test resolve to 127.0.0.1 through a dnsmasq on a
 # loopback port (Postern's [dns] nameservers), and delivery.port points MX delivery at the sink.
@@ -83,6 +84,7 @@ port = $SINK
 tls = "none"
 [dns]
 nameservers = ["127.0.0.1:$DNS"]
+${EXTRA:-}
 EOF
     "$BIN" serve --config "$T/$1/config.toml" > "$T/$1/log" 2>&1 &
     DAEMON=$!
