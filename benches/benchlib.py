@@ -10,10 +10,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rss_kib(pid):
-    """Resident memory of process `pid` (VmRSS), in KiB; 0 once it is gone."""
+def status_kib(pid, field):
+    """A memory figure of process `pid` from /proc/PID/status (VmRSS, VmHWM...), in KiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid):
+    """Resident memory of process `pid` (VmRSS), in KiB; 0 once it is gone."""
+    return status_kib(pid, "VmRSS")

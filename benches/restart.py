@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import free_port, rss_kib
+from benchlib import free_port, rss_kib, status_kib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,14 +88,6 @@ def listening(port):
         return False
 
 
-def peak_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--bin", default=f"{ROOT}/target/release/postern")
@@ -131,7 +123,7 @@ def main():
         took = time.monotonic() - start
         rss = rss_kib(daemon.pid)
         time.sleep(args.after)
-        peak, after = peak_kib(daemon.pid), rss_kib(daemon.pid)
+        peak, after = status_kib(daemon.pid, "VmHWM"), rss_kib(daemon.pid)
     finally:
         daemon.terminate()
         daemon.wait(timeout=30)

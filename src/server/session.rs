@@ -269,11 +269,7 @@ impl Session {
                 self.reply(Reply::new(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"));
                 Ok(())
             }
-            Command::Quit => {
-                self.reply(Reply::new(221, "2.0.0", "Bye"));
-                let _ = self.flush().await;
-                Err(End::Closed)
-            }
+            Command::Quit => self.close_with(Reply::new(221, "2.0.0", "Bye")).await,
             Command::StartTls => self.starttls().await,
             Command::Auth { mechanism, initial } => self.auth(mechanism, initial).await,
         }
@@ -589,13 +585,12 @@ impl Session {
             }
             Err(_) => {
                 tracing::warn!(peer = %self.peer.ip(), "no room in limits.max_body_memory for a message; closing");
-                self.reply(Reply::new(
+                self.close_with(Reply::new(
                     421,
                     "4.3.2",
                     "Too much mail in memory; try again later",
-                ));
-                let _ = self.flush().await;
-                Err(End::Closed)
+                ))
+                .await
             }
         }
     }
@@ -978,6 +973,13 @@ impl Session {
     }
 
     /// Queues a reply for the next flush.
+    /// Says `reply` (a 221 or 421), flushes what is pending and ends the session.
+    async fn close_with(&mut self, reply: Reply) -> Flow {
+        self.reply(reply);
+        let _ = self.flush().await;
+        Err(End::Closed)
+    }
+
     fn reply(&mut self, reply: Reply) {
         if reply.code >= 400 {
             crate::metrics::refused(reply.enhanced.unwrap_or("none"));
@@ -1025,9 +1027,7 @@ impl Session {
         tokio::select! {
             r = self.read_input(timeout) => r,
             _ = shutdown.cancelled() => {
-                self.reply(Reply::new(421, "4.3.2", "Service shutting down"));
-                let _ = self.flush().await;
-                Err(End::Closed)
+                self.close_with(Reply::new(421, "4.3.2", "Service shutting down")).await
             }
         }
     }
@@ -1052,13 +1052,12 @@ impl Session {
             Err(_) if timeout > left => self.session_expired().await,
             Err(_) => {
                 tracing::info!(peer = %self.peer.ip(), "timeout");
-                self.reply(Reply::new(
+                self.close_with(Reply::new(
                     421,
                     "4.4.2",
                     "Timeout exceeded; closing connection",
-                ));
-                let _ = self.flush().await;
-                Err(End::Closed)
+                ))
+                .await
             }
         }
     }
@@ -1066,13 +1065,12 @@ impl Session {
     /// The whole-session deadline passed (checked whenever input is awaited).
     async fn session_expired(&mut self) -> Flow {
         tracing::info!(peer = %self.peer.ip(), "session time limit reached");
-        self.reply(Reply::new(
+        self.close_with(Reply::new(
             421,
             "4.4.2",
             "Session time limit reached; closing connection",
-        ));
-        let _ = self.flush().await;
-        Err(End::Closed)
+        ))
+        .await
     }
 }
 
