@@ -376,6 +376,43 @@ mod tests {
     const REJECT: LineEndings = LineEndings::Reject;
     const NORMALISE: LineEndings = LineEndings::Normalise;
 
+    /// After the first violation the rest is drained, not buffered: memory stays at nothing
+    /// however much follows.
+    #[test]
+    fn nothing_is_buffered_after_an_error() {
+        let mut checker = BodyChecker::new(limits(REJECT));
+        checker.feed(b"Subject: x\r\n\r\nbare\nline\r\n");
+        assert_eq!(checker.error, Some(BodyError::BareLineEnding));
+        for _ in 0..100 {
+            checker.feed(&[b'a'; 1000]);
+            checker.feed(b"\r\n");
+        }
+        assert_eq!((checker.body.len(), checker.body.capacity()), (0, 0));
+        assert_eq!(checker.size(), 25 + 100 * 1002);
+    }
+
+    /// The body never reserves past `max_size`, however it is fed (Vec's own doubling would).
+    #[test]
+    fn the_body_never_reserves_past_max_size() {
+        let max_size = 100_000;
+        let mut checker = BodyChecker::new(BodyLimits {
+            max_size,
+            ..limits(REJECT)
+        });
+        let line = [b'x'; 98];
+        while checker.body.len() + 100 <= max_size {
+            checker.feed(&line);
+            checker.feed(b"\r\n");
+            assert!(
+                checker.body.capacity() <= max_size,
+                "{}",
+                checker.body.capacity()
+            );
+        }
+        assert!(checker.error.is_none());
+        assert!(checker.body.capacity() >= checker.body.len());
+    }
+
     /// Feeds `chunks` in order, stopping at the end of data. Returns the
     /// total consumed, whether the end was seen, and the result.
     fn decode_chunks(
