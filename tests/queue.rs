@@ -624,7 +624,7 @@ async fn attempts_wait_for_body_memory() {
     let tarpit = Tarpit::start("127.0.0.1:0").await;
     let (server, queue) = TestServer::start_with(
         &format!(
-            "[delivery]\nsmarthost = \"{}\"\nmax_body_memory = 1048576\nreply_timeout = \"10m\"\n",
+            "[delivery]\nsmarthost = \"{}\"\nreply_timeout = \"10m\"\n[limits]\nmax_body_memory = 1048576\n",
             tarpit.addr
         ),
         Options::default(),
