@@ -616,9 +616,11 @@ async fn no_more_messages_are_taken_than_there_are_active_slots() {
     assert_eq!(tarpit.connections.load(Ordering::SeqCst), 3);
 }
 
-/// `max_body_memory` bounds the message bytes attempts hold: with room for one of two big
-/// messages, the second is not read (and so never reaches its destination) while the first
-/// holds its bytes; both are active, one waiting for memory.
+/// `limits.max_body_memory` bounds the message bytes attempts hold: with room for one of two
+/// big messages, the second is not read (and so never reaches its destination) while the first
+/// holds its bytes; both are active, one waiting for memory. Both are received before the
+/// queue runs: the cap is shared with sessions, and a session receiving the second message
+/// would otherwise wait for the first one's delivery too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_wait_for_body_memory() {
     let tarpit = Tarpit::start("127.0.0.1:0").await;
@@ -627,7 +629,10 @@ async fn attempts_wait_for_body_memory() {
             "[delivery]\nsmarthost = \"{}\"\nreply_timeout = \"10m\"\n[limits]\nmax_body_memory = 1048576\n",
             tarpit.addr
         ),
-        Options::default(),
+        Options {
+            run_queue: false,
+            ..Options::default()
+        },
     )
     .await;
     // About 700 KiB: two do not fit in 1 MiB.
@@ -643,6 +648,8 @@ async fn attempts_wait_for_body_memory() {
             .await;
         assert_eq!(r.code, 250);
     }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(queue.clone().run(stop.clone(), Duration::from_secs(1)));
     let deadline = Instant::now() + Duration::from_secs(10);
     while tarpit.connections.load(Ordering::SeqCst) < 1 {
         assert!(Instant::now() < deadline, "no attempt reached the tarpit");
@@ -659,4 +666,6 @@ async fn attempts_wait_for_body_memory() {
         1,
         "the second message was read and sent while the first held the memory"
     );
+    stop.cancel();
+    let _ = running.await;
 }
