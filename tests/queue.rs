@@ -465,11 +465,7 @@ async fn sigterm_with_a_tarpit_open_stops_within_the_grace() {
     )
     .await;
     // The delivery attempt is stuck in the tarpit; an inbound client idles too.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tarpit.connections.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "no connection to the tarpit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tarpit.wait_for(1).await;
     let (_idle, _) = Raw::connect(child.relay).await;
     let started = Instant::now();
     let status = tokio::task::spawn_blocking(move || {
@@ -602,18 +598,11 @@ async fn no_more_messages_are_taken_than_there_are_active_slots() {
             .await;
         assert_eq!(r.code, 250);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tarpit.connections.load(Ordering::SeqCst) < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the three attempts never reached the tarpit"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tarpit.wait_for(3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let counts = queue.counts();
     assert_eq!((counts.active, counts.waiting), (3, 7), "{counts:?}");
-    assert_eq!(tarpit.connections.load(Ordering::SeqCst), 3);
+    assert_eq!(tarpit.connections(), 3);
 }
 
 /// `limits.max_body_memory` bounds the message bytes attempts hold: with room for one of two
@@ -650,11 +639,7 @@ async fn attempts_wait_for_body_memory() {
     }
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(queue.clone().run(stop.clone(), Duration::from_secs(1)));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tarpit.connections.load(Ordering::SeqCst) < 1 {
-        assert!(Instant::now() < deadline, "no attempt reached the tarpit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tarpit.wait_for(1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         queue.counts().active,
@@ -662,7 +647,7 @@ async fn attempts_wait_for_body_memory() {
         "both taken, one waiting for memory"
     );
     assert_eq!(
-        tarpit.connections.load(Ordering::SeqCst),
+        tarpit.connections(),
         1,
         "the second message was read and sent while the first held the memory"
     );

@@ -157,7 +157,10 @@ enum Finals {
 impl Finals {
     /// `count` recipients, none final.
     fn new(count: usize) -> Finals {
-        Finals::from(&vec![false; count][..])
+        match u8::try_from(count) {
+            Ok(count) if count <= 64 => Finals::Few { count, bits: 0 },
+            _ => Finals::Many(Box::new(vec![false; count])),
+        }
     }
 
     fn to_vec(&self) -> Vec<bool> {
@@ -514,22 +517,15 @@ fn read_current_state(shared: &Shared, id: QueueId) -> Result<MessageState, Spoo
     for _ in 0..STATE_READS {
         let (loc, file, key) = {
             let index = shared.index();
-            if let Some(owed) = index.unsynced.get(&id) {
-                return Ok(owed.clone());
-            }
-            let entry = index.messages.get(&id).ok_or(SpoolError::NotFound)?;
-            let Some(loc) = entry.state else {
-                return Ok(MessageState {
-                    final_rcpts: entry.finals.to_vec(),
-                    queue_data: Vec::new(),
-                    due: entry.due,
-                });
+            let (state, loc) = index.known_state(id)?;
+            let Some(loc) = loc else {
+                return Ok(state);
             };
             let segment = index.segment_of(loc)?;
             (loc, segment.file.clone(), segment.key.clone())
         };
         match read_state(&file, &key, loc, id) {
-            // The record says what the index does (a state ahead of its record is owed, above).
+            // The record says what the index does (a state ahead of its record is owed).
             Ok(plain) => {
                 return serde_json::from_slice(&plain).map_err(|_| SpoolError::Corrupt(id))
             }
@@ -544,6 +540,22 @@ fn read_current_state(shared: &Shared, id: QueueId) -> Result<MessageState, Spoo
 }
 
 impl Index {
+    /// What the index knows of a live message's state, and the state record that holds the
+    /// rest: the state owed to the disk, whole (no record to read); else the final flags and
+    /// due time, with the queue's data left empty and to be read from the record, if any.
+    fn known_state(&self, id: QueueId) -> Result<(MessageState, Option<Loc>), SpoolError> {
+        if let Some(owed) = self.unsynced.get(&id) {
+            return Ok((owed.clone(), None));
+        }
+        let entry = self.messages.get(&id).ok_or(SpoolError::NotFound)?;
+        let state = MessageState {
+            final_rcpts: entry.finals.to_vec(),
+            queue_data: Vec::new(),
+            due: entry.due,
+        };
+        Ok((state, entry.state))
+    }
+
     fn segment_of(&self, loc: Loc) -> Result<&Segment, SpoolError> {
         self.segments
             .get(&u64::from(loc.segment))
@@ -600,7 +612,7 @@ fn read_raw(file: &File, loc: Loc, id: QueueId) -> Result<(Kind, Vec<u8>), Spool
 }
 
 /// A whole record's header bytes and payload.
-fn split_record(record: &[u8]) -> (&[u8; HEADER_LEN], &[u8]) {
+pub(super) fn split_record(record: &[u8]) -> (&[u8; HEADER_LEN], &[u8]) {
     let (raw, payload) = record.split_at(HEADER_LEN);
     (raw.try_into().expect("split at HEADER_LEN"), payload)
 }

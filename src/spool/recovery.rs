@@ -379,73 +379,59 @@ fn scan(
             }
         };
         let end = pos + HEADER_LEN + header.len as usize;
-        let payload = &data[pos + HEADER_LEN..end];
+        let record = &data[pos..end];
         let loc = Loc {
             segment: n as u32,
             offset: pos as u64,
             len: header.len,
         };
-        if payload.iter().all(|b| *b == 0) {
-            pos = end; // destroyed
-            continue;
-        }
-        let mut raw = [0u8; HEADER_LEN];
-        raw.copy_from_slice(&data[pos..pos + HEADER_LEN]);
-        match (
-            header.kind,
-            open_for_recovery(key, header.kind, &raw, payload),
-        ) {
-            (Kind::Message | Kind::Whole, Some(plain)) => {
-                match recipient_count(header.kind, &plain) {
-                    Some(recipients) => {
-                        found.messages.push((
-                            header.id,
-                            Entry {
-                                message: loc,
-                                state: None,
-                                finals: Finals::new(recipients),
-                                due: 0,
-                            },
-                        ));
-                    }
-                    None => quarantine(
-                        dir,
-                        n,
-                        pos,
-                        &data[pos..end],
-                        "message record does not decode",
-                        report,
-                    ),
-                }
-            }
-            (Kind::State, Some(plain)) => match serde_json::from_slice::<StateSummary>(&plain) {
-                Ok(state) => {
-                    let finals = Finals::from(&state.final_rcpts[..]);
-                    let due = state.due;
-                    found
-                        .states
-                        .push((header.id, RecoveredState { loc, finals, due }));
-                }
-                Err(_) => quarantine(
-                    dir,
-                    n,
-                    pos,
-                    &data[pos..end],
-                    "state record does not decode",
-                    report,
-                ),
-            },
-            (_, None) => quarantine(
-                dir,
-                n,
-                pos,
-                &data[pos..end],
-                "record fails authentication",
-                report,
-            ),
+        if let Err(reason) = take_record(key, header, loc, record, found) {
+            quarantine(dir, n, pos, record, reason, report);
         }
         pos = end;
     }
+}
+
+/// Takes one whole record (header and payload) into what the scan found: a live message or
+/// state record, or nothing for a destroyed one (its payload reads as zeros). Err is why the
+/// record is to be set aside.
+fn take_record(
+    key: &Key,
+    header: Header,
+    loc: Loc,
+    record: &[u8],
+    found: &mut Found,
+) -> Result<(), &'static str> {
+    let (raw, payload) = super::split_record(record);
+    if payload.iter().all(|b| *b == 0) {
+        return Ok(());
+    }
+    let plain =
+        open_for_recovery(key, header.kind, raw, payload).ok_or("record fails authentication")?;
+    match header.kind {
+        Kind::Message | Kind::Whole => {
+            let recipients =
+                recipient_count(header.kind, &plain).ok_or("message record does not decode")?;
+            let entry = Entry {
+                message: loc,
+                state: None,
+                finals: Finals::new(recipients),
+                due: 0,
+            };
+            found.messages.push((header.id, entry));
+        }
+        Kind::State => {
+            let state: StateSummary =
+                serde_json::from_slice(&plain).map_err(|_| "state record does not decode")?;
+            let state = RecoveredState {
+                loc,
+                finals: Finals::from(&state.final_rcpts[..]),
+                due: state.due,
+            };
+            found.states.push((header.id, state));
+        }
+    }
+    Ok(())
 }
 
 /// Opens what recovery needs of a record: a message's envelope (never its body, where the two

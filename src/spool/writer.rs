@@ -318,29 +318,17 @@ impl Writer {
     /// back from its state record too. Should that read fail, the data is left empty: the queue
     /// then starts its retry state afresh (a recipient may be tried early, never forgotten).
     fn current_state(&self, id: QueueId, with_data: bool) -> Option<MessageState> {
-        let (finals, due) = {
-            let index = self.shared.index();
-            if let Some(owed) = index.unsynced.get(&id) {
-                return Some(owed.clone());
-            }
-            let entry = index.messages.get(&id)?;
-            (entry.finals.to_vec(), entry.due)
-        };
-        let queue_data = match with_data {
-            true => match super::read_current_state(&self.shared, id) {
-                Ok(state) => state.queue_data,
+        if with_data {
+            match super::read_current_state(&self.shared, id) {
+                Err(SpoolError::NotFound) => return None,
+                Ok(state) => return Some(state),
                 Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "spool: cannot read a state record; the retry state starts afresh");
-                    Vec::new()
+                    tracing::error!(queue_id = %id, error = %e, "spool: cannot read a state record; the retry state starts afresh")
                 }
-            },
-            false => Vec::new(),
-        };
-        Some(MessageState {
-            final_rcpts: finals,
-            queue_data,
-            due,
-        })
+            }
+        }
+        let index = self.shared.index();
+        index.known_state(id).ok().map(|(state, _)| state)
     }
 
     /// Seals a state record into `buf`; None when there is no segment to put it in (it is

@@ -34,4 +34,18 @@ impl Tarpit {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// Waits until `n` connections have been accepted; panics after 10 s.
+    #[allow(dead_code)]
+    pub async fn wait_for(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.connections() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} connections reached the tarpit",
+                self.connections()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
