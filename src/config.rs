@@ -271,10 +271,11 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     #[serde(default = "default_max_recipients")]
     pub max_recipients: usize,
-    /// Message bytes held in memory at once: by sessions receiving messages (past the first
-    /// 256 KiB of each) and by delivery attempts, each its message from the read to the end
-    /// of the attempt. Over it, a session stops reading its client's data and an attempt waits
-    /// before reading its message; a need bigger than the whole amount waits for all of it.
+    /// Message bytes delivery attempts hold in memory at once, each its message's record from
+    /// the read to the end of the attempt: the whole of a message up to 256 KiB, the headers
+    /// of a bigger one (whose body stays in its body file and is read a chunk at a time). Over
+    /// it, an attempt waits before reading its message. Sessions need none of it: past
+    /// 256 KiB a body goes to disk as it arrives.
     #[serde(default = "default_max_body_memory")]
     pub max_body_memory: u64,
     /// Concurrent SMTP connections over all listeners; more get `421 4.7.0`.

@@ -1,18 +1,18 @@
-//! A cap on message bytes held in memory at once, shared by the sessions receiving messages and
-//! the delivery attempts sending them (`limits.max_body_memory`).
+//! A cap on message bytes that delivery attempts hold in memory at once
+//! (`limits.max_body_memory`).
+//!
+//! An attempt holds its message's record: the whole message when it was small enough to be
+//! kept inline (up to [`crate::spool::SPILL_AT`]), the headers only when its body is in a
+//! body file, read a chunk at a time. Sessions need no share: they hold at most about one
+//! chunk of a body, and spill the rest to disk as it arrives.
 //!
 //! Each holder takes what it needs in one acquisition, and waits for it whole: nobody waits
 //! for more while holding a part, so holders never wait on each other in a circle. A need
-//! bigger than the cap takes all of it. Growing what one holds is only ever tried, never
-//! waited for ([`BodyMemory::try_grow`]).
+//! bigger than the cap takes all of it.
 
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// Message bytes a session may hold before it counts against the cap: most mail is smaller,
-/// and never waits.
-pub const UNCOUNTED: u64 = 256 << 10;
 
 /// The shared cap.
 pub struct BodyMemory {
@@ -47,22 +47,6 @@ impl BodyMemory {
             .await
             .ok();
         Held { permit }
-    }
-
-    /// Adds `bytes` to what `held` has if they are free now (within the cap); never waits.
-    pub fn try_grow(&self, held: &mut Held, bytes: u64) -> bool {
-        let Ok(more) = self
-            .permits
-            .clone()
-            .try_acquire_many_owned(self.kib_for(bytes))
-        else {
-            return false;
-        };
-        match &mut held.permit {
-            Some(permit) => permit.merge(more),
-            None => held.permit = Some(more),
-        }
-        true
     }
 
     /// Bytes free now.
@@ -103,19 +87,5 @@ mod tests {
         // More than the cap: all of it, not forever waiting.
         let big = memory.hold(50 << 20).await;
         assert_eq!((big.bytes(), memory.available()), (1 << 20, 0));
-    }
-
-    #[tokio::test]
-    async fn growing_is_tried_never_waited_for() {
-        let memory = BodyMemory::new(1 << 20);
-        let mut a = memory.hold(512 << 10).await;
-        assert!(memory.try_grow(&mut a, 256 << 10));
-        assert_eq!(a.bytes(), 768 << 10);
-        assert!(!memory.try_grow(&mut a, 512 << 10), "only 256 KiB are left");
-        let mut none = Held::default();
-        assert!(memory.try_grow(&mut none, 256 << 10));
-        assert_eq!(memory.available(), 0);
-        drop((a, none));
-        assert_eq!(memory.available(), 1 << 20);
     }
 }

@@ -117,7 +117,7 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     for (id, marker) in &acked {
         assert!(live.contains(id), "acknowledged {id} lost");
         let id = id.parse().unwrap();
-        let m = spool.read(id).await.unwrap();
+        let m = spool.read_whole(id).await.unwrap();
         assert!(
             contains(&m.body, marker.as_bytes()),
             "{marker} body mismatch"
@@ -171,7 +171,7 @@ async fn storage_failure_is_a_4xx_never_a_250() {
     let live = spool.live();
     assert_eq!(live.len(), 1);
     assert!(contains(
-        &spool.read(live[0]).await.unwrap().body,
+        &spool.read_whole(live[0]).await.unwrap().body,
         b"SMALL-ONE"
     ));
 }

@@ -93,7 +93,7 @@ async fn v1_and_v2_from_the_proxy_set_the_client_address() {
     c.send("Subject: p\r\n\r\nx\r\n.\r\n").await;
     assert_eq!(c.reply().await.code, 250);
     let id = spool.live()[0];
-    let stored = spool.read(id).await.unwrap();
+    let stored = spool.read_whole(id).await.unwrap();
     assert_eq!(stored.envelope.client_ip.to_string(), "192.0.2.7");
 
     let (mut c, g) = connect(
@@ -276,7 +276,7 @@ async fn through_haproxy(send_proxy: &str) {
     c.expect("QUIT", 221).await;
     let live = spool.live();
     assert_eq!(live.len(), 1);
-    let stored = spool.read(live[0]).await.unwrap();
+    let stored = spool.read_whole(live[0]).await.unwrap();
     assert_eq!(stored.envelope.client_ip.to_string(), "127.0.0.3");
     let received = String::from_utf8_lossy(&stored.body);
     assert!(

@@ -605,11 +605,10 @@ async fn no_more_messages_are_taken_than_there_are_active_slots() {
     assert_eq!(tarpit.connections(), 3);
 }
 
-/// `limits.max_body_memory` bounds the message bytes attempts hold: with room for one of two
-/// big messages, the second is not read (and so never reaches its destination) while the first
-/// holds its bytes; both are active, one waiting for memory. Both are received before the
-/// queue runs: the cap is shared with sessions, and a session receiving the second message
-/// would otherwise wait for the first one's delivery too.
+/// Delivery attempts hold their message against `limits.max_body_memory` (1 MiB here) from
+/// the read to the end of the attempt: of five messages of about 240 KiB (each held whole, as
+/// they are under the spill threshold), four fit, and the fifth is not read (it never reaches
+/// the tarpit) while the others hang there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_wait_for_body_memory() {
     let tarpit = Tarpit::start("127.0.0.1:0").await;
@@ -624,14 +623,14 @@ async fn attempts_wait_for_body_memory() {
         },
     )
     .await;
-    // About 700 KiB: two do not fit in 1 MiB.
     let body = format!(
         "Subject: big\r\n\r\n{}",
-        format!("{}\r\n", "y".repeat(76)).repeat(9000)
+        format!("{}\r\n", "y".repeat(76)).repeat(3150)
     );
+    assert!(body.len() > 240_000 && body.len() < postern::spool::SPILL_AT);
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
-    for i in 0..2 {
+    for i in 0..5 {
         let r = c
             .send_mail("app@sender.test", &[&format!("r{i}@dest.test")], &body)
             .await;
@@ -639,17 +638,17 @@ async fn attempts_wait_for_body_memory() {
     }
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(queue.clone().run(stop.clone(), Duration::from_secs(1)));
-    tarpit.wait_for(1).await;
+    tarpit.wait_for(4).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         queue.counts().active,
-        2,
-        "both taken, one waiting for memory"
+        5,
+        "all taken, one waiting for memory"
     );
     assert_eq!(
         tarpit.connections(),
-        1,
-        "the second message was read and sent while the first held the memory"
+        4,
+        "the fifth message was read and sent while the others held the memory"
     );
     stop.cancel();
     let _ = running.await;

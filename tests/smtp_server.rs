@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{contains, has_bare_cr_or_lf, Raw, TestServer, PASSWORD, USER};
+use std::time::Duration;
+
+use common::{contains, eventually, has_bare_cr_or_lf, Raw, TestServer, PASSWORD, USER};
+use postern::spool::{Body, QueueId, SPILL_AT};
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
@@ -638,46 +641,117 @@ async fn a_second_daemon_on_the_same_data_directory_is_refused() {
     assert_eq!(r.code, 250);
 }
 
-/// `limits.max_body_memory` bounds what sessions hold of bodies past their first 256 KiB: with
-/// room for one of two 700 KiB messages, the second session stops reading its body (no reply)
-/// until the first message is stored and its bytes given back; then it is accepted too.
+/// Bytes in the spool's body files now, and how many there are.
+fn body_files(server: &TestServer) -> (u64, usize) {
+    let dir = server.data_dir().join("spool/bodies");
+    let sizes: Vec<u64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .collect();
+    (sizes.iter().sum(), sizes.len())
+}
+
+/// A body past `SPILL_AT` goes to its body file as it arrives: with half of a 2 MiB body sent
+/// and the data not ended, nearly all of that half is on disk already (the session holds a
+/// chunk at a time). It reads back exactly, from the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_past_256_kib_waits_for_memory() {
-    let server = TestServer::start("[limits]\nmax_body_memory = 1048576\n").await;
+async fn a_big_body_goes_to_disk_as_it_arrives() {
+    let server = TestServer::start("").await;
     let line = format!("{}\r\n", "z".repeat(76));
-    let body = format!("Subject: big\r\n\r\n{}", line.repeat(9000));
-    let size = body.len();
-    let (mut a, _) = Raw::connect(server.relay).await;
-    a.expect("EHLO a.test", 250).await;
-    a.expect(&format!("MAIL FROM:<a@sender.test> SIZE={size}"), 250)
-        .await;
-    a.expect("RCPT TO:<r@dest.test>", 250).await;
-    a.expect("DATA", 354).await;
-    a.send(&body[..400 << 10]).await; // past 256 KiB: holds its declared 700 KiB
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let (mut b, _) = Raw::connect(server.relay).await;
-    b.expect("EHLO b.test", 250).await;
-    b.expect(&format!("MAIL FROM:<b@sender.test> SIZE={size}"), 250)
-        .await;
-    b.expect("RCPT TO:<r@dest.test>", 250).await;
-    b.expect("DATA", 354).await;
-    // In a task: with the server not reading, the write itself may wait.
-    let whole = format!("{body}.\r\n");
-    let sending = tokio::spawn(async move {
-        b.send(whole).await;
-        b.reply().await
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let body = format!("Subject: big\r\n\r\n{}", line.repeat((2 << 20) / 78));
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO a.test", 250).await;
+    c.expect("MAIL FROM:<a@sender.test>", 250).await;
+    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    c.expect("DATA", 354).await;
+    let half = body.len() / 2;
+    c.send(&body[..half]).await;
+    let spilled = (half - 2 * SPILL_AT) as u64;
     assert!(
-        !sending.is_finished(),
-        "b was answered while a held the memory"
+        eventually(Duration::from_secs(10), || body_files(&server).0 >= spilled).await,
+        "before the end of the data, the body is on disk: {:?}",
+        body_files(&server)
     );
-    a.send(format!("{}.\r\n", &body[400 << 10..])).await;
-    assert_eq!(a.reply().await.code, 250);
-    let b_reply = sending.await.expect("b's task");
-    assert_eq!(
-        b_reply.code, 250,
-        "b accepted once a's bytes were given back"
+    c.send(format!("{}.\r\n", &body[half..])).await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let id: QueueId = r.text.rsplit(' ').next().unwrap().parse().unwrap();
+    let msg = server.spool.read(id).await.unwrap();
+    assert!(matches!(msg.body, Body::Spilled(_)), "{:?}", msg.body);
+    assert_eq!(msg.body.len(), server.spool.read_whole(id).await.unwrap().body.len() as u64);
+    let stored = server.spool.read_whole(id).await.unwrap().body;
+    assert!(stored.ends_with(body.as_bytes()), "reads back exactly");
+    assert!(stored.starts_with(b"Received: "));
+}
+
+/// BDAT chunks add up past `SPILL_AT` as DATA does; a body just under it stays in the record.
+#[tokio::test]
+async fn bdat_bodies_spill_too_and_small_ones_stay_inline() {
+    let server = TestServer::start("").await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO a.test", 250).await;
+    let chunk = format!("Subject: part\r\n\r\n{}", format!("{}\r\n", "b".repeat(98)).repeat(2000));
+    let mut sent = String::new();
+    c.expect("MAIL FROM:<a@sender.test>", 250).await;
+    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    for last in [false, false, true] {
+        let verb = if last { " LAST" } else { "" };
+        c.send(format!("BDAT {}{verb}\r\n{chunk}", chunk.len())).await;
+        sent.push_str(&chunk);
+        let r = c.reply().await;
+        assert_eq!(r.code, 250, "{r:?}");
+        if last {
+            let id: QueueId = r.text.rsplit(' ').next().unwrap().parse().unwrap();
+            let msg = server.spool.read(id).await.unwrap();
+            assert!(matches!(msg.body, Body::Spilled(_)));
+            let stored = server.spool.read_whole(id).await.unwrap().body;
+            assert!(stored.ends_with(sent.as_bytes()));
+        }
+    }
+    let small = format!("Subject: small\r\n\r\n{}", format!("{}\r\n", "s".repeat(98)).repeat(SPILL_AT / 100 - 1));
+    let r = c.send_mail("a@sender.test", &["r@dest.test"], &small).await;
+    let id: QueueId = r.text.rsplit(' ').next().unwrap().parse().unwrap();
+    let msg = server.spool.read(id).await.unwrap();
+    assert!(matches!(msg.body, Body::Inline(_)));
+    assert_eq!(body_files(&server).1, 1, "only the big one has a body file");
+}
+
+/// An upload that ends without a message leaves no body file: a client gone mid-data, a
+/// message over the size limit, a BDAT transaction reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_big_upload_leaves_no_body_file() {
+    let server = TestServer::start("[limits]\nmax_message_size = 1048576\n").await;
+    let body = format!("Subject: big\r\n\r\n{}", format!("{}\r\n", "q".repeat(70)).repeat(10_000));
+    let (mut gone, _) = Raw::connect(server.relay).await;
+    gone.expect("EHLO a.test", 250).await;
+    gone.expect("MAIL FROM:<a@sender.test>", 250).await;
+    gone.expect("RCPT TO:<r@dest.test>", 250).await;
+    gone.expect("DATA", 354).await;
+    gone.send(&body[..700_000]).await;
+    assert!(eventually(Duration::from_secs(10), || body_files(&server).1 == 1).await);
+    drop(gone);
+    assert!(
+        eventually(Duration::from_secs(10), || body_files(&server).1 == 0).await,
+        "the file of an upload whose client went away is removed"
     );
-    assert_eq!(server.spool.live().len(), 2);
+
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO a.test", 250).await;
+    let huge = format!("Subject: huge\r\n\r\n{}", format!("{}\r\n", "h".repeat(70)).repeat(30_000));
+    let r = c.send_mail("a@sender.test", &["r@dest.test"], &huge).await;
+    assert_eq!((r.code, r.enhanced()), (552, "5.3.4"));
+    assert_eq!(body_files(&server).1, 0, "too big: no file left");
+
+    c.expect("MAIL FROM:<a@sender.test>", 250).await;
+    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    let part = format!("{}\r\n", "p".repeat(70)).repeat(5000);
+    c.send(format!("BDAT {}\r\n{part}", part.len())).await;
+    assert_eq!(c.reply().await.code, 250);
+    assert_eq!(body_files(&server).1, 1, "the BDAT body is on disk");
+    c.expect("RSET", 250).await;
+    assert_eq!(body_files(&server).1, 0, "reset: no file left");
+    assert!(server.spool.live().is_empty());
 }

@@ -265,3 +265,88 @@ async fn a_full_disk_refuses_mail_and_accepts_again_once_space_is_back() {
     server.shutdown.cancel();
     let _ = server.task.await;
 }
+
+/// A message body well past `postern::spool::SPILL_AT`, so that it goes to a body file, as
+/// sent on the wire: lines that start with a dot (stuffed here) fall across the file's chunk
+/// boundaries.
+fn big_body(tag: &str) -> String {
+    let mut body = format!("From: app@sender.test\r\nSubject: {tag}\r\n\r\n");
+    let mut n = 0;
+    while body.len() < 3 * postern::spool::SPILL_AT + 1000 {
+        n += 1;
+        body.push_str(&format!("..line {n} starts with a dot\r\nplain line {n} of {tag}\r\n"));
+    }
+    body
+}
+
+/// Body files in the spool now.
+fn body_files(server: &TestServer) -> usize {
+    std::fs::read_dir(server.data_dir().join("spool/bodies"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Sends `body` in one transaction; returns the reply to the end of the data.
+async fn send_big(server: &TestServer, body: &str) -> common::Reply {
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    c.send_mail("app@sender.test", &["r@dest.test"], body).await
+}
+
+/// A body file the disk refuses (a chunk that cannot be written, an fdatasync that fails) gets
+/// 452 or 451 at the end of the data, leaves no file behind, and the next message is taken
+/// without a restart.
+#[tokio::test]
+async fn a_body_file_the_disk_refuses_gets_4xx_and_leaves_nothing() {
+    let rig = FaultyRig::start("none@dest.test", "250 ok").await;
+    let (server, faults) = (rig.server, rig.faults);
+    let body = big_body("refused");
+    faults.fail(FaultPoint::BodyWrite, 1, ENOSPC);
+    let r = send_big(&server, &body).await;
+    assert_eq!((r.code, r.enhanced()), (452, "4.3.1"), "{r:?}");
+    faults.fail(FaultPoint::BodySync, 1, 5);
+    let r = send_big(&server, &body).await;
+    assert_eq!((r.code, r.enhanced()), (451, "4.3.0"), "{r:?}");
+    assert_eq!(body_files(&server), 0, "a refused message leaves no body file");
+    assert!(server.spool.live().is_empty());
+    let r = send_big(&server, &body).await;
+    assert_eq!(r.code, 250, "accepted once the disk takes writes: {r:?}");
+    assert_eq!((server.spool.live().len(), body_files(&server)), (1, 1));
+}
+
+/// A spilled message is delivered from its body file, byte for byte, and the file goes once
+/// its last recipient is final. One whose file no longer opens (damaged on disk) is not sent at
+/// all: the connection is dropped mid-DATA, and the message stays queued for a retry.
+#[tokio::test]
+async fn a_spilled_message_is_sent_from_its_file_and_a_damaged_file_sends_nothing() {
+    let rig = FaultyRig::start("none@dest.test", "250 ok").await;
+    let (sink, server, queue) = (rig.sink, rig.server, rig.queue);
+    let body = big_body("whole");
+    let id: postern::spool::QueueId = submit(server.relay, "app@sender.test", &["r@dest.test"], &body)
+        .await
+        .parse()
+        .expect("id");
+    let stored = server.spool.read_whole(id).await.expect("stored").body;
+    assert!(stored.ends_with(body.replace("\r\n..", "\r\n.").as_bytes()));
+    assert_eq!(body_files(&server), 1);
+    queue.run_due().await;
+    let got = sink.wait_for(1).await;
+    assert!(got[0].data == stored, "delivered exactly as stored");
+    wait_until(10, "body file removed", || body_files(&server) == 0).await;
+
+    let damaged: postern::spool::QueueId =
+        submit(server.relay, "app@sender.test", &["r@dest.test"], &big_body("damaged"))
+            .await
+            .parse()
+            .expect("id");
+    let path = server
+        .data_dir()
+        .join(format!("spool/bodies/{damaged}.body"));
+    let mut bytes = std::fs::read(&path).expect("body file");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).expect("damage");
+    queue.run_due().await;
+    assert_eq!(sink.received().len(), 1, "nothing of the damaged message delivered");
+    assert!(server.spool.contains(damaged), "still queued");
+}

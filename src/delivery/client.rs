@@ -14,7 +14,9 @@ use tokio_rustls::client::TlsStream;
 
 use super::tls::{TlsClient, TlsInfo};
 use crate::config::TlsPolicy;
-use crate::proto::{parse_response, EnhancedStatusCode, Response, ResponseError};
+use crate::proto::stuffing::CHUNK as STUFF_CHUNK;
+use crate::proto::{parse_response, DotStuffer, EnhancedStatusCode, Response, ResponseError};
+use crate::spool::Body;
 
 /// The step of a session something happened in (for errors and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,10 @@ pub enum ClientError {
     /// The server gives our own name in its greeting or EHLO reply: it is us (RFC 5321 6.3).
     #[error("{host} announces itself as this server at {stage}: mail loops back to myself")]
     LoopsBack { host: String, stage: Stage },
+    /// The message could not be read back from the spool while it was being sent (ours, not
+    /// the server's): the connection is dropped mid-DATA, so the server discards the content.
+    #[error("cannot read the message from the spool: {0}")]
+    Body(String),
 }
 
 impl ClientError {
@@ -97,6 +103,7 @@ impl ClientError {
             ClientError::Tls(_) => EnhancedStatusCode::new(4, 7, 5),
             ClientError::LoopsBack { .. } => EnhancedStatusCode::new(5, 4, 6),
             ClientError::NoAuthMechanism { .. } => EnhancedStatusCode::new(4, 7, 0),
+            ClientError::Body(_) => EnhancedStatusCode::new(4, 3, 0),
             ClientError::Connect { .. }
             | ClientError::Timeout(_)
             | ClientError::Lost(_)
@@ -337,10 +344,10 @@ impl Connection {
         &mut self,
         from: &str,
         rcpts: &[&str],
-        body: &[u8],
+        body: &Body,
         needs: Needs,
     ) -> Result<Transaction, ClientError> {
-        let mail = self.mail_command(from, body.len(), needs)?;
+        let mail = self.mail_command(from, body.len() as usize, needs)?;
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
         let data_reply;
         if self.ext.pipelining {
@@ -424,7 +431,7 @@ impl Connection {
         &mut self,
         rcpt_replies: Vec<Response>,
         data_reply: Response,
-        body: &[u8],
+        body: &Body,
     ) -> Result<Transaction, ClientError> {
         let accepted = rcpt_replies.iter().any(Response::is_success);
         if data_reply.code != 354 {
@@ -451,17 +458,32 @@ impl Connection {
                 data: None,
             });
         }
-        // A chunk at a time: N deliveries of one message at once hold N small buffers.
-        let mut stuffer = crate::proto::DotStuffer::new(body);
-        while let Some(chunk) = stuffer.next_chunk() {
-            self.write(chunk, Stage::Data).await?;
-        }
+        self.content(body).await?;
         let end = self.read_reply(Stage::EndOfData).await?;
         self.transactions += 1;
         Ok(Transaction {
             rcpt: rcpt_replies,
             data: Some(end),
         })
+    }
+
+    /// Sends the content, stuffed, and the terminator, a chunk at a time: N deliveries of one
+    /// message at once hold N small buffers (a spilled body is read from its file as it goes).
+    async fn content(&mut self, body: &Body) -> Result<(), ClientError> {
+        let body_error = |e: std::io::Error| ClientError::Body(e.to_string());
+        let mut chunks = body.chunks().map_err(body_error)?;
+        let mut stuffer = DotStuffer::new();
+        let mut out = Vec::with_capacity(STUFF_CHUNK + STUFF_CHUNK / 8);
+        while let Some(chunk) = chunks.next().await.map_err(body_error)? {
+            for piece in chunk.chunks(STUFF_CHUNK) {
+                out.clear();
+                stuffer.push(piece, &mut out);
+                self.write(&out, Stage::Data).await?;
+            }
+        }
+        out.clear();
+        stuffer.finish(&mut out);
+        self.write(&out, Stage::Data).await
     }
 
     async fn after_failed_transaction(&mut self, data_open: bool) -> Result<(), ClientError> {

@@ -42,7 +42,7 @@ pub struct Job<'a> {
     pub from: &'a str,
     /// (index, address) pairs.
     pub rcpts: Vec<(usize, &'a str)>,
-    pub body: &'a [u8],
+    pub body: &'a crate::spool::Body,
     pub needs: Needs,
 }
 
@@ -276,6 +276,9 @@ impl Deliverer {
         if clean && conn.transactions < self.config.messages_per_connection {
             self.pool
                 .put(pool_key(&conn.host, conn.addr.port(), policy), conn);
+        } else if matches!(result, Err(ClientError::Body(_))) {
+            // Mid-DATA: a QUIT now would be taken as content. Dropped, the content is discarded.
+            drop(conn);
         } else {
             tokio::spawn(conn.quit());
         }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mail_auth::crypto::{Ed25519Key, RsaKey, Sha256};
-use mail_auth::dkim::{Canonicalization, DkimSigner};
+use mail_auth::dkim::{Canonicalization, DkimSigner, DkimSigningStream};
 use mail_auth::headers::HeaderWriter;
 use mail_auth::signer::{NeedHeaders, Ready};
 use rustls::pki_types::pem::PemObject;
@@ -196,6 +196,70 @@ impl Keys {
             out.selectors.push(s.selector.clone());
         }
         Ok(out)
+    }
+}
+
+impl Keys {
+    /// [`Keys::sign`] of a message too big to hold in memory: `read` calls `feed` with the
+    /// message's chunks in order (a body file read back), and every selector's signer hashes
+    /// them as they pass. Only the header section is buffered.
+    pub fn sign_streamed(
+        &self,
+        from_header: Option<&str>,
+        envelope_from: &str,
+        read: impl FnOnce(&mut dyn FnMut(&[u8])) -> std::io::Result<()>,
+    ) -> Result<Signed, DkimError> {
+        let Some(author) = self.author_domain(from_header, envelope_from) else {
+            return Ok(Signed::default());
+        };
+        let Some((domain, selectors)) = self.keys_for(&author) else {
+            return Ok(Signed::default());
+        };
+        let mut streams: Vec<Stream<'_>> = selectors
+            .iter()
+            .map(|s| match &s.signer {
+                Signer::Rsa(signer) => Stream::Rsa(signer.sign_streaming()),
+                Signer::Ed25519(signer) => Stream::Ed25519(signer.sign_streaming()),
+            })
+            .collect();
+        read(&mut |chunk| {
+            for stream in streams.iter_mut() {
+                stream.write(chunk);
+            }
+        })
+        .map_err(|e| DkimError::Sign(format!("reading the message: {e}")))?;
+        let mut out = Signed {
+            domain: Some(domain.to_string()),
+            ..Signed::default()
+        };
+        for (s, stream) in selectors.iter().zip(streams) {
+            let signature = stream.finish().map_err(|e| DkimError::Sign(e.to_string()))?;
+            out.headers.push_str(&signature.to_header());
+            out.selectors.push(s.selector.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// One selector's streaming signer.
+enum Stream<'a> {
+    Rsa(DkimSigningStream<'a, RsaKey<Sha256>>),
+    Ed25519(DkimSigningStream<'a, Ed25519Key>),
+}
+
+impl Stream<'_> {
+    fn write(&mut self, chunk: &[u8]) {
+        match self {
+            Stream::Rsa(s) => s.write(chunk),
+            Stream::Ed25519(s) => s.write(chunk),
+        }
+    }
+
+    fn finish(self) -> mail_auth::Result<mail_auth::dkim::Signature> {
+        match self {
+            Stream::Rsa(s) => s.finish(),
+            Stream::Ed25519(s) => s.finish(),
+        }
     }
 }
 

@@ -67,6 +67,9 @@ impl BodyError {
 pub struct BodyChecker {
     limits: BodyLimits,
     body: Vec<u8>,
+    /// Octets of checked content already handed out by [`take`](Self::take) (a body streamed
+    /// to disk as it arrives); they count towards `max_size` all the same.
+    taken: usize,
     /// Octets of content fed so far, including any past an error.
     seen: usize,
     /// Octets of the current line so far, line ending excluded.
@@ -83,6 +86,7 @@ impl BodyChecker {
         BodyChecker {
             limits,
             body: Vec::new(),
+            taken: 0,
             seen: 0,
             line_len: 0,
             pending_cr: false,
@@ -140,7 +144,28 @@ impl BodyChecker {
         self.seen
     }
 
-    /// Ends the content. Ok(body) has only CRLF line endings. In Normalise mode, bare LF and bare CR become CRLF.
+    /// Checked content not yet taken.
+    pub fn buffered(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Takes the checked content so far, for a body that is streamed on as it arrives. A CR
+    /// whose partner is still to come stays behind. What [`finish`](Self::finish) returns is
+    /// then only the rest; the size limit counts everything.
+    pub fn take(&mut self) -> Vec<u8> {
+        let room = self.limits.max_size.saturating_sub(self.stored());
+        let next = Vec::with_capacity(self.body.capacity().min(room));
+        self.taken += self.body.len();
+        std::mem::replace(&mut self.body, next)
+    }
+
+    /// Octets of checked content, taken or not.
+    fn stored(&self) -> usize {
+        self.taken + self.body.len()
+    }
+
+    /// Ends the content. Ok(body) has only CRLF line endings (after [`take`](Self::take), the
+    /// part not taken). In Normalise mode, bare LF and bare CR become CRLF.
     ///
     /// A final line without CRLF (possible with BDAT, never with DATA) gets a
     /// CRLF appended: the stored message must consist of complete lines. That
@@ -170,7 +195,7 @@ impl BodyChecker {
             .max_line
             .saturating_sub(2)
             .saturating_sub(self.line_len);
-        let size_room = self.limits.max_size.saturating_sub(self.body.len());
+        let size_room = self.limits.max_size.saturating_sub(self.stored());
         if text.len() > line_room.min(size_room) {
             // Report the limit that the first offending octet breaks, so the
             // error does not depend on how the input was split into reads.
@@ -213,16 +238,16 @@ impl BodyChecker {
     }
 
     fn append(&mut self, bytes: &[u8]) {
-        let needed = self.body.len().saturating_add(bytes.len());
-        if needed > self.limits.max_size {
+        if self.stored().saturating_add(bytes.len()) > self.limits.max_size {
             self.fail(BodyError::TooLarge);
             return;
         }
+        let needed = self.body.len() + bytes.len();
         if needed > self.body.capacity() {
             // Vec's own doubling could reserve up to twice max_size; cap it.
             let target = needed
                 .max(self.body.capacity().saturating_mul(2))
-                .min(self.limits.max_size);
+                .min(self.limits.max_size - self.taken);
             self.body.reserve_exact(target - self.body.len());
         }
         self.body.extend_from_slice(bytes);
@@ -352,6 +377,16 @@ impl DataDecoder {
         self.checker.size()
     }
 
+    /// See [`BodyChecker::buffered`].
+    pub fn buffered(&self) -> usize {
+        self.checker.buffered()
+    }
+
+    /// See [`BodyChecker::take`].
+    pub fn take(&mut self) -> Vec<u8> {
+        self.checker.take()
+    }
+
     /// The body without the terminating ".\r\n"; last line's CRLF kept.
     ///
     /// Meant to be called once [`feed`](Self::feed) reported the end; called
@@ -378,6 +413,36 @@ mod tests {
 
     /// After the first violation the rest is drained, not buffered: memory stays at nothing
     /// however much follows.
+    /// A body taken in pieces as it arrives (streamed to disk) is the same body, byte for
+    /// byte, whatever the split; and the size limit counts what was taken.
+    #[test]
+    fn taken_pieces_make_the_same_body_and_count_towards_the_limit() {
+        let input = b"Subject: x\r\n\r\n..dot\r\nbare\rcr\r\nline two\r\n.\r\n";
+        let mut whole = DataDecoder::new(limits(NORMALISE));
+        assert_eq!(whole.feed(input), (input.len(), true));
+        let whole = whole.finish().expect("body");
+        for split in 1..input.len() {
+            let mut decoder = DataDecoder::new(limits(NORMALISE));
+            let mut out = Vec::new();
+            for piece in input.chunks(split) {
+                decoder.feed(piece);
+                out.extend(decoder.take());
+                assert_eq!(decoder.buffered(), 0);
+            }
+            out.extend(decoder.finish().expect("body"));
+            assert_eq!(out, whole, "split every {split}");
+        }
+        let mut checker = BodyChecker::new(BodyLimits {
+            max_size: 10,
+            max_line: MAX_TEXT_LINE,
+            line_endings: REJECT,
+        });
+        checker.feed(b"12345678\r\n");
+        assert_eq!(checker.take(), b"12345678\r\n".to_vec());
+        checker.feed(b"x");
+        assert_eq!(checker.finish(), Err(BodyError::TooLarge));
+    }
+
     #[test]
     fn nothing_is_buffered_after_an_error() {
         let mut checker = BodyChecker::new(limits(REJECT));

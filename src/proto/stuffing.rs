@@ -1,60 +1,69 @@
 //! The client's side of DATA transparency (RFC 5321 4.5.2): a line that starts with "." gets
-//! another, and `<CRLF>.<CRLF>` ends the content. Done a chunk at a time, so that sending one
-//! message to N servers at once costs N buffers of [`CHUNK`] bytes, not N stuffed copies.
+//! another, and `<CRLF>.<CRLF>` ends the content. Streamed: content goes in as it comes (from
+//! memory or read back from the spool a chunk at a time), so that sending one message to N
+//! servers at once costs N buffers of about [`CHUNK`] bytes, not N stuffed copies.
 
-/// Bytes of body taken per chunk (the chunk is at most that plus the dots it adds, plus the
-/// terminator).
+/// Bytes of content the client stuffs and writes at a time (the output is at most that plus
+/// the dots it adds, plus the terminator).
 pub const CHUNK: usize = 64 * 1024;
 
-/// Yields the stuffed content of `body`, then the terminator, in chunks.
-pub struct DotStuffer<'a> {
-    body: &'a [u8],
-    pos: usize,
+/// Stuffs content given in pieces that may split lines (and CRLFs) anywhere.
+#[derive(Debug, Clone)]
+pub struct DotStuffer {
+    /// The next octet starts a line.
     line_start: bool,
-    done: bool,
-    buf: Vec<u8>,
+    /// The last two octets of content so far (a missing final CRLF is added at the end).
+    tail: [u8; 2],
+    /// Octets of content so far.
+    len: u64,
 }
 
-impl<'a> DotStuffer<'a> {
-    /// `body` should have CRLF line endings; a missing final CRLF is added.
-    pub fn new(body: &'a [u8]) -> DotStuffer<'a> {
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer::new()
+    }
+}
+
+impl DotStuffer {
+    /// A stuffer at the start of the content.
+    pub fn new() -> DotStuffer {
         DotStuffer {
-            body,
-            pos: 0,
             line_start: true,
-            done: false,
-            buf: Vec::with_capacity(body.len().min(CHUNK) + CHUNK.min(body.len()) / 64 + 8),
+            tail: [0; 2],
+            len: 0,
         }
     }
 
-    /// The next chunk to send, None once the terminator has been given.
-    pub fn next_chunk(&mut self) -> Option<&[u8]> {
-        if self.done {
-            return None;
-        }
-        self.buf.clear();
-        let end = (self.pos + CHUNK).min(self.body.len());
-        while self.pos < end {
-            if self.line_start && self.body[self.pos] == b'.' {
-                self.buf.push(b'.');
+    /// Appends the stuffed form of `content` (CRLF line endings) to `out`.
+    pub fn push(&mut self, content: &[u8], out: &mut Vec<u8>) {
+        out.reserve(content.len() + content.len() / 64 + 8);
+        let mut rest = content;
+        while !rest.is_empty() {
+            if self.line_start && rest[0] == b'.' {
+                out.push(b'.');
             }
-            let rest = &self.body[self.pos..end];
             let take = rest
                 .iter()
                 .position(|&b| b == b'\n')
                 .map_or(rest.len(), |i| i + 1);
-            self.buf.extend_from_slice(&rest[..take]);
-            self.pos += take;
+            out.extend_from_slice(&rest[..take]);
             self.line_start = rest[take - 1] == b'\n';
+            rest = &rest[take..];
         }
-        if self.pos == self.body.len() {
-            if !self.body.is_empty() && !self.body.ends_with(b"\r\n") {
-                self.buf.extend_from_slice(b"\r\n");
-            }
-            self.buf.extend_from_slice(b".\r\n");
-            self.done = true;
+        self.len += content.len() as u64;
+        match content {
+            [.., a, b] => self.tail = [*a, *b],
+            [b] => self.tail = [self.tail[1], *b],
+            [] => {}
         }
-        Some(&self.buf)
+    }
+
+    /// Appends the end of the content: a CRLF if the last line lacked one, then `.` CRLF.
+    pub fn finish(self, out: &mut Vec<u8>) {
+        if self.len > 0 && self.tail != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
     }
 }
 
@@ -62,13 +71,12 @@ impl<'a> DotStuffer<'a> {
 mod tests {
     use super::*;
 
-    /// The whole stuffed content at once (tests and tools; the client sends chunks).
+    /// The whole stuffed content at once.
     fn dot_stuff(body: &[u8]) -> Vec<u8> {
-        let mut stuffer = DotStuffer::new(body);
-        let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-        while let Some(chunk) = stuffer.next_chunk() {
-            out.extend_from_slice(chunk);
-        }
+        let mut stuffer = DotStuffer::new();
+        let mut out = Vec::new();
+        stuffer.push(body, &mut out);
+        stuffer.finish(&mut out);
         out
     }
 
@@ -82,33 +90,31 @@ mod tests {
         assert_eq!(dot_stuff(b""), b".\r\n");
     }
 
-    /// A dot at the start of a line that a chunk boundary cuts off is still stuffed, and the
-    /// chunks stay bounded.
+    /// Content given in pieces, split anywhere (between CR and LF, right before a dot at the
+    /// start of a line), stuffs to exactly what the whole does.
     #[test]
-    fn chunk_boundaries_do_not_change_the_result() {
-        let mut body = Vec::new();
-        while body.len() < 3 * CHUNK {
-            body.extend_from_slice(b".line that starts with a dot\r\nplain line\r\n");
-        }
-        body.truncate(CHUNK - 2);
-        body.extend_from_slice(b"\r\n.dot right after the first chunk\r\nend\r\n");
-        let mut expected = Vec::new();
-        for line in body.split_inclusive(|&b| b == b'\n') {
-            if line.starts_with(b".") {
-                expected.push(b'.');
+    fn piece_boundaries_do_not_change_the_result() {
+        let body = b".a\r\nb\r\n..c\r\nd.\r\n.\r\n.e\r\nlast".to_vec();
+        let whole = dot_stuff(&body);
+        assert_eq!(
+            whole,
+            b"..a\r\nb\r\n...c\r\nd.\r\n..\r\n..e\r\nlast\r\n.\r\n".to_vec()
+        );
+        for size in 1..body.len() {
+            let mut stuffer = DotStuffer::new();
+            let mut out = Vec::new();
+            for piece in body.chunks(size) {
+                stuffer.push(piece, &mut out);
             }
-            expected.extend_from_slice(line);
+            stuffer.finish(&mut out);
+            assert_eq!(out, whole, "pieces of {size}");
         }
-        expected.extend_from_slice(b".\r\n");
-        let mut stuffer = DotStuffer::new(&body);
-        let mut got = Vec::new();
-        let mut chunks = 0;
-        while let Some(c) = stuffer.next_chunk() {
-            assert!(c.len() <= CHUNK + CHUNK / 8 + 5, "bounded: {}", c.len());
-            got.extend_from_slice(c);
-            chunks += 1;
-        }
-        assert_eq!(chunks, 2);
-        assert!(got == expected, "stuffed content differs");
+        // The CRLF that ends the content may come in two pieces too.
+        let mut stuffer = DotStuffer::new();
+        let mut out = Vec::new();
+        stuffer.push(b"x\r", &mut out);
+        stuffer.push(b"\n", &mut out);
+        stuffer.finish(&mut out);
+        assert_eq!(out, b"x\r\n.\r\n".to_vec());
     }
 }

@@ -55,8 +55,8 @@ pub struct Queue {
     /// Messages being worked on (`max_active_messages`). Sessions are limited separately, by
     /// the deliverer, and only while one talks to a server.
     active: Arc<Semaphore>,
-    /// Message bytes in memory (`limits.max_body_memory`), shared with the sessions: a
-    /// message is read only once its size fits.
+    /// Message bytes in memory (`limits.max_body_memory`): a message is read only once its
+    /// record's size fits (a spilled body is read from its file a chunk at a time).
     memory: Arc<BodyMemory>,
     tasks: TaskTracker,
     /// Cancelled at shutdown: attempts in flight are abandoned (the mail stays in the spool).
@@ -366,11 +366,6 @@ impl Queue {
         Some(self.memory.hold(size).await)
     }
 
-    /// The cap on message bytes in memory, for the sessions to share.
-    pub(crate) fn body_memory(&self) -> Arc<BodyMemory> {
-        self.memory.clone()
-    }
-
     /// Pending recipients due now (all of them after a flush), split into those suppressed
     /// since the message was accepted and those to try.
     fn due_recipients(
@@ -591,7 +586,7 @@ impl Queue {
             hostname: host,
             queue_id: &msg.id.to_string(),
             envelope: &msg.envelope,
-            original: &msg.body,
+            original: msg.body.start(),
             entries: &entries,
             now: date,
             boundary_seed: seed,

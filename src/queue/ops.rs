@@ -173,7 +173,7 @@ impl Queue {
                 id: id.to_string(),
                 state: st,
                 age_seconds: (now - msg.envelope.received_at).max(0),
-                size: msg.body.len(),
+                size: msg.body.len() as usize,
                 pending_recipients: pending(&msg).len(),
                 domains,
             });
@@ -211,7 +211,7 @@ impl Queue {
             hold: self.lock().hold_of(id),
             received_at: env.received_at,
             age_seconds: (self.clock.now() - env.received_at).max(0),
-            size: msg.body.len(),
+            size: msg.body.len() as usize,
             sender: log(&env.mail_from),
             sending_domain: env.sending_domain.clone(),
             authenticated: env.auth_user.is_some(),

@@ -63,8 +63,6 @@ pub(crate) struct Context {
     pub auth_pool: crate::auth::CheckPool,
     /// Open connections per client address.
     pub(crate) open: Arc<admit::OpenConnections>,
-    /// Message bytes in memory, shared with delivery: a body past its first 256 KiB waits here.
-    pub memory: Arc<crate::memory::BodyMemory>,
 }
 
 /// What a reload replaces without a restart. A session takes a snapshot when it starts, so it
@@ -177,7 +175,6 @@ impl Server {
             ctx: Arc::new(Context {
                 config,
                 spool,
-                memory: queue.body_memory(),
                 queue,
                 live: RwLock::new(Arc::new(Live {
                     accounts,

@@ -26,12 +26,11 @@ use crate::auth::Priority;
 use crate::config::{LineEndingPolicy, ListenerMode};
 use crate::ledger::Signing;
 use crate::limits::{client_key, retry_text, LimitKey};
-use crate::memory::{Held, UNCOUNTED};
 use crate::proto::{
     self, AuthMechanism, BodyChecker, BodyLimits, BodyType, Command, CommandFramer, DataDecoder,
     FramedLine, LineEndings, MailParams, Reply, ReversePath,
 };
-use crate::spool::{Envelope, QueueId, SpoolError};
+use crate::spool::{Envelope, QueueId, Spill, SpoolError, SPILL_AT};
 
 /// Why a session ended early; each case has already been answered (or cannot be).
 enum End {
@@ -61,9 +60,38 @@ struct Transaction {
     rcpts: Vec<String>,
     /// Content received so far by BDAT, with the first error (drained, reported at LAST).
     bdat: Option<BodyChecker>,
-    /// The body's bytes past the first [`UNCOUNTED`], held against `limits.max_body_memory`
-    /// until the message is stored (or the transaction ends).
-    memory: Held,
+    /// The body file, once the body passed [`SPILL_AT`]: the rest goes there as it arrives.
+    /// Dropped with the transaction (an error, RSET, a client gone), the file goes too.
+    spill: Option<Spill>,
+    /// The header section of a spilled body, from its first chunk: what the loop check, the
+    /// From: domain and bounces need of it.
+    headers: Vec<u8>,
+    /// Why the body file failed (the disk): the rest of the body is read and dropped, and the
+    /// end of the data gets the refusal.
+    spill_error: Option<SpoolError>,
+}
+
+/// A received body: whole in memory, or in its body file (the header section in memory).
+enum Content {
+    Inline(Vec<u8>),
+    Spilled { spill: Spill, headers: Vec<u8> },
+}
+
+impl Content {
+    /// The message's header section.
+    fn headers(&self) -> &[u8] {
+        match self {
+            Content::Inline(body) => crate::bounce::headers(body),
+            Content::Spilled { headers, .. } => headers,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Content::Inline(body) => body.len() as u64,
+            Content::Spilled { spill, .. } => spill.len(),
+        }
+    }
 }
 
 struct Session {
@@ -383,7 +411,9 @@ impl Session {
             params,
             rcpts: Vec::new(),
             bdat: None,
-            memory: Held::default(),
+            spill: None,
+            headers: Vec::new(),
+            spill_error: None,
         });
         self.reply(Reply::new(250, "2.1.0", "Sender OK"));
         Ok(())
@@ -471,15 +501,15 @@ impl Session {
         self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
         self.flush().await?;
         let mut decoder = DataDecoder::new(self.body_limits());
-        let mut received = 0u64;
         loop {
             let (used, done) = decoder.feed(&self.input);
             self.input.advance(used);
-            received += used as u64;
             if done {
                 break;
             }
-            self.body_memory(received).await?;
+            if decoder.buffered() >= SPILL_AT {
+                self.spill(decoder.take()).await;
+            }
             self.read_data_input().await?;
         }
         let tx = self.tx.take();
@@ -518,8 +548,9 @@ impl Session {
             if remaining == 0 {
                 break;
             }
-            if let Some(c) = &checker {
-                self.body_memory(c.size() as u64).await?;
+            if let Some(c) = checker.as_mut().filter(|c| c.buffered() >= SPILL_AT) {
+                let content = c.take();
+                self.spill(content).await;
             }
             self.read_data_input().await?;
         }
@@ -551,57 +582,73 @@ impl Session {
         }
     }
 
-    /// Past its first [`UNCOUNTED`] bytes a body counts against `limits.max_body_memory`. The
-    /// first time, the session waits (reading nothing, so its client waits too) for what the
-    /// message will take: its declared SIZE, else the largest message allowed. A body that
-    /// outgrows that takes more only if it is free; it is bounded by the largest message
-    /// allowed all the same. A wait longer than `data_timeout` ends the session with 421.
-    async fn body_memory(&mut self, received: u64) -> Flow {
-        let max = self.ctx.config.limits.max_message_size as u64;
+    /// A body past [`SPILL_AT`] goes to a body file as it arrives, so that a session holds
+    /// about a chunk of it at a time whatever the message's size. A write the disk refuses is
+    /// remembered, the file dropped, and the rest of the body read and discarded.
+    async fn spill(&mut self, content: Vec<u8>) {
         let Some(tx) = self.tx.as_mut() else {
-            return Ok(());
+            return;
         };
-        let held = tx.memory.bytes();
-        if received <= UNCOUNTED || (held > 0 && received <= held) {
-            return Ok(());
+        if tx.spill_error.is_some() {
+            return;
         }
-        if held > 0 {
-            let _ = self
-                .ctx
-                .memory
-                .try_grow(&mut tx.memory, max.saturating_sub(held).max(1));
-            return Ok(());
-        }
-        let need = tx
-            .params
-            .size
-            .unwrap_or(max)
-            .clamp(received, max.max(received));
-        let wait = self.ctx.config.limits.data_timeout;
-        match tokio::time::timeout(wait, self.ctx.memory.hold(need)).await {
-            Ok(memory) => {
-                tx.memory = memory;
-                Ok(())
+        if tx.spill.is_none() {
+            tx.headers = crate::bounce::headers(&content).to_vec();
+            let started = QueueId::generate()
+                .map_err(SpoolError::from)
+                .and_then(|id| self.ctx.spool.spill(id));
+            match started {
+                Ok(spill) => tx.spill = Some(spill),
+                Err(e) => {
+                    tracing::error!(peer = %self.peer.ip(), error = %e, "cannot start a body file; message not accepted");
+                    tx.spill_error = Some(e);
+                    return;
+                }
             }
-            Err(_) => {
-                tracing::warn!(peer = %self.peer.ip(), "no room in limits.max_body_memory for a message; closing");
-                self.close_with(Reply::new(
-                    421,
-                    "4.3.2",
-                    "Too much mail in memory; try again later",
-                ))
-                .await
+        }
+        if let Some(spill) = tx.spill.as_mut() {
+            if let Err(e) = spill.write(content).await {
+                tracing::error!(peer = %self.peer.ip(), error = %e, "body file write failed; message not accepted");
+                tx.spill = None;
+                tx.spill_error = Some(e);
+            }
+        }
+    }
+
+    /// The body as received: `rest` (what was not spilled) added to the body file if there is
+    /// one. Err when the body file failed.
+    async fn content(tx: &mut Transaction, rest: Vec<u8>) -> Result<Content, SpoolError> {
+        if let Some(e) = tx.spill_error.take() {
+            return Err(e);
+        }
+        match tx.spill.take() {
+            None => Ok(Content::Inline(rest)),
+            Some(mut spill) => {
+                spill.write(rest).await?;
+                let headers = std::mem::take(&mut tx.headers);
+                Ok(Content::Spilled { spill, headers })
             }
         }
     }
 
     /// The end of a transaction: trace header, durable store, and only then 250.
-    async fn accept(&mut self, tx: Option<Transaction>, body: Vec<u8>) -> Flow {
+    async fn accept(&mut self, tx: Option<Transaction>, rest: Vec<u8>) -> Flow {
         let started = std::time::Instant::now();
-        let Some(tx) = tx else {
+        let Some(mut tx) = tx else {
             return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
         };
-        let id = match QueueId::generate() {
+        let content = match Session::content(&mut tx, rest).await {
+            Ok(content) => content,
+            Err(e) => {
+                self.reply(storage_refusal(&e));
+                return Ok(());
+            }
+        };
+        let id = match &content {
+            Content::Spilled { spill, .. } => Ok(spill.id()),
+            Content::Inline(_) => QueueId::generate(),
+        };
+        let id = match id {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, "cannot make a queue id");
@@ -611,7 +658,7 @@ impl Session {
         };
         // A mail loop (RFC 5321 6.3): refused here, before it is stored, so the previous hop
         // bounces it; nothing of it stays with us.
-        let hops = received::hops(crate::bounce::headers(&body));
+        let hops = received::hops(content.headers());
         if hops >= self.ctx.config.limits.max_hops {
             tracing::info!(hops, "refused: too many hops, mail loop");
             self.reply(Reply::new(554, "5.4.6", "Too many hops: mail loop"));
@@ -622,7 +669,7 @@ impl Session {
             .unwrap_or_else(chrono::Utc::now);
         let trace = self.trace_header(&tx, &queue_id, now);
         // Parsed once here; DKIM signs for the same domain.
-        let from_domain = crate::dkim::from_domain(crate::bounce::headers(&body));
+        let from_domain = crate::dkim::from_domain(content.headers());
         // Before signing: DKIM then signs only for domains the sender may use.
         let allowed = self
             .sender()
@@ -646,7 +693,8 @@ impl Session {
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
         };
-        let (signature, signing, body) = match self.sign(&envelope, from_domain, body).await {
+        let (signature, signing, content) = match self.sign(&envelope, from_domain, content).await
+        {
             Ok(signed) => signed,
             Err(reply) => {
                 self.reply(reply);
@@ -654,7 +702,7 @@ impl Session {
             }
         };
         let head = [signature.as_bytes(), trace.as_bytes()];
-        self.store(id, &queue_id, &envelope, (head, body), &signing, started)
+        self.store(id, &queue_id, &envelope, (head, content), &signing, started)
             .await;
         Ok(())
     }
@@ -686,15 +734,22 @@ impl Session {
         id: QueueId,
         queue_id: &str,
         envelope: &Envelope,
-        (head, body): ([&[u8]; 2], Vec<u8>),
+        (head, content): ([&[u8]; 2], Content),
         signing: &Signing,
         started: std::time::Instant,
     ) {
-        let size: usize = head.iter().map(|p| p.len()).sum::<usize>() + body.len();
-        match self.ctx.spool.store_body(id, envelope, &head, body).await {
+        let size = head.iter().map(|p| p.len() as u64).sum::<u64>() + content.len();
+        let stored = match content {
+            Content::Inline(body) => self.ctx.spool.store_body(id, envelope, &head, body).await,
+            Content::Spilled { spill, headers } => {
+                let spool = &self.ctx.spool;
+                spool.store_spilled(envelope, &head, &headers, spill).await
+            }
+        };
+        match stored {
             Ok(()) => {
                 // Metadata follows the durable store; losing it must never lose the message.
-                if let Err(e) = self.ctx.ledger.accepted(id, envelope, size as u64, signing) {
+                if let Err(e) = self.ctx.ledger.accepted(id, envelope, size, signing) {
                     tracing::error!(queue_id = %queue_id, error = %e, "ledger write failed");
                 }
                 self.ctx.queue.submitted(id);
@@ -713,32 +768,38 @@ impl Session {
             }
             Err(e) => {
                 tracing::error!(peer = %self.peer.ip(), error = %e, "spool write failed; message not accepted");
-                let disk_full = matches!(&e, SpoolError::Io(io)
-                    if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::QuotaExceeded));
-                self.reply(if disk_full {
-                    Reply::new(452, "4.3.1", "Insufficient system storage; try again later")
-                } else {
-                    Reply::new(451, "4.3.0", "Local error in processing; try again later")
-                });
+                self.reply(storage_refusal(&e));
             }
         }
     }
 
-    /// DKIM-signs the message on a blocking thread (RSA costs ~0.3 ms of CPU). Returns the
-    /// signature headers to prepend (empty when the domain has no key) and the body back.
+    /// DKIM-signs the message on a blocking thread (RSA costs ~0.3 ms of CPU; a spilled body
+    /// is read back from its file a chunk at a time). Returns the signature headers to prepend
+    /// (empty when the domain has no key) and the content back.
     async fn sign(
         &self,
         envelope: &Envelope,
         from_domain: Option<String>,
-        body: Vec<u8>,
-    ) -> Result<(String, Signing, Vec<u8>), Reply> {
+        content: Content,
+    ) -> Result<(String, Signing, Content), Reply> {
         let keys = self.live.dkim.clone();
         if keys.is_empty() && !keys.require {
-            return Ok((String::new(), Signing::default(), body));
+            return Ok((String::new(), Signing::default(), content));
         }
         let from = envelope.mail_from.clone();
-        let (result, body) = tokio::task::spawn_blocking(move || {
-            (keys.sign(&[&body], from_domain.as_deref(), &from), body)
+        let (result, content) = tokio::task::spawn_blocking(move || {
+            let from_domain = from_domain.as_deref();
+            let result = match &content {
+                Content::Inline(body) => keys.sign(&[body], from_domain, &from),
+                Content::Spilled { spill, .. } => keys.sign_streamed(from_domain, &from, |feed| {
+                    let mut reader = spill.reader()?;
+                    while let Some(chunk) = reader.next_blocking()? {
+                        feed(&chunk);
+                    }
+                    Ok(())
+                }),
+            };
+            (result, content)
         })
         .await
         .map_err(|_| Reply::new(451, "4.3.0", "Local error in processing; try again later"))?;
@@ -749,7 +810,7 @@ impl Session {
                     domain: signed.domain,
                     selectors: signed.selectors,
                 };
-                Ok((signed.headers, signing, body))
+                Ok((signed.headers, signing, content))
             }
             Ok(_) if self.live.dkim.require => {
                 tracing::info!(peer = %self.peer.ip(), "refused: no DKIM key for the sending domain");
@@ -761,7 +822,7 @@ impl Session {
             }
             Ok(_) => {
                 tracing::info!(peer = %self.peer.ip(), domain = %envelope.sending_domain, "no DKIM key for the sending domain; relaying unsigned");
-                Ok((String::new(), Signing::default(), body))
+                Ok((String::new(), Signing::default(), content))
             }
             Err(e) => {
                 tracing::error!(error = %e, "DKIM signing failed");
@@ -1071,6 +1132,18 @@ impl Session {
             "Session time limit reached; closing connection",
         ))
         .await
+    }
+}
+
+/// The reply to a message the spool could not store: 452 when the disk is full, else 451.
+fn storage_refusal(e: &SpoolError) -> Reply {
+    use std::io::ErrorKind;
+    let disk_full = matches!(e, SpoolError::Io(io)
+        if matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded));
+    if disk_full {
+        Reply::new(452, "4.3.1", "Insufficient system storage; try again later")
+    } else {
+        Reply::new(451, "4.3.0", "Local error in processing; try again later")
     }
 }
 

@@ -20,6 +20,10 @@ pub enum FaultPoint {
     ReadKey,
     /// Punching out a destroyed record.
     Punch,
+    /// Creating a body file, or appending a chunk to one.
+    BodyWrite,
+    /// `fdatasync` of a body file before its message is committed.
+    BodySync,
 }
 
 #[derive(Default)]
@@ -31,7 +35,7 @@ struct Slot {
 /// Armed faults; shared by the spool and whoever drives the test.
 #[derive(Default)]
 pub struct Faults {
-    slots: [Slot; 5],
+    slots: [Slot; 7],
 }
 
 impl Faults {

@@ -37,13 +37,14 @@
 //! # Not done yet
 //! Compaction: a long-deferred message keeps its (otherwise hollow, sparse) segment alive.
 
+mod bodyfile;
 mod envelope;
 mod faults;
 mod record;
 mod recovery;
 mod writer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
+pub use bodyfile::{Body, BodyReader, Chunks, Spill, SpilledBody, SPILL_AT};
 pub use envelope::{Envelope, MessageState, QueueData, NOT_DUE};
 pub use faults::{FaultPoint, Faults};
 pub use recovery::{Quarantined, RecoveryReport, Unreadable};
@@ -217,6 +219,11 @@ struct Index {
     /// Messages whose state is newer than their last state record on disk (the disk refused
     /// it), with that state: kept whole in memory until the writer gets it onto the disk.
     unsynced: BTreeMap<QueueId, MessageState>,
+    /// Live messages whose body is in a body file (few: only those too big to hold).
+    spilled: HashSet<QueueId>,
+    /// Destroyed messages' body files, with their message record: a file goes once that
+    /// record is punched out.
+    dead_bodies: Vec<(Loc, QueueId)>,
 }
 
 struct Shared {
@@ -227,6 +234,8 @@ struct Shared {
     free: AtomicU64,
     /// The reserve kept for state records: new mail is refused below it.
     min_free: u64,
+    /// Seals body files (derived from the master key).
+    body_key: Arc<Key>,
 }
 
 impl Shared {
@@ -289,6 +298,17 @@ pub struct Spool {
 pub struct StoredMessage {
     pub id: QueueId,
     pub envelope: Envelope,
+    /// RFC 5322 message with CRLF line endings, `Received:` header included; a big one is
+    /// read from its body file as it is sent.
+    pub body: Body,
+    pub state: MessageState,
+}
+
+/// A message read back whole ([`Spool::read_whole`]).
+#[derive(Debug)]
+pub struct WholeMessage {
+    pub id: QueueId,
+    pub envelope: Envelope,
     /// RFC 5322 message with CRLF line endings, `Received:` header included.
     pub body: Vec<u8>,
     pub state: MessageState,
@@ -318,6 +338,7 @@ impl Spool {
         let dir = data_dir.join("spool");
         create_private_dir(&dir)?;
         create_private_dir(&dir.join("quarantine"))?;
+        create_private_dir(&dir.join(bodyfile::DIR))?;
         let (index, report, next_segment) = recovery::recover(&dir, &master, &options.faults)?;
         let shared = Arc::new(Shared {
             dir: dir.clone(),
@@ -325,6 +346,7 @@ impl Spool {
             faults: options.faults,
             free: AtomicU64::new(u64::MAX),
             min_free: options.min_free,
+            body_key: Arc::new(master.derive(bodyfile::KEY_LABEL)),
         });
         shared.refresh_free();
         let writer =
@@ -368,6 +390,40 @@ impl Spool {
             head: head.concat(),
             body,
             rcpts,
+            spill: None,
+            reply,
+        })?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Starts the body file of message `id`, for a body too big to hold in memory: the
+    /// session appends to it as the body arrives, then commits it with [`Spool::store_spilled`].
+    pub fn spill(&self, id: QueueId) -> Result<Spill, SpoolError> {
+        Spill::create(self.shared.clone(), id)
+    }
+
+    /// [`Spool::store_body`] for a body written to `spill`: the body file is synced, then the
+    /// record that commits it (envelope, `head`, and the message's `headers` for bounces).
+    /// Returns only after that record is fsync'd. On any failure the body file is removed.
+    pub async fn store_spilled(
+        &self,
+        envelope: &Envelope,
+        head: &[&[u8]],
+        headers: &[u8],
+        mut spill: Spill,
+    ) -> Result<(), SpoolError> {
+        spill.sync().await?;
+        let sealed_envelope =
+            envelope::encode_envelope(envelope).map_err(|_| SpoolError::Closed)?;
+        let part = bodyfile::encode_spilled(spill.extent(), &head.concat(), headers);
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Request::Store {
+            id: spill.id(),
+            envelope: sealed_envelope,
+            head: Vec::new(),
+            body: part,
+            rcpts: envelope.recipients.len(),
+            spill: Some(spill),
             reply,
         })?;
         rx.await.map_err(|_| SpoolError::Closed)?
@@ -438,7 +494,7 @@ impl Spool {
         };
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let (envelope, body) = read_message(&file, &key, loc, id)?;
+            let (envelope, body) = read_message(&shared, &file, &key, loc, id)?;
             let state = read_current_state(&shared, id)?;
             Ok(StoredMessage {
                 id,
@@ -449,6 +505,18 @@ impl Spool {
         })
         .await
         .map_err(|_| SpoolError::Closed)?
+    }
+
+    /// [`Spool::read`] with the body read whole, body file and all (tools and tests).
+    pub async fn read_whole(&self, id: QueueId) -> Result<WholeMessage, SpoolError> {
+        let msg = self.read(id).await?;
+        let body = msg.body.whole().await?;
+        Ok(WholeMessage {
+            id,
+            envelope: msg.envelope,
+            body,
+            state: msg.state,
+        })
     }
 
     /// Deletes what recovery set aside in `quarantine/` before `cutoff` (Unix time): mail
@@ -563,26 +631,35 @@ impl Index {
     }
 }
 
-/// Reads a message record and opens its envelope and body.
+/// Reads a message record and opens its envelope and body (a spilled body's start only).
 fn read_message(
+    shared: &Shared,
     file: &File,
     key: &Key,
     loc: Loc,
     id: QueueId,
-) -> Result<(Envelope, Vec<u8>), SpoolError> {
+) -> Result<(Envelope, Body), SpoolError> {
     let (kind, buf) = read_raw(file, loc, id)?;
     let (raw, payload) = split_record(&buf);
     let corrupt = || SpoolError::Corrupt(id);
     match kind {
-        Kind::Message => {
+        Kind::Message | Kind::Spilled => {
             let env = record::open_part(key, raw, payload, Part::Envelope)?;
             let envelope = envelope::decode_envelope(&env).ok_or_else(corrupt)?;
             let body = record::open_part(key, raw, payload, Part::Body)?;
+            let body = match kind {
+                Kind::Spilled => Body::Spilled(
+                    SpilledBody::decode(body, id, &shared.dir, shared.body_key.clone())
+                        .ok_or_else(corrupt)?,
+                ),
+                _ => Body::Inline(body),
+            };
             Ok((envelope, body))
         }
         Kind::Whole => {
             let plain = key.open(Header::aad(raw), payload)?;
-            envelope::decode_whole(&plain).ok_or_else(corrupt)
+            let (envelope, body) = envelope::decode_whole(&plain).ok_or_else(corrupt)?;
+            Ok((envelope, Body::Inline(body)))
         }
         Kind::State => Err(corrupt()),
     }

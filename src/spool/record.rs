@@ -49,6 +49,10 @@ pub enum Kind {
     State = 2,
     /// Envelope and body of an accepted message, sealed apart.
     Message = 3,
+    /// Like [`Kind::Message`], for a message whose body is in a body file
+    /// ([`super::bodyfile`]): the body part holds the body file's extent, the trace and
+    /// signature headers and the message's header section.
+    Spilled = 4,
 }
 
 /// A decoded, CRC-checked record header.
@@ -92,6 +96,7 @@ impl Header {
             1 => Kind::Whole,
             2 => Kind::State,
             3 => Kind::Message,
+            4 => Kind::Spilled,
             _ => return Err(HeaderError::Corrupt),
         };
         let mut id = [0u8; 16];
@@ -113,9 +118,11 @@ impl Header {
     }
 }
 
-/// Appends a message record to `out`: `envelope` and the concatenation of `body` sealed apart.
+/// Appends a message record (`kind` is [`Kind::Message`] or [`Kind::Spilled`]) to `out`:
+/// `envelope` and the concatenation of `body` sealed apart.
 pub fn append_message(
     out: &mut Vec<u8>,
+    kind: Kind,
     id: QueueId,
     key: &Key,
     envelope: &[u8],
@@ -127,12 +134,7 @@ pub fn append_message(
         .ok()
         .filter(|l| *l <= MAX_PAYLOAD)
         .ok_or(CryptoError::Open)?;
-    let header = Header {
-        kind: Kind::Message,
-        id,
-        len,
-    }
-    .encode();
+    let header = Header { kind, id, len }.encode();
     let start = out.len();
     out.extend_from_slice(&header);
     out.extend_from_slice(&(env_len as u32).to_le_bytes());
@@ -227,6 +229,7 @@ mod tests {
         let mut out = b"before".to_vec();
         append_message(
             &mut out,
+            Kind::Message,
             QueueId([2; 16]),
             &key,
             b"{env}",

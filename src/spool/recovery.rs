@@ -16,6 +16,7 @@ use std::sync::Arc;
 use super::envelope::StateSummary;
 use super::faults::{FaultPoint, Faults};
 use super::record::{self, Header, HeaderError, Kind, Part, HEADER_LEN};
+use super::bodyfile;
 use super::writer::remove_segment_files;
 use super::{key_path, key_purpose, Entry, Finals, Index, Loc, QueueId, Segment, SpoolError};
 use crate::crypto::Key;
@@ -80,9 +81,17 @@ pub(super) fn recover(
     }
     // The segment buffer (up to a segment's size) goes before the map is built.
     drop(reader);
+    let spilled = std::mem::take(&mut found.spilled);
     index.messages = found.into_messages();
-    finish_final(&mut index, &mut keep);
+    index.spilled = spilled
+        .into_iter()
+        .filter(|id| index.messages.contains_key(id))
+        .collect();
+    finish_final(dir, &mut index, &mut keep);
     remove_empty(dir, &mut index, &keep);
+    // Only a scan that read everything may call a body file an orphan.
+    let complete = report.unreadable.is_empty() && report.quarantined.is_empty();
+    sweep_bodies(dir, &index, complete)?;
     if let Err(e) = crate::crypto::sync_dir(dir) {
         tracing::warn!(error = %e, "spool recovery: cannot sync the spool directory");
     }
@@ -148,6 +157,8 @@ struct Found {
     messages: Vec<(QueueId, Entry)>,
     /// State records, in the order read (so the last of a message's is its newest).
     states: Vec<(QueueId, RecoveredState)>,
+    /// Messages whose body is in a body file.
+    spilled: Vec<QueueId>,
 }
 
 impl Found {
@@ -159,6 +170,7 @@ impl Found {
         let Found {
             mut messages,
             mut states,
+            ..
         } = self;
         messages.sort_unstable_by_key(|(id, _)| *id);
         // Stable: of one message's state records, the newest stays last.
@@ -193,7 +205,7 @@ struct RecoveredState {
 /// Messages final but not yet punched when the previous run stopped: finishes the job. A punch
 /// that fails now is tried again at the next start (the state record still says final), so its
 /// segment is kept.
-fn finish_final(index: &mut Index, keep: &mut HashSet<u64>) {
+fn finish_final(dir: &Path, index: &mut Index, keep: &mut HashSet<u64>) {
     let dead: Vec<QueueId> = index
         .messages
         .iter()
@@ -204,17 +216,54 @@ fn finish_final(index: &mut Index, keep: &mut HashSet<u64>) {
         let Some(e) = index.messages.remove(&id) else {
             continue;
         };
+        let mut punched = true;
         for loc in std::iter::once(e.message).chain(e.state) {
             let Ok(seg) = index.segment_of(loc) else {
                 continue;
             };
             let offset = loc.offset + HEADER_LEN as u64;
-            if let Err(err) = super::writer::punch_hole(&seg.file, offset, loc.len as u64) {
+            let done = super::writer::punch_hole(&seg.file, offset, loc.len as u64)
+                .and_then(|()| seg.file.sync_data());
+            if let Err(err) = done {
                 tracing::warn!(segment = loc.segment, error = %err, "spool recovery: cannot punch a final record; will retry at next start");
                 keep.insert(u64::from(loc.segment));
+                punched = false;
             }
         }
+        if index.spilled.remove(&id) && punched {
+            bodyfile::remove(&bodyfile::path(dir, id));
+        }
     }
+}
+
+/// Body files against the records that commit them. A live spilled message whose file is
+/// missing is reported (its delivery attempts fail, and it bounces in the end rather than
+/// vanish). A file that no live record commits is an orphan: an upload that never finished,
+/// or a message destroyed just before a crash. Orphans are removed only after a `complete`
+/// scan; otherwise they stay for the next start.
+fn sweep_bodies(dir: &Path, index: &Index, complete: bool) -> Result<(), SpoolError> {
+    let mut orphans = 0usize;
+    let mut present = HashSet::new();
+    for entry in std::fs::read_dir(dir.join(bodyfile::DIR))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(id) = bodyfile::id_of(&name.to_string_lossy()) else {
+            continue;
+        };
+        if index.spilled.contains(&id) {
+            present.insert(id);
+        } else if complete {
+            bodyfile::remove(&entry.path());
+            orphans += 1;
+        }
+    }
+    if orphans > 0 {
+        tracing::info!(orphans, "spool recovery: removed body files of messages never committed or already destroyed");
+    }
+    for id in index.spilled.difference(&present) {
+        tracing::error!(queue_id = %id, path = %bodyfile::path(dir, *id).display(), "spool recovery: the body file of a queued message is missing; its delivery will fail and it will bounce. Restore the file from a backup if there is one");
+    }
+    Ok(())
 }
 
 /// Counts what each segment still holds, and removes those that hold nothing (unless kept).
@@ -409,9 +458,12 @@ fn take_record(
     let plain =
         open_for_recovery(key, header.kind, raw, payload).ok_or("record fails authentication")?;
     match header.kind {
-        Kind::Message | Kind::Whole => {
+        Kind::Message | Kind::Whole | Kind::Spilled => {
             let recipients =
                 recipient_count(header.kind, &plain).ok_or("message record does not decode")?;
+            if header.kind == Kind::Spilled {
+                found.spilled.push(header.id);
+            }
             let entry = Entry {
                 message: loc,
                 state: None,
@@ -443,7 +495,9 @@ fn open_for_recovery(
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     match kind {
-        Kind::Message => record::open_part(key, raw, payload, Part::Envelope).ok(),
+        Kind::Message | Kind::Spilled => {
+            record::open_part(key, raw, payload, Part::Envelope).ok()
+        }
         Kind::Whole | Kind::State => key.open(Header::aad(raw), payload).ok(),
     }
 }

@@ -58,7 +58,7 @@ async fn store_read_round_trip_and_nothing_in_clear() {
     let env = envelope(&["rcpt-secret@example.test"]);
     let body = b"Subject: hi\r\n\r\nMARKER-7731 body\r\n".to_vec();
     let id = store(&spool, &env, &body).await;
-    let msg = spool.read(id).await.unwrap();
+    let msg = spool.read_whole(id).await.unwrap();
     assert_eq!(msg.envelope, env);
     assert_eq!(msg.body, body);
     assert_eq!(spool.live(), vec![id]);
@@ -94,7 +94,7 @@ async fn concurrent_stores_are_all_durable_and_recovered() {
     assert_eq!(report.recovered, 200);
     assert!(report.quarantined.is_empty());
     for (id, body) in stored {
-        assert_eq!(spool.read(id).await.unwrap().body, body.as_bytes());
+        assert_eq!(spool.read_whole(id).await.unwrap().body, body.as_bytes());
     }
 }
 
@@ -132,7 +132,7 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
         Liveness::Destroyed
     );
     assert!(spool.live().is_empty());
-    assert!(matches!(spool.read(id).await, Err(SpoolError::NotFound)));
+    assert!(matches!(spool.read_whole(id).await, Err(SpoolError::NotFound)));
     // The old segment held nothing else and is not the active one: gone, key and all.
     assert!(!seg.exists(), "emptied segment is unlinked at once");
     assert!(!key_path(spool.dir(), u64::from(loc.segment)).exists());
@@ -157,7 +157,7 @@ async fn destroyed_body_range_reads_back_as_zeros() {
         spool.destroy(gone).await,
         Err(SpoolError::NotFound)
     ));
-    assert_eq!(spool.read(keep).await.unwrap().body, b"keep\r\n");
+    assert_eq!(spool.read_whole(keep).await.unwrap().body, b"keep\r\n");
 }
 
 #[tokio::test]
@@ -291,7 +291,7 @@ async fn enospc_on_append_refuses_that_batch_then_accepts_again_without_restart(
         "only acknowledged mail is recovered"
     );
     assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
-    assert_eq!(spool.read(after).await.unwrap().body, b"after\r\n");
+    assert_eq!(spool.read_whole(after).await.unwrap().body, b"after\r\n");
 }
 
 #[tokio::test]
@@ -315,7 +315,7 @@ async fn a_failed_fdatasync_is_never_retried_and_trusted() {
         "the segment whose sync failed takes no more writes"
     );
     // What was durable before the failure stays readable.
-    assert_eq!(spool.read(a).await.unwrap().body, b"first\r\n");
+    assert_eq!(spool.read_whole(a).await.unwrap().body, b"first\r\n");
     drop(spool);
     let (spool, _) = open(dir.path(), &master);
     assert!(
@@ -342,7 +342,7 @@ async fn a_segment_that_cannot_be_created_blocks_nothing_once_the_fault_clears()
             .is_err());
     }
     let ok = store(&spool, &envelope(&["c@x.test"]), b"accepted\r\n").await;
-    assert_eq!(spool.read(ok).await.unwrap().body, b"accepted\r\n");
+    assert_eq!(spool.read_whole(ok).await.unwrap().body, b"accepted\r\n");
     let keys = std::fs::read_dir(spool.dir())
         .unwrap()
         .filter(|e| {
@@ -444,7 +444,7 @@ async fn a_key_file_that_fails_once_at_recovery_is_read_again() {
     };
     let (spool, report) = Spool::open_with(dir.path(), master.clone(), options).unwrap();
     assert!(report.unreadable.is_empty(), "{:?}", report.unreadable);
-    assert_eq!(spool.read(id).await.unwrap().body, b"keep me\r\n");
+    assert_eq!(spool.read_whole(id).await.unwrap().body, b"keep me\r\n");
 }
 
 #[tokio::test]
@@ -477,7 +477,7 @@ async fn a_segment_that_cannot_be_read_stays_in_place_and_is_reported() {
     std::fs::write(&key, key_bytes).unwrap();
     let (spool, report) = open(dir.path(), &master);
     assert!(report.unreadable.is_empty());
-    assert_eq!(spool.read(id).await.unwrap().body, b"keep me\r\n");
+    assert_eq!(spool.read_whole(id).await.unwrap().body, b"keep me\r\n");
 }
 
 #[tokio::test]
@@ -520,7 +520,7 @@ async fn recovery_opens_envelopes_not_bodies() {
     assert_eq!(report.recovered, 1);
     assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
     assert_eq!(spool.dues(), vec![(id, 0)]);
-    assert!(matches!(spool.read(id).await, Err(SpoolError::Crypto(_))));
+    assert!(matches!(spool.read_whole(id).await, Err(SpoolError::Crypto(_))));
 }
 
 /// A spool written before envelope and body were sealed apart (one seal over both, kind 1) is
@@ -547,7 +547,7 @@ async fn whole_records_of_the_old_layout_are_read() {
 
     let (spool, report) = open(dir.path(), &master);
     assert_eq!((report.recovered, report.quarantined.len()), (1, 0));
-    let msg = spool.read(id).await.unwrap();
+    let msg = spool.read_whole(id).await.unwrap();
     assert_eq!(msg.envelope, env);
     assert_eq!(msg.body, b"Subject: old\r\n\r\nbody\r\n");
     assert_eq!(msg.state.final_rcpts, vec![false, false]);
@@ -739,7 +739,7 @@ async fn a_final_message_left_unpunched_is_punched_at_start() {
         after[state_at + HEADER_LEN..].iter().all(|&x| x == 0),
         "state punched"
     );
-    assert_eq!(spool.read(b).await.unwrap().body, b"X: b\r\n\r\nkeep\r\n");
+    assert_eq!(spool.read_whole(b).await.unwrap().body, b"X: b\r\n\r\nkeep\r\n");
 }
 
 /// An operator's destroy hears of a punch that failed: the bytes are not gone yet (they are
@@ -756,4 +756,121 @@ async fn a_destroy_whose_punch_fails_is_not_reported_done() {
     assert!(!spool.contains(id), "gone from the index all the same");
     let other = store(&spool, &envelope(&["a@x.test"]), b"X: y\r\n\r\nbody\r\n").await;
     assert!(spool.destroy(other).await.is_ok());
+}
+
+/// Stores `body` as a spilled message: written to a body file in pieces, then committed.
+async fn store_spilled(spool: &Spool, env: &Envelope, head: &[u8], body: &[u8]) -> QueueId {
+    let id = QueueId::generate().unwrap();
+    let mut spill = spool.spill(id).expect("body file");
+    for piece in body.chunks(SPILL_AT / 3 + 7) {
+        spill.write(piece.to_vec()).await.expect("written");
+    }
+    let headers = crate::bounce::headers(body).to_vec();
+    spool
+        .store_spilled(env, &[head], &headers, spill)
+        .await
+        .expect("stored");
+    id
+}
+
+fn body_files(spool_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(spool_dir.join(bodyfile::DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn big(marker: &str) -> Vec<u8> {
+    let mut body = format!("Subject: {marker}\r\n\r\n").into_bytes();
+    while body.len() < 2 * SPILL_AT + 1234 {
+        body.extend_from_slice(format!("{marker} line of the body\r\n").as_bytes());
+    }
+    body
+}
+
+/// A spilled message reads back exactly (head, then the file), survives a restart, keeps no
+/// clear text on disk, and its body file goes with its last final recipient.
+#[tokio::test]
+async fn a_spilled_body_reads_back_survives_restart_and_goes_when_final() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let env = envelope(&["a@x.test", "b@x.test"]);
+    let body = big("SECRET-8812");
+    let id = store_spilled(&spool, &env, b"Received: head\r\n", &body).await;
+    let expected = [b"Received: head\r\n".as_slice(), &body].concat();
+    let msg = spool.read(id).await.unwrap();
+    assert_eq!(msg.body.len(), expected.len() as u64);
+    assert_eq!(msg.body.start(), b"Received: head\r\nSubject: SECRET-8812\r\n");
+    assert_eq!(spool.read_whole(id).await.unwrap().body, expected);
+    assert!(!contains(&all_bytes(dir.path()), b"SECRET-8812"));
+    assert!(spool.size(id).unwrap() < 1024, "the record holds no body");
+    let spool_dir = spool.dir().to_path_buf();
+    drop(spool);
+
+    let (spool, report) = open(dir.path(), &master);
+    assert_eq!(report.recovered, 1);
+    let msg = spool.read_whole(id).await.unwrap();
+    assert_eq!((msg.envelope, msg.body), (env, expected));
+    assert_eq!(spool.update(id, &[0], None).await.unwrap(), Liveness::Live);
+    assert_eq!(body_files(&spool_dir).len(), 1);
+    assert_eq!(spool.update(id, &[1], None).await.unwrap(), Liveness::Destroyed);
+    assert!(body_files(&spool_dir).is_empty(), "the body file went with the message");
+}
+
+/// Recovery removes body files no record commits (an upload cut short by a crash, a message
+/// destroyed just before one), but only after a scan that read every segment: with one
+/// unreadable, a file might belong to a message in it, and stays.
+#[tokio::test]
+async fn orphan_body_files_go_at_start_unless_a_segment_was_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let live = store_spilled(&spool, &envelope(&["a@x.test"]), b"", &big("live")).await;
+    let seg = active_segment(&spool, live);
+    let spool_dir = spool.dir().to_path_buf();
+    let orphan = QueueId::generate().unwrap();
+    let mut cut_short = spool.spill(orphan).unwrap();
+    cut_short.write(big("cut short")).await.unwrap();
+    // A crash: the file stays, no record commits it.
+    std::mem::forget(cut_short);
+    drop(spool);
+    assert_eq!(body_files(&spool_dir).len(), 2);
+
+    let key = key_path(&spool_dir, seg);
+    let key_bytes = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    let (spool, report) = open(dir.path(), &master);
+    assert_eq!(report.unreadable.len(), 1);
+    assert_eq!(body_files(&spool_dir).len(), 2, "nothing removed after an unreadable segment");
+    drop(spool);
+
+    std::fs::write(&key, key_bytes).unwrap();
+    let (spool, report) = open(dir.path(), &master);
+    assert!(report.unreadable.is_empty());
+    assert_eq!(body_files(&spool_dir), vec![format!("{live}.body")]);
+    assert_eq!(spool.read_whole(live).await.unwrap().body, big("live"));
+}
+
+/// A body file that ends early, or whose chunk was altered, is an error when read: never a
+/// short or altered message sent as if whole.
+#[tokio::test]
+async fn a_truncated_or_altered_body_file_fails_to_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let id = store_spilled(&spool, &envelope(&["a@x.test"]), b"", &big("cut")).await;
+    let path = bodyfile::path(spool.dir(), id);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(spool.read_whole(id).await.is_err(), "truncated");
+    let mut altered = bytes.clone();
+    altered[10] ^= 1;
+    std::fs::write(&path, &altered).unwrap();
+    assert!(spool.read_whole(id).await.is_err(), "altered");
+    // Whole again: reads.
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(spool.read_whole(id).await.unwrap().body, big("cut"));
 }

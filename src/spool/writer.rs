@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use super::faults::FaultPoint;
 use super::record::{self, Kind, HEADER_LEN};
 use super::{
+    bodyfile::{self, Spill},
     key_path, key_purpose, segment_path, Entry, Finals, Index, Liveness, Loc, MessageState,
     QueueData, QueueId, Segment, Shared, SpoolError,
 };
@@ -25,6 +26,9 @@ pub(super) enum Request {
         head: Vec<u8>,
         body: Vec<u8>,
         rcpts: usize,
+        /// The body file of a [`Kind::Spilled`] message (synced already); `head` and `body` are
+        /// then that record's body part. Kept once the record is synced, removed otherwise.
+        spill: Option<Spill>,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Update {
@@ -85,6 +89,7 @@ enum Pending {
         id: QueueId,
         loc: Loc,
         rcpts: usize,
+        spill: Option<Spill>,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Update {
@@ -209,6 +214,7 @@ impl Writer {
                     head,
                     body,
                     rcpts,
+                    spill,
                     reply,
                 } => {
                     // The free-space reserve, counting what this batch already takes.
@@ -218,11 +224,16 @@ impl Writer {
                         continue;
                     }
                     room -= size;
-                    match self.append_message(&mut buf, id, &envelope, &[&head, &body]) {
+                    let kind = match spill {
+                        Some(_) => Kind::Spilled,
+                        None => Kind::Message,
+                    };
+                    match self.append_message(&mut buf, kind, id, &envelope, &[&head, &body]) {
                         Ok(loc) => pending.push(Pending::Store {
                             id,
                             loc,
                             rcpts,
+                            spill,
                             reply,
                         }),
                         Err(e) => drop(reply.send(Err(e))),
@@ -341,13 +352,14 @@ impl Writer {
     fn append_message(
         &self,
         buf: &mut Vec<u8>,
+        kind: Kind,
         id: QueueId,
         envelope: &[u8],
         body: &[&[u8]],
     ) -> Result<Loc, SpoolError> {
         let active = self.active.as_ref().ok_or_else(no_segment)?;
         let start = buf.len();
-        record::append_message(buf, id, &active.key, envelope, body)?;
+        record::append_message(buf, kind, id, &active.key, envelope, body)?;
         Ok(active.loc_of(buf, start))
     }
 
@@ -385,11 +397,16 @@ impl Writer {
                     id,
                     loc,
                     rcpts,
+                    spill,
                     reply,
                 } => {
                     if let Some(e) = failed {
                         let _ = reply.send(Err(SpoolError::Io(clone_io(e))));
                         continue;
+                    }
+                    if let Some(spill) = spill {
+                        spill.commit();
+                        index.spilled.insert(id);
                     }
                     index.add_live(loc.segment);
                     index.messages.insert(
@@ -550,8 +567,28 @@ impl Writer {
             }
         }
         let done: Vec<Loc> = touched.into_values().flat_map(|(_, l)| l).collect();
+        self.remove_bodies(&done);
         self.release(&done);
         failed
+    }
+
+    /// Removes the body files of destroyed messages whose record is punched out (and synced):
+    /// before that, a crash would bring back a record whose body was gone.
+    fn remove_bodies(&self, done: &[Loc]) {
+        let gone: Vec<QueueId> = {
+            let mut index = self.shared.index();
+            if index.dead_bodies.is_empty() {
+                return;
+            }
+            let (gone, keep) = std::mem::take(&mut index.dead_bodies)
+                .into_iter()
+                .partition(|(loc, _)| done.contains(loc));
+            index.dead_bodies = keep;
+            gone.into_iter().map(|(_, id)| id).collect()
+        };
+        for id in &gone {
+            bodyfile::remove(&bodyfile::path(&self.shared.dir, *id));
+        }
     }
 
     /// Counts punched records off their segments and unlinks the segments left empty.
@@ -651,11 +688,17 @@ impl Index {
         }
     }
 
-    /// Drops a message from the index; returns its records, now dead.
+    /// Drops a message from the index; returns its records, now dead. Its body file, if it
+    /// has one, goes once its message record is punched out.
     fn remove(&mut self, id: QueueId) -> Vec<Loc> {
         self.unsynced.remove(&id);
         match self.messages.remove(&id) {
-            Some(e) => std::iter::once(e.message).chain(e.state).collect(),
+            Some(e) => {
+                if self.spilled.remove(&id) {
+                    self.dead_bodies.push((e.message, id));
+                }
+                std::iter::once(e.message).chain(e.state).collect()
+            }
             None => Vec::new(),
         }
     }

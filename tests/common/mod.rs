@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use postern::config::{Config, ListenerMode};
 use postern::daemon::Daemon;
-use postern::spool::{Spool, StoredMessage};
+use postern::spool::{Spool, WholeMessage};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -171,10 +171,10 @@ impl TestServer {
     }
 
     /// Every message in the spool, oldest first.
-    pub async fn messages(&self) -> Vec<StoredMessage> {
+    pub async fn messages(&self) -> Vec<WholeMessage> {
         let mut out = Vec::new();
         for id in self.spool.live() {
-            out.push(self.spool.read(id).await.expect("readable"));
+            out.push(self.spool.read_whole(id).await.expect("readable"));
         }
         out
     }
