@@ -8,7 +8,7 @@
 //! - [`server`]: listeners and sessions; drives `proto` over TCP and TLS.
 //! - [`auth`]: SMTP accounts (argon2) and the password-check pool. [`tls`]: the inbound certificate.
 //! - [`limits`]: counters for failed logins, connection rates and sending limits, behind a trait.
-//! - [`memory`]: the cap on message bytes held in memory, shared by sessions and deliveries.
+//! - [`memory`]: the cap on message bytes delivery attempts hold in memory.
 //! - [`dkim`]: signing with mail-auth, key generation, the DNS records to publish.
 //! - [`spool`]: encrypted append-only segments with group commit; `250` only after fdatasync.
 //! - [`queue`]: due times, retries, expiry, notices; [`clock`] makes its time injectable.
@@ -27,8 +27,9 @@
 //!
 //! # A message's life
 //! A session collects the envelope (refusing suppressed recipients), decodes DATA or BDAT
-//! through `proto`'s checks (line length, bare CR/LF, size), DKIM-signs on a blocking thread,
-//! prepends a `Received:` header and hands the message to the spool. The spool's writer appends
+//! through `proto`'s checks (line length, bare CR/LF, size), writing a body past 256 KiB to a
+//! sealed body file as it arrives, DKIM-signs on a blocking thread, prepends a `Received:`
+//! header and hands the message to the spool. The spool's writer appends
 //! it with everything else that arrived during the previous sync, syncs once, and only then does
 //! the session say `250`. The queue then groups the recipients by domain, delivers, records each
 //! outcome in the ledger, retries or bounces, and the spool destroys the body as soon as the last

@@ -522,3 +522,40 @@ async fn starttls(
         .await
         .map(|_| ())
 }
+
+/// A big message (its body in a body file) acknowledged before a `kill -9` is whole after the
+/// restart; the upload the kill cut short leaves no file behind once the spool is opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_keeps_an_acknowledged_big_message_and_drops_a_cut_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    write_child_config(dir.path(), "");
+    let mut child = Child::spawn(dir.path(), None);
+    let mut body = String::from("Subject: big\r\n\r\n");
+    while body.len() < 1 << 20 {
+        body.push_str(&format!("{}\r\n", "k".repeat(76)));
+    }
+    body.push_str("BIG-ACKED-END\r\n");
+    let id = submit(child.relay, "a@example.test", &["b@dest.test"], &body).await;
+    let (mut cut, _) = Raw::connect(child.relay).await;
+    cut.expect("EHLO client.test", 250).await;
+    cut.expect("MAIL FROM:<a@example.test>", 250).await;
+    cut.expect("RCPT TO:<b@dest.test>", 250).await;
+    cut.expect("DATA", 354).await;
+    cut.send(&body[..700_000]).await;
+    let bodies = dir.path().join("data/spool/bodies");
+    let files = || std::fs::read_dir(&bodies).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        eventually(Duration::from_secs(10), || files() == 2).await,
+        "the cut upload is on disk before the kill"
+    );
+    child.kill9();
+
+    let (spool, report) = open_spool(dir.path());
+    assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
+    assert_eq!(files(), 1, "the cut upload's file is gone");
+    let m = spool.read_whole(id.parse().unwrap()).await.unwrap();
+    assert!(
+        m.body.ends_with(body.as_bytes()),
+        "the acknowledged body is whole"
+    );
+}

@@ -217,7 +217,9 @@ async fn a_message_spilled_to_disk_is_signed_and_delivered_whole() {
     data.push_str("\r\n\r\n");
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
-    let r = c.send_mail("app@example.test", &["r@dest.test"], &data).await;
+    let r = c
+        .send_mail("app@example.test", &["r@dest.test"], &data)
+        .await;
     assert_eq!(r.code, 250, "{r:?}");
     let got = sink.wait_for(1).await;
     assert_eq!(dkimpy(&got[0].data, &records), vec![true, true]);
@@ -225,7 +227,11 @@ async fn a_message_spilled_to_disk_is_signed_and_delivered_whole() {
     assert!(got[0].data.ends_with(unstuffed.as_bytes()), "sent whole");
     assert_eq!(signature_headers(&got[0].data).len(), 2);
     let bodies = server.data_dir().join("spool/bodies");
-    let empty = || std::fs::read_dir(&bodies).map(|d| d.count() == 0).unwrap_or(false);
+    let empty = || {
+        std::fs::read_dir(&bodies)
+            .map(|d| d.count() == 0)
+            .unwrap_or(false)
+    };
     assert!(
         common::eventually(std::time::Duration::from_secs(10), empty).await,
         "the body file goes once the message is delivered"

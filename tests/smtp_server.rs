@@ -6,11 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::{contains, eventually, has_bare_cr_or_lf, Raw, TestServer, PASSWORD, USER};
-use postern::spool::{Body, QueueId, SPILL_AT};
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use postern::spool::{Body, QueueId, SPILL_AT};
 
 fn lettre_message(marker: &str) -> Message {
     Message::builder()
@@ -681,7 +681,10 @@ async fn a_big_body_goes_to_disk_as_it_arrives() {
     let id: QueueId = r.text.rsplit(' ').next().unwrap().parse().unwrap();
     let msg = server.spool.read(id).await.unwrap();
     assert!(matches!(msg.body, Body::Spilled(_)), "{:?}", msg.body);
-    assert_eq!(msg.body.len(), server.spool.read_whole(id).await.unwrap().body.len() as u64);
+    assert_eq!(
+        msg.body.len(),
+        server.spool.read_whole(id).await.unwrap().body.len() as u64
+    );
     let stored = server.spool.read_whole(id).await.unwrap().body;
     assert!(stored.ends_with(body.as_bytes()), "reads back exactly");
     assert!(stored.starts_with(b"Received: "));
@@ -693,13 +696,17 @@ async fn bdat_bodies_spill_too_and_small_ones_stay_inline() {
     let server = TestServer::start("").await;
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO a.test", 250).await;
-    let chunk = format!("Subject: part\r\n\r\n{}", format!("{}\r\n", "b".repeat(98)).repeat(2000));
+    let chunk = format!(
+        "Subject: part\r\n\r\n{}",
+        format!("{}\r\n", "b".repeat(98)).repeat(2000)
+    );
     let mut sent = String::new();
     c.expect("MAIL FROM:<a@sender.test>", 250).await;
     c.expect("RCPT TO:<r@dest.test>", 250).await;
     for last in [false, false, true] {
         let verb = if last { " LAST" } else { "" };
-        c.send(format!("BDAT {}{verb}\r\n{chunk}", chunk.len())).await;
+        c.send(format!("BDAT {}{verb}\r\n{chunk}", chunk.len()))
+            .await;
         sent.push_str(&chunk);
         let r = c.reply().await;
         assert_eq!(r.code, 250, "{r:?}");
@@ -711,7 +718,10 @@ async fn bdat_bodies_spill_too_and_small_ones_stay_inline() {
             assert!(stored.ends_with(sent.as_bytes()));
         }
     }
-    let small = format!("Subject: small\r\n\r\n{}", format!("{}\r\n", "s".repeat(98)).repeat(SPILL_AT / 100 - 1));
+    let small = format!(
+        "Subject: small\r\n\r\n{}",
+        format!("{}\r\n", "s".repeat(98)).repeat(SPILL_AT / 100 - 1)
+    );
     let r = c.send_mail("a@sender.test", &["r@dest.test"], &small).await;
     let id: QueueId = r.text.rsplit(' ').next().unwrap().parse().unwrap();
     let msg = server.spool.read(id).await.unwrap();
@@ -724,7 +734,10 @@ async fn bdat_bodies_spill_too_and_small_ones_stay_inline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_big_upload_leaves_no_body_file() {
     let server = TestServer::start("[limits]\nmax_message_size = 1048576\n").await;
-    let body = format!("Subject: big\r\n\r\n{}", format!("{}\r\n", "q".repeat(70)).repeat(10_000));
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "q".repeat(70)).repeat(10_000)
+    );
     let (mut gone, _) = Raw::connect(server.relay).await;
     gone.expect("EHLO a.test", 250).await;
     gone.expect("MAIL FROM:<a@sender.test>", 250).await;
@@ -740,7 +753,10 @@ async fn an_unfinished_big_upload_leaves_no_body_file() {
 
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO a.test", 250).await;
-    let huge = format!("Subject: huge\r\n\r\n{}", format!("{}\r\n", "h".repeat(70)).repeat(30_000));
+    let huge = format!(
+        "Subject: huge\r\n\r\n{}",
+        format!("{}\r\n", "h".repeat(70)).repeat(30_000)
+    );
     let r = c.send_mail("a@sender.test", &["r@dest.test"], &huge).await;
     assert_eq!((r.code, r.enhanced()), (552, "5.3.4"));
     assert_eq!(body_files(&server).1, 0, "too big: no file left");

@@ -274,7 +274,9 @@ fn big_body(tag: &str) -> String {
     let mut n = 0;
     while body.len() < 3 * postern::spool::SPILL_AT + 1000 {
         n += 1;
-        body.push_str(&format!("..line {n} starts with a dot\r\nplain line {n} of {tag}\r\n"));
+        body.push_str(&format!(
+            "..line {n} starts with a dot\r\nplain line {n} of {tag}\r\n"
+        ));
     }
     body
 }
@@ -307,7 +309,11 @@ async fn a_body_file_the_disk_refuses_gets_4xx_and_leaves_nothing() {
     faults.fail(FaultPoint::BodySync, 1, 5);
     let r = send_big(&server, &body).await;
     assert_eq!((r.code, r.enhanced()), (451, "4.3.0"), "{r:?}");
-    assert_eq!(body_files(&server), 0, "a refused message leaves no body file");
+    assert_eq!(
+        body_files(&server),
+        0,
+        "a refused message leaves no body file"
+    );
     assert!(server.spool.live().is_empty());
     let r = send_big(&server, &body).await;
     assert_eq!(r.code, 250, "accepted once the disk takes writes: {r:?}");
@@ -322,10 +328,11 @@ async fn a_spilled_message_is_sent_from_its_file_and_a_damaged_file_sends_nothin
     let rig = FaultyRig::start("none@dest.test", "250 ok").await;
     let (sink, server, queue) = (rig.sink, rig.server, rig.queue);
     let body = big_body("whole");
-    let id: postern::spool::QueueId = submit(server.relay, "app@sender.test", &["r@dest.test"], &body)
-        .await
-        .parse()
-        .expect("id");
+    let id: postern::spool::QueueId =
+        submit(server.relay, "app@sender.test", &["r@dest.test"], &body)
+            .await
+            .parse()
+            .expect("id");
     let stored = server.spool.read_whole(id).await.expect("stored").body;
     assert!(stored.ends_with(body.replace("\r\n..", "\r\n.").as_bytes()));
     assert_eq!(body_files(&server), 1);
@@ -334,11 +341,15 @@ async fn a_spilled_message_is_sent_from_its_file_and_a_damaged_file_sends_nothin
     assert!(got[0].data == stored, "delivered exactly as stored");
     wait_until(10, "body file removed", || body_files(&server) == 0).await;
 
-    let damaged: postern::spool::QueueId =
-        submit(server.relay, "app@sender.test", &["r@dest.test"], &big_body("damaged"))
-            .await
-            .parse()
-            .expect("id");
+    let damaged: postern::spool::QueueId = submit(
+        server.relay,
+        "app@sender.test",
+        &["r@dest.test"],
+        &big_body("damaged"),
+    )
+    .await
+    .parse()
+    .expect("id");
     let path = server
         .data_dir()
         .join(format!("spool/bodies/{damaged}.body"));
@@ -347,6 +358,10 @@ async fn a_spilled_message_is_sent_from_its_file_and_a_damaged_file_sends_nothin
     bytes[middle] ^= 0xff;
     std::fs::write(&path, bytes).expect("damage");
     queue.run_due().await;
-    assert_eq!(sink.received().len(), 1, "nothing of the damaged message delivered");
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "nothing of the damaged message delivered"
+    );
     assert!(server.spool.contains(damaged), "still queued");
 }

@@ -233,7 +233,9 @@ impl Keys {
             ..Signed::default()
         };
         for (s, stream) in selectors.iter().zip(streams) {
-            let signature = stream.finish().map_err(|e| DkimError::Sign(e.to_string()))?;
+            let signature = stream
+                .finish()
+                .map_err(|e| DkimError::Sign(e.to_string()))?;
             out.headers.push_str(&signature.to_header());
             out.selectors.push(s.selector.clone());
         }

@@ -693,8 +693,7 @@ impl Session {
             eight_bit: tx.params.body == Some(BodyType::EightBitMime),
             smtputf8: tx.params.smtputf8,
         };
-        let (signature, signing, content) = match self.sign(&envelope, from_domain, content).await
-        {
+        let (signature, signing, content) = match self.sign(&envelope, from_domain, content).await {
             Ok(signed) => signed,
             Err(reply) => {
                 self.reply(reply);

@@ -2,8 +2,9 @@
 //!
 //! # Layout on disk
 //! `<data_dir>/spool/` holds numbered segment files (`00000001.seg`) with their keys
-//! (`00000001.key`, random, wrapped by the master key) and a `quarantine/` folder. A segment is
-//! an append-only log of [`record`]s. Only the newest segment is written to; every start of the
+//! (`00000001.key`, random, wrapped by the master key), a `quarantine/` folder, and `bodies/`:
+//! the body files of messages too big to hold in memory ([`bodyfile`]). A segment is an
+//! append-only log of [`record`]s. Only the newest segment is written to; every start of the
 //! daemon opens a new one, so recovery never has to append after a torn tail.
 //!
 //! # In memory
@@ -23,6 +24,8 @@
 //! (`fallocate(PUNCH_HOLE)`, zeros on read-back) in the same writer pass, and a segment with no
 //! live records left is unlinked together with its key. A state record superseded by a newer
 //! one is punched only after the newer one is synced, so a crash in between leaves the old one.
+//! A message's body file is removed once its record is punched out (and synced): the other way
+//! round, a crash could bring back a record whose body was gone.
 //!
 //! # When storage fails
 //! A failed append or `fdatasync` fails that batch's stores (the sessions answer 451/452) and

@@ -13,10 +13,10 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::bodyfile;
 use super::envelope::StateSummary;
 use super::faults::{FaultPoint, Faults};
 use super::record::{self, Header, HeaderError, Kind, Part, HEADER_LEN};
-use super::bodyfile;
 use super::writer::remove_segment_files;
 use super::{key_path, key_purpose, Entry, Finals, Index, Loc, QueueId, Segment, SpoolError};
 use crate::crypto::Key;
@@ -216,14 +216,22 @@ fn finish_final(dir: &Path, index: &mut Index, keep: &mut HashSet<u64>) {
         let Some(e) = index.messages.remove(&id) else {
             continue;
         };
+        // A body file may go only once its record's punch is on disk.
+        let spilled = index.spilled.contains(&id);
         let mut punched = true;
         for loc in std::iter::once(e.message).chain(e.state) {
             let Ok(seg) = index.segment_of(loc) else {
                 continue;
             };
             let offset = loc.offset + HEADER_LEN as u64;
-            let done = super::writer::punch_hole(&seg.file, offset, loc.len as u64)
-                .and_then(|()| seg.file.sync_data());
+            let done =
+                super::writer::punch_hole(&seg.file, offset, loc.len as u64).and_then(|()| {
+                    if spilled {
+                        seg.file.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                });
             if let Err(err) = done {
                 tracing::warn!(segment = loc.segment, error = %err, "spool recovery: cannot punch a final record; will retry at next start");
                 keep.insert(u64::from(loc.segment));
@@ -258,7 +266,10 @@ fn sweep_bodies(dir: &Path, index: &Index, complete: bool) -> Result<(), SpoolEr
         }
     }
     if orphans > 0 {
-        tracing::info!(orphans, "spool recovery: removed body files of messages never committed or already destroyed");
+        tracing::info!(
+            orphans,
+            "spool recovery: removed body files of messages never committed or already destroyed"
+        );
     }
     for id in index.spilled.difference(&present) {
         tracing::error!(queue_id = %id, path = %bodyfile::path(dir, *id).display(), "spool recovery: the body file of a queued message is missing; its delivery will fail and it will bounce. Restore the file from a backup if there is one");
@@ -495,9 +506,7 @@ fn open_for_recovery(
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     match kind {
-        Kind::Message | Kind::Spilled => {
-            record::open_part(key, raw, payload, Part::Envelope).ok()
-        }
+        Kind::Message | Kind::Spilled => record::open_part(key, raw, payload, Part::Envelope).ok(),
         Kind::Whole | Kind::State => key.open(Header::aad(raw), payload).ok(),
     }
 }

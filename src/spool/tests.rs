@@ -132,7 +132,10 @@ async fn partial_final_survives_restart_and_last_final_destroys() {
         Liveness::Destroyed
     );
     assert!(spool.live().is_empty());
-    assert!(matches!(spool.read_whole(id).await, Err(SpoolError::NotFound)));
+    assert!(matches!(
+        spool.read_whole(id).await,
+        Err(SpoolError::NotFound)
+    ));
     // The old segment held nothing else and is not the active one: gone, key and all.
     assert!(!seg.exists(), "emptied segment is unlinked at once");
     assert!(!key_path(spool.dir(), u64::from(loc.segment)).exists());
@@ -520,7 +523,10 @@ async fn recovery_opens_envelopes_not_bodies() {
     assert_eq!(report.recovered, 1);
     assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
     assert_eq!(spool.dues(), vec![(id, 0)]);
-    assert!(matches!(spool.read_whole(id).await, Err(SpoolError::Crypto(_))));
+    assert!(matches!(
+        spool.read_whole(id).await,
+        Err(SpoolError::Crypto(_))
+    ));
 }
 
 /// A spool written before envelope and body were sealed apart (one seal over both, kind 1) is
@@ -739,7 +745,10 @@ async fn a_final_message_left_unpunched_is_punched_at_start() {
         after[state_at + HEADER_LEN..].iter().all(|&x| x == 0),
         "state punched"
     );
-    assert_eq!(spool.read_whole(b).await.unwrap().body, b"X: b\r\n\r\nkeep\r\n");
+    assert_eq!(
+        spool.read_whole(b).await.unwrap().body,
+        b"X: b\r\n\r\nkeep\r\n"
+    );
 }
 
 /// An operator's destroy hears of a punch that failed: the bytes are not gone yet (they are
@@ -803,7 +812,10 @@ async fn a_spilled_body_reads_back_survives_restart_and_goes_when_final() {
     let expected = [b"Received: head\r\n".as_slice(), &body].concat();
     let msg = spool.read(id).await.unwrap();
     assert_eq!(msg.body.len(), expected.len() as u64);
-    assert_eq!(msg.body.start(), b"Received: head\r\nSubject: SECRET-8812\r\n");
+    assert_eq!(
+        msg.body.start(),
+        b"Received: head\r\nSubject: SECRET-8812\r\n"
+    );
     assert_eq!(spool.read_whole(id).await.unwrap().body, expected);
     assert!(!contains(&all_bytes(dir.path()), b"SECRET-8812"));
     assert!(spool.size(id).unwrap() < 1024, "the record holds no body");
@@ -816,8 +828,14 @@ async fn a_spilled_body_reads_back_survives_restart_and_goes_when_final() {
     assert_eq!((msg.envelope, msg.body), (env, expected));
     assert_eq!(spool.update(id, &[0], None).await.unwrap(), Liveness::Live);
     assert_eq!(body_files(&spool_dir).len(), 1);
-    assert_eq!(spool.update(id, &[1], None).await.unwrap(), Liveness::Destroyed);
-    assert!(body_files(&spool_dir).is_empty(), "the body file went with the message");
+    assert_eq!(
+        spool.update(id, &[1], None).await.unwrap(),
+        Liveness::Destroyed
+    );
+    assert!(
+        body_files(&spool_dir).is_empty(),
+        "the body file went with the message"
+    );
 }
 
 /// Recovery removes body files no record commits (an upload cut short by a crash, a message
@@ -844,7 +862,11 @@ async fn orphan_body_files_go_at_start_unless_a_segment_was_unreadable() {
     std::fs::remove_file(&key).unwrap();
     let (spool, report) = open(dir.path(), &master);
     assert_eq!(report.unreadable.len(), 1);
-    assert_eq!(body_files(&spool_dir).len(), 2, "nothing removed after an unreadable segment");
+    assert_eq!(
+        body_files(&spool_dir).len(),
+        2,
+        "nothing removed after an unreadable segment"
+    );
     drop(spool);
 
     std::fs::write(&key, key_bytes).unwrap();
