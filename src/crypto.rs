@@ -12,7 +12,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 
 /// Length of a nonce prepended to every sealed value.
 pub const NONCE_LEN: usize = 24;
@@ -138,6 +138,22 @@ impl Key {
         XChaCha20Poly1305::new((&self.0).into())
             .decrypt(XNonce::from_slice(nonce), Payload { msg: body, aad })
             .map_err(|_| CryptoError::Open)
+    }
+
+    /// [`Key::open`] in place: `sealed` becomes the plaintext, with no second buffer.
+    pub fn open_in_place(&self, aad: &[u8], mut sealed: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
+        if sealed.len() < OVERHEAD {
+            return Err(CryptoError::Open);
+        }
+        let end = sealed.len() - TAG_LEN;
+        let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+        let (text, tag) = rest.split_at_mut(end - NONCE_LEN);
+        XChaCha20Poly1305::new((&self.0).into())
+            .decrypt_in_place_detached(XNonce::from_slice(nonce), aad, text, Tag::from_slice(tag))
+            .map_err(|_| CryptoError::Open)?;
+        sealed.copy_within(NONCE_LEN..end, 0);
+        sealed.truncate(end - NONCE_LEN);
+        Ok(sealed)
     }
 
     /// Writes `key` sealed under `self` to a new file (mode 0600, fsync'd). `purpose` is bound
@@ -297,6 +313,13 @@ mod tests {
             Err(CryptoError::Open)
         ));
         assert!(matches!(k.open(b"ctx", &[0u8; 10]), Err(CryptoError::Open)));
+        // In place: the same answers.
+        assert_eq!(k.open_in_place(b"ctx", sealed.clone()).unwrap(), b"hello");
+        assert!(k.open_in_place(b"other", sealed.clone()).is_err());
+        assert!(k.open_in_place(b"ctx", bad).is_err());
+        assert!(k.open_in_place(b"ctx", vec![0u8; 10]).is_err());
+        let empty = k.seal(b"", b"").unwrap();
+        assert_eq!(k.open_in_place(b"", empty).unwrap(), b"");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!
 //! # Format
 //! `PSTB`, then chunks, each `u32` (little endian) sealed length and the seal of up to
-//! [`SPILL_AT`] bytes. Each seal binds the queue id and the chunk's number (AAD), so chunks
+//! 64 KiB. Each seal binds the queue id and the chunk's number (AAD), so chunks
 //! cannot be swapped between files or reordered; the committing record's length and count
 //! catch a truncated file. The key is derived from the master key (`spool body file`).
 //!
@@ -27,8 +27,11 @@ use super::faults::FaultPoint;
 use super::{QueueId, Shared, SpoolError};
 use crate::crypto::{Key, OVERHEAD};
 
-/// Bytes of body held in memory before the rest goes to a body file, and the size of a chunk.
+/// Bytes of body held in memory before the rest goes to a body file.
 pub const SPILL_AT: usize = 256 * 1024;
+
+/// Bytes of body sealed together: what a delivery holds of the file at a time.
+const CHUNK: usize = 64 * 1024;
 
 const MAGIC: &[u8; 4] = b"PSTB";
 
@@ -139,7 +142,7 @@ impl Spill {
         self.extent
     }
 
-    /// Seals `chunk` (at most [`SPILL_AT`] bytes are sealed together) and appends it, on a
+    /// Seals `chunk` (64 KiB at a time) and appends it, on a
     /// blocking thread. Refused, with nothing appended, when it would eat into the spool's
     /// free-space reserve.
     pub async fn write(&mut self, chunk: Vec<u8>) -> Result<(), SpoolError> {
@@ -220,7 +223,7 @@ fn seal_and_append(
     }
     let key = &shared.body_key;
     let mut out = Vec::with_capacity(chunk.len() + 2 * (OVERHEAD + 4));
-    for piece in chunk.chunks(SPILL_AT) {
+    for piece in chunk.chunks(CHUNK) {
         let start = out.len();
         out.extend_from_slice(&[0u8; 4]);
         key.seal_into(&aad(id, extent.chunks), &[piece], &mut out)?;
@@ -354,13 +357,13 @@ fn read_chunk(
     let mut len = [0u8; 4];
     file.read_exact_at(&mut len, offset)?;
     let len = u32::from_le_bytes(len);
-    if len as usize > SPILL_AT + OVERHEAD {
+    if len as usize > CHUNK + OVERHEAD {
         return Err(invalid("body file chunk too long"));
     }
     let mut sealed = vec![0u8; len as usize];
     file.read_exact_at(&mut sealed, offset + 4)?;
     let plain = key
-        .open(&aad(id, n), &sealed)
+        .open_in_place(&aad(id, n), sealed)
         .map_err(|_| invalid("body file chunk fails authentication"))?;
     Ok((plain, len))
 }
