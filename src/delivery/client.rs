@@ -473,15 +473,18 @@ impl Connection {
         let body_error = |e: std::io::Error| ClientError::Body(e.to_string());
         let mut chunks = body.chunks().map_err(body_error)?;
         let mut stuffer = DotStuffer::new();
-        let mut out = Vec::with_capacity(STUFF_CHUNK + STUFF_CHUNK / 8);
+        let size = (body.len() as usize).min(STUFF_CHUNK);
+        let mut out = Vec::with_capacity(size + size / 8 + 8);
         while let Some(chunk) = chunks.next().await.map_err(body_error)? {
             for piece in chunk.chunks(STUFF_CHUNK) {
-                out.clear();
                 stuffer.push(piece, &mut out);
-                self.write(&out, Stage::Data).await?;
+                if out.len() >= STUFF_CHUNK {
+                    self.write(&out, Stage::Data).await?;
+                    out.clear();
+                }
             }
         }
-        out.clear();
+        // The terminator goes with the last of the content: one write for a small message.
         stuffer.finish(&mut out);
         self.write(&out, Stage::Data).await
     }
