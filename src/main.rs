@@ -610,5 +610,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     // Tasks still running (abandoned deliveries, sessions past the grace) are dropped here, not
     // waited for: the stop stays within the grace whatever remote peers do.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    // Log lines still batched in memory.
+    postern::logging::flush();
     result
 }

@@ -78,7 +78,8 @@ impl QueueId {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         id[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-        crate::crypto::random_bytes(&mut id[6..])?;
+        // The thread's CSPRNG (seeded from the OS): no getrandom system call per message.
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id[6..]);
         Ok(QueueId(id))
     }
 }
@@ -495,19 +496,13 @@ impl Spool {
             let segment = index.segment_of(entry.message)?;
             (entry.message, segment.file.clone(), segment.key.clone())
         };
+        if loc.len <= INLINE_READ {
+            return read_stored(&self.shared, &file, &key, loc, id);
+        }
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let (envelope, body) = read_message(&shared, &file, &key, loc, id)?;
-            let state = read_current_state(&shared, id)?;
-            Ok(StoredMessage {
-                id,
-                envelope,
-                body,
-                state,
-            })
-        })
-        .await
-        .map_err(|_| SpoolError::Closed)?
+        tokio::task::spawn_blocking(move || read_stored(&shared, &file, &key, loc, id))
+            .await
+            .map_err(|_| SpoolError::Closed)?
     }
 
     /// [`Spool::read`] with the body read whole, body file and all (tools and tests).
@@ -577,6 +572,28 @@ impl Spool {
     fn send(&self, request: writer::Request) -> Result<(), SpoolError> {
         self.tx.send(request).map_err(|_| SpoolError::Closed)
     }
+}
+
+/// Records up to this size are read on the calling task: a `pread` from the page cache costs
+/// less than the hop to a blocking thread and back. Bigger ones go to a blocking thread.
+const INLINE_READ: u32 = 64 << 10;
+
+/// A live message and its state, read from the record at `loc`.
+fn read_stored(
+    shared: &Shared,
+    file: &File,
+    key: &Key,
+    loc: Loc,
+    id: QueueId,
+) -> Result<StoredMessage, SpoolError> {
+    let (envelope, body) = read_message(shared, file, key, loc, id)?;
+    let state = read_current_state(shared, id)?;
+    Ok(StoredMessage {
+        id,
+        envelope,
+        body,
+        state,
+    })
 }
 
 /// Attempts at reading a state record that the writer replaced (and punched) meanwhile.

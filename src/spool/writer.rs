@@ -48,6 +48,12 @@ const MAX_BATCH: usize = 4096;
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// How often the writer retries state records and punches the disk refused, when idle.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How old the free-space figure may get before a pass with new mail reads it again
+/// (`statvfs`), while more than [`FREE_MARGIN`] is free above the reserve; in between, what
+/// the writer appends is taken off it. Closer to the reserve every such pass reads it (another
+/// process may be filling the disk), and a refusal always looks again first.
+const FREE_REFRESH: Duration = Duration::from_millis(50);
+const FREE_MARGIN: u64 = 256 << 20;
 
 /// The segment being appended to.
 struct Active {
@@ -81,6 +87,8 @@ pub(super) struct Writer {
     next_number: u64,
     /// Destroyed records whose punch (or its sync) failed; retried every pass.
     unpunched: Vec<Loc>,
+    /// When the free space was last read from the filesystem.
+    free_read: std::time::Instant,
 }
 
 /// A record appended in this pass, waiting for the sync to succeed.
@@ -121,6 +129,7 @@ impl Writer {
             active: None,
             next_number: first,
             unpunched: Vec::new(),
+            free_read: std::time::Instant::now(),
         };
         // A full disk at start is no reason not to start: queued mail can still be delivered,
         // and every pass tries again to make a segment for new mail.
@@ -179,8 +188,8 @@ impl Writer {
     /// One group commit: append, sync once, answer, then punch what became dead.
     fn pass(&mut self, batch: Vec<Request>) {
         let wants_space = batch.iter().any(|r| matches!(r, Request::Store { .. }));
-        if wants_space {
-            self.shared.refresh_free();
+        if wants_space && (self.free_read.elapsed() >= FREE_REFRESH || self.near_reserve()) {
+            self.read_free();
         }
         if let Err(e) = self.ensure_active() {
             tracing::error!(error = %e, "spool: cannot start a new segment; refusing new mail until it can");
@@ -205,7 +214,8 @@ impl Writer {
         let mut pending = Vec::with_capacity(batch.len());
         // States written in this pass, so two updates of one message in a batch compose.
         let mut updated: HashMap<QueueId, MessageState> = HashMap::new();
-        let mut room = self.shared.free.load(std::sync::atomic::Ordering::Relaxed);
+        // Bytes this batch takes of the free space.
+        let mut taken = 0u64;
         for request in batch {
             match request {
                 Request::Store {
@@ -219,11 +229,11 @@ impl Writer {
                 } => {
                     // The free-space reserve, counting what this batch already takes.
                     let size = (envelope.len() + head.len() + body.len()) as u64;
-                    if !self.shared.fits(room, size) {
+                    if !self.fits(taken, size) {
                         let _ = reply.send(Err(storage_full()));
                         continue;
                     }
-                    room -= size;
+                    taken += size;
                     let kind = match spill {
                         Some(_) => Kind::Spilled,
                         None => Kind::Message,
@@ -267,6 +277,27 @@ impl Writer {
         }
         self.encode_owed(&mut buf, &updated, &mut pending);
         (buf, pending)
+    }
+
+    /// Whether `size` more bytes, after the `taken` this batch already takes, leave the
+    /// free-space reserve intact. A refusal on a figure read a while ago reads it again.
+    fn fits(&mut self, taken: u64, size: u64) -> bool {
+        let shared = self.shared.clone();
+        let free = || shared.free.load(std::sync::atomic::Ordering::Relaxed);
+        if shared.fits(free().saturating_sub(taken), size) {
+            return true;
+        }
+        self.read_free();
+        shared.fits(free().saturating_sub(taken), size)
+    }
+
+    fn near_reserve(&self) -> bool {
+        !self.shared.has_room(FREE_MARGIN)
+    }
+
+    fn read_free(&mut self) {
+        self.shared.refresh_free();
+        self.free_read = std::time::Instant::now();
     }
 
     /// State records owed from earlier passes (the disk refused them), for messages this batch
@@ -496,6 +527,12 @@ impl Writer {
         match result {
             Ok(()) => {
                 active.len += buf.len() as u64;
+                // Until the next statvfs, what was written comes off the free space.
+                let _ = self.shared.free.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |free| Some(free.saturating_sub(buf.len() as u64)),
+                );
                 Ok(())
             }
             Err(e) => {
