@@ -832,6 +832,11 @@ async fn a_spilled_body_reads_back_survives_restart_and_goes_when_final() {
         spool.update(id, &[1], None).await.unwrap(),
         Liveness::Destroyed
     );
+    // It goes once the punch is synced, a few milliseconds later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !body_files(&spool_dir).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert!(
         body_files(&spool_dir).is_empty(),
         "the body file went with the message"

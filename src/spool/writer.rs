@@ -54,6 +54,8 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// process may be filling the disk), and a refusal always looks again first.
 const FREE_REFRESH: Duration = Duration::from_millis(50);
 const FREE_MARGIN: u64 = 256 << 20;
+/// How long punches may wait, when no other work comes, for the sync that makes them durable.
+const PUNCH_SYNC_DELAY: Duration = Duration::from_millis(5);
 
 /// The segment being appended to.
 struct Active {
@@ -87,6 +89,9 @@ pub(super) struct Writer {
     next_number: u64,
     /// Destroyed records whose punch (or its sync) failed; retried every pass.
     unpunched: Vec<Loc>,
+    /// Records punched but not yet synced: the next pass's sync makes them durable (see
+    /// [`Writer::punch`]).
+    punched: Vec<(Loc, Arc<File>)>,
     /// When the free space was last read from the filesystem.
     free_read: std::time::Instant,
 }
@@ -129,6 +134,7 @@ impl Writer {
             active: None,
             next_number: first,
             unpunched: Vec::new(),
+            punched: Vec::new(),
             free_read: std::time::Instant::now(),
         };
         // A full disk at start is no reason not to start: queued mail can still be delivered,
@@ -141,8 +147,13 @@ impl Writer {
 
     pub(super) fn run(mut self, rx: mpsc::Receiver<Request>) {
         loop {
+            let wait = if self.punched.is_empty() {
+                RETRY_INTERVAL
+            } else {
+                PUNCH_SYNC_DELAY
+            };
             let first = if self.has_backlog() {
-                match rx.recv_timeout(RETRY_INTERVAL) {
+                match rx.recv_timeout(wait) {
                     Ok(r) => Some(r),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -182,7 +193,9 @@ impl Writer {
     }
 
     fn has_backlog(&self) -> bool {
-        !self.unpunched.is_empty() || !self.shared.index().unsynced.is_empty()
+        !self.unpunched.is_empty()
+            || !self.punched.is_empty()
+            || !self.shared.index().unsynced.is_empty()
     }
 
     /// One group commit: append, sync once, answer, then punch what became dead.
@@ -195,6 +208,7 @@ impl Writer {
             tracing::error!(error = %e, "spool: cannot start a new segment; refusing new mail until it can");
         }
         let (buf, pending) = self.encode(batch);
+        let synced = self.active.as_ref().map(|a| a.number as u32);
         let written = match (&self.active, buf.is_empty()) {
             (_, true) => Ok(()),
             (None, false) => Err(std::io::Error::other("no spool segment to write to")),
@@ -203,8 +217,12 @@ impl Writer {
         if let Err(e) = &written {
             tracing::error!(error = %e, "spool: write or sync failed; new mail in this batch refused, state changes kept in memory and retried");
         }
+        // The punches of earlier passes: this pass's sync covered those in its segment.
+        let covered = synced.filter(|_| written.is_ok() && !buf.is_empty());
+        self.sync_punches(covered);
+        let destroys = pending.iter().any(|p| matches!(p, Pending::Destroy { .. }));
         let (dead, finished) = self.publish(pending, written.as_ref().err());
-        self.punch_and_answer(dead, finished);
+        self.punch_and_answer(dead, finished, destroys);
     }
 
     /// Appends every record of the batch to one buffer: stores, state records, and state
@@ -480,12 +498,15 @@ impl Writer {
     /// that fails does not fail an update: the index already says the recipients are final, and
     /// the punch is retried. An operator's destroy does hear of it, since the bytes are not yet
     /// gone.
-    fn punch_and_answer(&mut self, mut dead: Vec<Loc>, finished: Vec<Finished>) {
+    fn punch_and_answer(&mut self, mut dead: Vec<Loc>, finished: Vec<Finished>, destroys: bool) {
         dead.append(&mut self.unpunched);
         // Each failed punch is logged where it fails.
-        let failed = self.punch(&dead);
-        let punch_error = !failed.is_empty();
-        self.unpunched = failed;
+        self.unpunched = self.punch(&dead);
+        // An operator's destroy (an erasure) is answered once the bytes are gone for good.
+        if destroys {
+            self.sync_punches(None);
+        }
+        let punch_error = !self.unpunched.is_empty();
         for f in finished {
             match f {
                 Finished::Update(reply, liveness) => drop(reply.send(Ok(liveness))),
@@ -565,8 +586,16 @@ impl Writer {
         }
     }
 
-    /// Punches out dead records, syncs the segments touched, and unlinks emptied segments.
-    /// Returns the records whose punch (or its sync) failed, to be tried again.
+    /// Punches out dead records and unlinks emptied segments. Returns the records whose punch
+    /// failed, to be tried again.
+    ///
+    /// The punches are not synced here: the next pass's sync makes them durable (its
+    /// `fdatasync` of the active segment covers those in it; others get theirs), at most
+    /// [`PUNCH_SYNC_DELAY`] later when no other work comes. A punch is what makes a delivered
+    /// message final on disk, so a crash before that sync brings the message back and its
+    /// recipients get it again, exactly as a crash between the remote server's `250` and the
+    /// update would: the window is a few milliseconds longer, and one sync per pass is saved.
+    /// A body file goes only once its record's punch is synced.
     fn punch(&mut self, dead: &[Loc]) -> Vec<Loc> {
         if dead.is_empty() {
             return Vec::new();
@@ -578,7 +607,7 @@ impl Writer {
                 .collect()
         };
         let mut failed = Vec::new();
-        let mut touched: BTreeMap<u32, (Arc<File>, Vec<Loc>)> = BTreeMap::new();
+        let mut done = Vec::new();
         for (loc, file) in files {
             let Some(file) = file else { continue };
             let punched =
@@ -586,27 +615,57 @@ impl Writer {
                     punch_hole(&file, loc.offset + HEADER_LEN as u64, loc.len as u64)
                 });
             match punched {
-                Ok(()) => touched
-                    .entry(loc.segment)
-                    .or_insert((file, Vec::new()))
-                    .1
-                    .push(loc),
+                Ok(()) => {
+                    done.push(loc);
+                    self.punched.push((loc, file));
+                }
                 Err(e) => {
                     tracing::error!(segment = loc.segment, error = %e, "spool: cannot punch out a destroyed record; retrying");
                     failed.push(loc);
                 }
             }
         }
-        for (file, locs) in touched.values() {
-            if let Err(e) = file.sync_data() {
-                tracing::warn!(error = %e, "spool: sync after punch failed");
-                failed.extend(locs.iter().copied());
-            }
-        }
-        let done: Vec<Loc> = touched.into_values().flat_map(|(_, l)| l).collect();
-        self.remove_bodies(&done);
         self.release(&done);
         failed
+    }
+
+    /// Syncs the segments that punches not yet synced touched, except segment `covered`
+    /// (synced since they were made). A sync that fails sends its punches back to be made again.
+    fn sync_punches(&mut self, covered: Option<u32>) {
+        if self.punched.is_empty() {
+            return;
+        }
+        let mut by_segment: BTreeMap<u32, (Arc<File>, Vec<Loc>)> = BTreeMap::new();
+        for (loc, file) in std::mem::take(&mut self.punched) {
+            by_segment
+                .entry(loc.segment)
+                .or_insert((file, Vec::new()))
+                .1
+                .push(loc);
+        }
+        let mut durable = Vec::new();
+        for (segment, (file, locs)) in by_segment {
+            if Some(segment) == covered {
+                durable.extend(locs);
+                continue;
+            }
+            match file.sync_data() {
+                Ok(()) => durable.extend(locs),
+                Err(e) => {
+                    // The pages may be gone (fsyncgate): punch again and sync at the next
+                    // pass. Already counted off their segment, they are not released twice.
+                    tracing::warn!(segment, error = %e, "spool: sync after punch failed; punching again");
+                    for loc in locs {
+                        let offset = loc.offset + HEADER_LEN as u64;
+                        if let Err(e) = punch_hole(&file, offset, loc.len as u64) {
+                            tracing::warn!(segment, error = %e, "spool: cannot punch again; retrying");
+                        }
+                        self.punched.push((loc, file.clone()));
+                    }
+                }
+            }
+        }
+        self.remove_bodies(&durable);
     }
 
     /// Removes the body files of destroyed messages whose record is punched out (and synced):
