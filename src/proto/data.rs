@@ -60,6 +60,9 @@ impl BodyError {
     }
 }
 
+/// What a body's buffer starts at: most messages fit in it.
+const FIRST_CAPACITY: usize = 16 << 10;
+
 /// Checks and collects message content (already unstuffed): line length, bare CR/LF, size.
 /// Keeps going after a violation (the rest of the data must be drained, not buffered): once
 /// an error is recorded it stops appending to the body but still consumes input.
@@ -244,9 +247,11 @@ impl BodyChecker {
         }
         let needed = self.body.len() + bytes.len();
         if needed > self.body.capacity() {
-            // Vec's own doubling could reserve up to twice max_size; cap it.
+            // Vec's own doubling could reserve up to twice max_size; cap it. Start at
+            // FIRST_CAPACITY: most mail fits, without a chain of reallocations and copies.
             let target = needed
                 .max(self.body.capacity().saturating_mul(2))
+                .max(FIRST_CAPACITY)
                 .min(self.limits.max_size - self.taken);
             self.body.reserve_exact(target - self.body.len());
         }
