@@ -109,6 +109,8 @@ pub(super) struct Writer {
     /// Records punched but not yet synced: the next pass's sync makes them durable (see
     /// [`Writer::punch`]).
     punched: Vec<(Loc, Arc<File>)>,
+    /// When the oldest of `punched` was made.
+    punched_at: Option<std::time::Instant>,
     /// When the free space was last read from the filesystem.
     free_read: std::time::Instant,
 }
@@ -152,6 +154,7 @@ impl Writer {
             next_number: first,
             unpunched: Vec::new(),
             punched: Vec::new(),
+            punched_at: None,
             free_read: std::time::Instant::now(),
         };
         // A full disk at start is no reason not to start: queued mail can still be delivered,
@@ -207,6 +210,7 @@ impl Writer {
         if self.has_backlog() {
             self.pass(Vec::new());
         }
+        self.sync_punches(None, true);
     }
 
     fn has_backlog(&self) -> bool {
@@ -234,9 +238,13 @@ impl Writer {
         if let Err(e) = &written {
             tracing::error!(error = %e, "spool: write or sync failed; new mail in this batch refused, state changes kept in memory and retried");
         }
-        // The punches of earlier passes: this pass's sync covered those in its segment.
+        // The punches of earlier passes: this pass's sync covered those in its segment; the
+        // others are synced once the oldest has waited PUNCH_SYNC_DELAY.
         let covered = synced.filter(|_| written.is_ok() && !buf.is_empty());
-        self.sync_punches(covered);
+        let due = self
+            .punched_at
+            .is_some_and(|t| t.elapsed() >= PUNCH_SYNC_DELAY);
+        self.sync_punches(covered, due);
         let destroys = pending.iter().any(|p| matches!(p, Pending::Destroy { .. }));
         let (dead, finished) = self.publish(pending, written.as_ref().err());
         self.punch_and_answer(dead, finished, destroys);
@@ -522,7 +530,7 @@ impl Writer {
         self.unpunched = self.punch(&dead);
         // An operator's destroy (an erasure) is answered once the bytes are gone for good.
         if destroys {
-            self.sync_punches(None);
+            self.sync_punches(None, true);
         }
         let punch_error = !self.unpunched.is_empty();
         for f in finished {
@@ -607,12 +615,12 @@ impl Writer {
     /// Punches out dead records and unlinks emptied segments. Returns the records whose punch
     /// failed, to be tried again.
     ///
-    /// The punches are not synced here: the next pass's sync makes them durable (its
-    /// `fdatasync` of the active segment covers those in it; others get theirs), at most
-    /// [`PUNCH_SYNC_DELAY`] later when no other work comes. A punch is what makes a delivered
-    /// message final on disk, so a crash before that sync brings the message back and its
-    /// recipients get it again, exactly as a crash between the remote server's `250` and the
-    /// update would: the window is a few milliseconds longer, and one sync per pass is saved.
+    /// The punches are not synced here. A later pass's append sync makes those in the active
+    /// segment durable for free; what is left is synced once the oldest punch has waited
+    /// [`PUNCH_SYNC_DELAY`]. A punch is what makes a delivered message final on disk, so a crash
+    /// before that sync brings the message back and its recipients get it again, exactly as a
+    /// crash between the remote server's `250` and the update would: the window is a few
+    /// milliseconds longer, and under load deliveries cost no `fdatasync` of their own.
     /// A body file goes only once its record's punch is synced.
     fn punch(&mut self, dead: &[Loc]) -> Vec<Loc> {
         if dead.is_empty() {
@@ -635,6 +643,7 @@ impl Writer {
             match punched {
                 Ok(()) => {
                     done.push(loc);
+                    self.punched_at.get_or_insert_with(std::time::Instant::now);
                     self.punched.push((loc, file));
                 }
                 Err(e) => {
@@ -647,9 +656,10 @@ impl Writer {
         failed
     }
 
-    /// Syncs the segments that punches not yet synced touched, except segment `covered`
-    /// (synced since they were made). A sync that fails sends its punches back to be made again.
-    fn sync_punches(&mut self, covered: Option<u32>) {
+    /// Counts punches in segment `covered` (synced since they were made) durable, and with
+    /// `force` syncs the other segments that punches touched. A sync that fails punches again,
+    /// to be synced later.
+    fn sync_punches(&mut self, covered: Option<u32>, force: bool) {
         if self.punched.is_empty() {
             return;
         }
@@ -667,6 +677,11 @@ impl Writer {
                 durable.extend(locs);
                 continue;
             }
+            if !force {
+                self.punched
+                    .extend(locs.into_iter().map(|l| (l, file.clone())));
+                continue;
+            }
             match file.sync_data() {
                 Ok(()) => durable.extend(locs),
                 Err(e) => {
@@ -682,6 +697,12 @@ impl Writer {
                     }
                 }
             }
+        }
+        if self.punched.is_empty() {
+            self.punched_at = None;
+        } else if force {
+            // What a failed sync sent back waits its delay again.
+            self.punched_at = Some(std::time::Instant::now());
         }
         self.remove_bodies(&durable);
     }
