@@ -28,7 +28,9 @@
 # POSTERN_CONFIG (another binary and its config.toml, e.g. an older build for an A/B run; implies
 # SKIP_BUILD), DKIM=rsa|ed25519 (Postern signs every message with a key made for the run),
 # ONLY=postern (skip Postfix; for A/B runs between Postern builds), BENCH_DIR (where the
-# temporary directory with both queues goes, default /tmp; refused on tmpfs unless FORCE=1).
+# temporary directory with both queues goes, default /tmp; refused on tmpfs unless FORCE=1),
+# SYSCALLS=1 (also print Postern's system calls per message by kind and its context switches,
+# counted over the run with perf's syscall tracepoints; needs Debian's linux-perf).
 #
 # Run it on an otherwise idle machine: a concurrent cargo build skews both figures.
 set -euo pipefail
@@ -313,8 +315,27 @@ POSTERN_PID=$!
 wait_listening "$PT_RELAY" postern "$POSTERN_PID"
 busy_check postern
 read -r CPU_U0 CPU_S0 <<< "$(cpu_ticks "$POSTERN_PID")"
+PERF_PID=
+if [ -n "${SYSCALLS:-}" ]; then
+    command -v perf > /dev/null || die "SYSCALLS=1 needs perf (apt-get install linux-perf)"
+    EVENTS=raw_syscalls:sys_enter,context-switches
+    for s in sendto recvfrom write futex epoll_wait epoll_ctl fdatasync fallocate pread64 pwrite64; do
+        EVENTS="$EVENTS,syscalls:sys_enter_$s"
+    done
+    perf stat -e "$EVENTS" -p "$POSTERN_PID" -o "$PT/syscalls.txt" 2> /dev/null &
+    PERF_PID=$!
+fi
 run_load postern "$PT_RELAY"
 read -r CPU_U1 CPU_S1 <<< "$(cpu_ticks "$POSTERN_PID")"
+PT_SYSCALLS=
+if [ -n "$PERF_PID" ]; then
+    kill -INT "$PERF_PID" 2> /dev/null || true
+    wait "$PERF_PID" 2> /dev/null || true
+    # "all" is every system call; the others are those that a relayed message makes most.
+    PT_SYSCALLS=$(awk -v n="$N" '$2 ~ /sys_enter|context-switches/ {
+        gsub(",", "", $1); k = $2; sub(/^raw_syscalls:sys_enter$/, "all", k); sub(/^syscalls:sys_enter_/, "", k)
+        printf "%s %.2f, ", k, $1 / n }' "$PT/syscalls.txt" | sed 's/, $//')
+fi
 PT_SECS=$SECONDS_TAKEN
 PT_INJECT=$INJECT_SECONDS
 # The daemon's own CPU over the run, per delivered message (issue #14's figure).
@@ -329,6 +350,7 @@ stop_sink
 
 if [ "${ONLY:-}" = postern ]; then   # A/B runs of Postern builds: skip Postfix
     printf 'postern %d messages %.2f s %.0f msg/s %s (%s)\n' "$N" "$PT_SECS" "$(calc "$N / $PT_SECS")" "$PT_CPU" "$BIN"
+    [ -z "$PT_SYSCALLS" ] || echo "postern per message: $PT_SYSCALLS"
     exit 0
 fi
 
@@ -424,6 +446,7 @@ printf '%-7s %9d %8.2f %7.0f\n' postern "$N" "$PT_SECS" "$PT_RATE"
 printf '%-7s %9d %8.2f %7.0f\n' postfix "$N" "$PF_SECS" "$PF_RATE"
 printf 'ratio postern/postfix: %.1fx\n' "$(calc "$PT_RATE / $PF_RATE")"
 printf 'postern %s\n' "$PT_CPU"
+[ -z "$PT_SYSCALLS" ] || echo "postern per message: $PT_SYSCALLS"
 echo
 printf 'smtp-source finished (all accepted) after: postern %.2f s, postfix %.2f s\n' "$PT_INJECT" "$PF_INJECT"
 [ -z "$BUSY_NOTE" ] || echo "warning: a compiler was running during the run of:$BUSY_NOTE (figures skewed)"
