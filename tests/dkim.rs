@@ -159,10 +159,9 @@ async fn rsa_and_ed25519_sign_together_and_dkimpy_verifies_both() {
     assert_eq!(dkimpy(text.as_bytes(), &records), vec![false, false]);
 }
 
-#[tokio::test]
-async fn signature_survives_relay_through_the_sink() {
-    let dir = tempfile::tempdir().unwrap();
-    let (toml, records) = keys(dir.path(), &[("example.test", "s1", Algorithm::Rsa, false)]);
+/// A server with `toml`'s keys and its queue running, relaying dest.test (by MX, from a DNS
+/// server of the test's) to a sink. The DNS server must live as long as the test.
+async fn relaying_to_a_sink(toml: &str) -> (TestServer, Sink, DnsServer) {
     let dns = DnsServer::start().await;
     let sink = Sink::start("127.0.0.1").await;
     dns.mx("dest.test", 10, "mx.sink.test");
@@ -173,6 +172,14 @@ async fn signature_survives_relay_through_the_sink() {
         dns.nameserver()
     );
     let (server, _) = TestServer::start_with(&extra, postern::daemon::Options::default()).await;
+    (server, sink, dns)
+}
+
+#[tokio::test]
+async fn signature_survives_relay_through_the_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let (toml, records) = keys(dir.path(), &[("example.test", "s1", Algorithm::Rsa, false)]);
+    let (server, sink, _dns) = relaying_to_a_sink(&toml).await;
     // Dots at line starts are stuffed and unstuffed on both hops.
     let data = MESSAGE.replace("line after blank", "..dot line\r\nline after blank");
     send(&server, " BODY=8BITMIME", &data).await;
@@ -195,16 +202,7 @@ async fn a_message_spilled_to_disk_is_signed_and_delivered_whole() {
             ("example.test", "ed1", Algorithm::Ed25519, false),
         ],
     );
-    let dns = DnsServer::start().await;
-    let sink = Sink::start("127.0.0.1").await;
-    dns.mx("dest.test", 10, "mx.sink.test");
-    dns.addr("mx.sink.test", "127.0.0.1");
-    let extra = format!(
-        "{toml}[delivery]\nport = {}\n[dns]\nnameservers = [\"{}\"]\n",
-        sink.addr.port(),
-        dns.nameserver()
-    );
-    let (server, _) = TestServer::start_with(&extra, postern::daemon::Options::default()).await;
+    let (server, sink, _dns) = relaying_to_a_sink(&toml).await;
     // As sent on the wire: ".." is a stuffed ".".
     let mut data = MESSAGE.to_string();
     let mut n = 0;

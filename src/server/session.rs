@@ -637,24 +637,8 @@ impl Session {
         let Some(mut tx) = tx else {
             return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
         };
-        let content = match Session::content(&mut tx, rest).await {
-            Ok(content) => content,
-            Err(e) => {
-                self.reply(storage_refusal(&e));
-                return Ok(());
-            }
-        };
-        let id = match &content {
-            Content::Spilled { spill, .. } => Ok(spill.id()),
-            Content::Inline(_) => QueueId::generate(),
-        };
-        let id = match id {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot make a queue id");
-                self.reply(Reply::new(451, "4.3.0", "Local error; try again later"));
-                return Ok(());
-            }
+        let Some((id, content)) = self.received(&mut tx, rest).await else {
+            return Ok(());
         };
         // A mail loop (RFC 5321 6.3): refused here, before it is stored, so the previous hop
         // bounces it; nothing of it stays with us.
@@ -678,21 +662,7 @@ impl Session {
             tracing::info!(peer = %self.peer.ip(), "refused: From: domain not allowed");
             return self.error(refusal);
         }
-        let sending_domain = from_domain
-            .clone()
-            .or_else(|| tx.from.rsplit_once('@').map(|(_, d)| d.to_lowercase()))
-            .unwrap_or_default();
-        let envelope = Envelope {
-            sending_domain,
-            mail_from: tx.from,
-            recipients: tx.rcpts,
-            received_at: now.timestamp(),
-            client_ip: self.peer.ip(),
-            helo: self.helo.clone().unwrap_or_default(),
-            auth_user: self.auth_user.clone(),
-            eight_bit: tx.params.body == Some(BodyType::EightBitMime),
-            smtputf8: tx.params.smtputf8,
-        };
+        let envelope = self.envelope(tx, from_domain.as_deref(), now.timestamp());
         let (signature, signing, content) = match self.sign(&envelope, from_domain, content).await {
             Ok(signed) => signed,
             Err(reply) => {
@@ -704,6 +674,53 @@ impl Session {
         self.store(id, &queue_id, &envelope, (head, content), &signing, started)
             .await;
         Ok(())
+    }
+
+    /// The body as received and the message's queue id (its body file's, if it has one);
+    /// None once the failure has been answered.
+    async fn received(
+        &mut self,
+        tx: &mut Transaction,
+        rest: Vec<u8>,
+    ) -> Option<(QueueId, Content)> {
+        let content = match Session::content(tx, rest).await {
+            Ok(content) => content,
+            Err(e) => {
+                self.reply(storage_refusal(&e));
+                return None;
+            }
+        };
+        let id = match &content {
+            Content::Spilled { spill, .. } => Ok(spill.id()),
+            Content::Inline(_) => QueueId::generate(),
+        };
+        match id {
+            Ok(id) => Some((id, content)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make a queue id");
+                self.reply(Reply::new(451, "4.3.0", "Local error; try again later"));
+                None
+            }
+        }
+    }
+
+    /// The envelope to store: the transaction's, with who sent it, how and when.
+    fn envelope(&self, tx: Transaction, from_domain: Option<&str>, received_at: i64) -> Envelope {
+        let sending_domain = from_domain
+            .map(str::to_string)
+            .or_else(|| tx.from.rsplit_once('@').map(|(_, d)| d.to_lowercase()))
+            .unwrap_or_default();
+        Envelope {
+            sending_domain,
+            mail_from: tx.from,
+            recipients: tx.rcpts,
+            received_at,
+            client_ip: self.peer.ip(),
+            helo: self.helo.clone().unwrap_or_default(),
+            auth_user: self.auth_user.clone(),
+            eight_bit: tx.params.body == Some(BodyType::EightBitMime),
+            smtputf8: tx.params.smtputf8,
+        }
     }
 
     /// The `Received:` header this server adds (RFC 5321 4.4).
