@@ -9,6 +9,8 @@
 #   suppress  the suppression list            src/suppress.rs
 #   spool     destruction of final messages   src/spool/*.rs (destroy, punch, which message is
 #                                             final: Index::apply, all_final, finish_final)
+#   bodies    body files of big messages      src/spool/bodyfile.rs, the sweep of orphans at
+#                                             recovery, the removal after the punch's sync
 #   purge     the ledger's retention purge    src/ledger/mod.rs (Ledger::purge)
 #   proto     DATA decoding, smuggling        src/proto/data.rs
 #   relay     who may relay                   src/config.rs (RelayConfig::allows), the RCPT
@@ -47,11 +49,13 @@ select_area() {
         # The unit tests, and the delivery tests that look at the segment files.
         spool) FILES=(--file 'src/spool/*.rs' --re 'punch|destroy|Index::remove|Index::apply|all_final|finish_final|write_zeros')
             TARGET=(--lib --test=delivery) FILTER=(spool:: body_destroyed segment retried) ;;
+        bodies) FILES=(--file src/spool/bodyfile.rs --file src/spool/recovery.rs --file src/spool/writer.rs
+            --re 'bodyfile|sweep_bodies|remove_bodies|sync_punches') TARGET=(--lib) FILTER=(spool::) ;;
         purge) FILES=(--file src/ledger/mod.rs --re 'Ledger::purge') TARGET=(--lib) FILTER=(ledger::) ;;
         proto) FILES=(--file src/proto/data.rs) TARGET=(--lib) FILTER=(proto::) ;;
         relay) FILES=(--file src/config.rs --file src/server/session.rs
             --re 'RelayConfig::allows|Session::rcpt( |$)') TARGET=(--test=smtp_server) ;;
-        *) die "unknown area '$1' (bounce suppress spool purge proto relay)" ;;
+        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay)" ;;
     esac
 }
 
