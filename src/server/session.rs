@@ -89,7 +89,7 @@ impl Content {
     fn len(&self) -> u64 {
         match self {
             Content::Inline(body) => body.len() as u64,
-            Content::Spilled { spill, .. } => spill.len(),
+            Content::Spilled { spill, .. } => spill.written(),
         }
     }
 }

@@ -129,13 +129,8 @@ impl Spill {
     }
 
     /// Bytes of body written so far.
-    pub fn len(&self) -> u64 {
+    pub fn written(&self) -> u64 {
         self.extent.len
-    }
-
-    /// Whether nothing has been written yet.
-    pub fn is_empty(&self) -> bool {
-        self.extent.len == 0
     }
 
     pub(super) fn extent(&self) -> Extent {

@@ -812,6 +812,7 @@ async fn a_spilled_body_reads_back_survives_restart_and_goes_when_final() {
     let expected = [b"Received: head\r\n".as_slice(), &body].concat();
     let msg = spool.read(id).await.unwrap();
     assert_eq!(msg.body.len(), expected.len() as u64);
+    assert!(!msg.body.is_empty());
     assert_eq!(
         msg.body.start(),
         b"Received: head\r\nSubject: SECRET-8812\r\n"
@@ -900,4 +901,95 @@ async fn a_truncated_or_altered_body_file_fails_to_read() {
     // Whole again: reads.
     std::fs::write(&path, &bytes).unwrap();
     assert_eq!(spool.read_whole(id).await.unwrap().body, big("cut"));
+}
+
+/// The (offset, length) of each chunk of a body file: `u32` length, then the seal.
+fn chunk_spans(file: &[u8]) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut at = 4;
+    while at < file.len() {
+        let len = u32::from_le_bytes(file[at..at + 4].try_into().unwrap()) as usize;
+        spans.push((at, 4 + len));
+        at += 4 + len;
+    }
+    spans
+}
+
+/// Each chunk is bound to its message and its place: two chunks swapped, or a chunk taken from
+/// another message's file (same length, same key), make the body fail to read.
+#[tokio::test]
+async fn body_file_chunks_cannot_be_swapped_or_moved_between_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let a = store_spilled(&spool, &envelope(&["a@x.test"]), b"", &big("aaaa")).await;
+    let b = store_spilled(&spool, &envelope(&["b@x.test"]), b"", &big("bbbb")).await;
+    let (path_a, path_b) = (
+        bodyfile::path(spool.dir(), a),
+        bodyfile::path(spool.dir(), b),
+    );
+    let original = std::fs::read(&path_a).unwrap();
+    let spans = chunk_spans(&original);
+    // Two full chunks (they seal to the same length).
+    let full: Vec<(usize, usize)> = spans
+        .iter()
+        .copied()
+        .filter(|s| s.1 == spans[0].1)
+        .collect();
+    assert!(full.len() >= 2, "{spans:?}");
+    let (first, second) = (full[0], full[1]);
+
+    let mut swapped = original.clone();
+    swapped[first.0..first.0 + first.1].copy_from_slice(&original[second.0..second.0 + second.1]);
+    swapped[second.0..second.0 + second.1].copy_from_slice(&original[first.0..first.0 + first.1]);
+    std::fs::write(&path_a, &swapped).unwrap();
+    assert!(spool.read_whole(a).await.is_err(), "chunks swapped");
+
+    let other = std::fs::read(&path_b).unwrap();
+    let mut moved = original.clone();
+    moved[first.0..first.0 + first.1].copy_from_slice(&other[first.0..first.0 + first.1]);
+    std::fs::write(&path_a, &moved).unwrap();
+    assert!(
+        spool.read_whole(a).await.is_err(),
+        "a chunk of another message"
+    );
+
+    std::fs::write(&path_a, &original).unwrap();
+    assert_eq!(spool.read_whole(a).await.unwrap().body, big("aaaa"));
+}
+
+/// A body file not committed goes: dropped (a client gone, a refusal), or when its sync fails,
+/// in which case the store fails and nothing is live. Before the commit it reads back as
+/// written (what DKIM signs).
+#[tokio::test]
+async fn an_uncommitted_body_file_goes_and_a_failed_sync_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let body = big("uncommitted");
+    let mut spill = spool.spill(QueueId::generate().unwrap()).unwrap();
+    spill.write(body.clone()).await.unwrap();
+    assert_eq!(spill.written(), body.len() as u64);
+    let mut reader = spill.reader().unwrap();
+    let mut read = Vec::new();
+    while let Some(chunk) = reader.next_blocking().unwrap() {
+        read.extend(chunk);
+    }
+    assert_eq!(read, body, "reads back before the commit");
+    assert_eq!(body_files(spool.dir()).len(), 1);
+    drop(spill);
+    assert!(body_files(spool.dir()).is_empty(), "dropped: removed");
+
+    let mut spill = spool.spill(QueueId::generate().unwrap()).unwrap();
+    spill.write(body.clone()).await.unwrap();
+    spool.faults().fail(FaultPoint::BodySync, 1, EIO);
+    let stored = spool
+        .store_spilled(&envelope(&["a@x.test"]), &[b""], b"", spill)
+        .await;
+    assert!(
+        stored.is_err(),
+        "a failed fdatasync is not a stored message"
+    );
+    assert!(body_files(spool.dir()).is_empty());
+    assert!(spool.live().is_empty());
 }
