@@ -24,6 +24,8 @@ pub enum FaultPoint {
     BodyWrite,
     /// `fdatasync` of a body file before its message is committed.
     BodySync,
+    /// `fdatasync` of a segment that punches touched (when no append sync covered them).
+    PunchSync,
 }
 
 #[derive(Default)]
@@ -35,7 +37,7 @@ struct Slot {
 /// Armed faults; shared by the spool and whoever drives the test.
 #[derive(Default)]
 pub struct Faults {
-    slots: [Slot; 7],
+    slots: [Slot; 8],
 }
 
 impl Faults {
@@ -44,6 +46,11 @@ impl Faults {
         let slot = &self.slots[point as usize];
         slot.errno.store(errno, Ordering::SeqCst);
         slot.remaining.store(times, Ordering::SeqCst);
+    }
+
+    /// How many more operations at `point` will fail.
+    pub fn remaining(&self, point: FaultPoint) -> u32 {
+        self.slots[point as usize].remaining.load(Ordering::SeqCst)
     }
 
     /// Disarms every fault.

@@ -993,3 +993,41 @@ async fn an_uncommitted_body_file_goes_and_a_failed_sync_stores_nothing() {
     assert!(body_files(spool.dir()).is_empty());
     assert!(spool.live().is_empty());
 }
+
+/// Punches in a segment no append has synced since get a sync of their own; one that fails is
+/// punched again (at the same place: the record before it is untouched) and synced later, and
+/// the body file goes only after a sync that succeeded.
+#[tokio::test]
+async fn a_punch_is_synced_before_its_body_file_goes_even_when_the_sync_fails_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let before = store(&spool, &envelope(&["a@x.test"]), b"the record before\r\n").await;
+    let id = store_spilled(&spool, &envelope(&["b@x.test"]), b"", &big("punched")).await;
+    drop(spool);
+    // Reopened, the spool appends to a new segment: the punch's segment is not the active one.
+    let (spool, _) = open(dir.path(), &master);
+    let path = bodyfile::path(spool.dir(), id);
+    spool.faults().fail(FaultPoint::PunchSync, 1, EIO);
+    assert_eq!(
+        spool.update(id, &[0], None).await.unwrap(),
+        Liveness::Destroyed
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while path.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(!path.exists(), "removed once a sync succeeded");
+    assert_eq!(
+        spool.faults().remaining(FaultPoint::PunchSync),
+        0,
+        "the punch's segment was synced (and failed once) before the body file went"
+    );
+    drop(spool);
+    let (spool, _) = open(dir.path(), &master);
+    assert_eq!(spool.live(), vec![before]);
+    assert_eq!(
+        spool.read_whole(before).await.unwrap().body,
+        b"the record before\r\n"
+    );
+}

@@ -682,7 +682,12 @@ impl Writer {
                     .extend(locs.into_iter().map(|l| (l, file.clone())));
                 continue;
             }
-            match file.sync_data() {
+            let synced = self
+                .shared
+                .faults
+                .check(FaultPoint::PunchSync)
+                .and_then(|()| file.sync_data());
+            match synced {
                 Ok(()) => durable.extend(locs),
                 Err(e) => {
                     // The pages may be gone (fsyncgate): punch again and sync at the next
