@@ -24,7 +24,6 @@ import asyncio
 import base64
 import os
 import re
-import socket
 import ssl
 import statistics
 import subprocess
@@ -36,17 +35,7 @@ PASSWORD = "the right password"
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, rss_kib  # noqa: E402
-
-
-async def reply(reader):
-    """Reads one (multi-line) reply; returns its code, or None at EOF."""
-    while True:
-        line = await reader.readline()
-        if not line:
-            return None
-        if len(line) < 4 or line[3:4] != b"-":
-            return int(line[:3])
+from benchlib import free_port, reply, rss_kib, wait_listening  # noqa: E402
 
 
 async def command(reader, writer, line):
@@ -179,15 +168,7 @@ password_hash = "{hashed}"
     log = open(os.path.join(tmp, "postern.log"), "w")
     daemon = subprocess.Popen([args.bin, "serve", "--config", os.path.join(tmp, "config.toml")], stderr=log, env={**os.environ, "RUST_LOG": "warn"})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", submission), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    sys.exit("postern did not start; see " + log.name)
-                time.sleep(0.1)
+        wait_listening(daemon, submission, log.name)
         time.sleep(0.5)
         before = rss_kib(daemon.pid)
         tls = ssl.create_default_context()

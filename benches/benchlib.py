@@ -1,6 +1,8 @@
 """Helpers shared by the Python benchmarks in this directory (auth_flood.py, idle.py)."""
 
 import socket
+import sys
+import time
 
 
 def free_port():
@@ -22,3 +24,28 @@ def status_kib(pid, field):
 def rss_kib(pid):
     """Resident memory of process `pid` (VmRSS), in KiB; 0 once it is gone."""
     return status_kib(pid, "VmRSS")
+
+
+def wait_listening(daemon, port, log_name, seconds=30):
+    """Waits until the daemon (a Popen) accepts connections on 127.0.0.1:`port`; exits the
+    benchmark, pointing at its log, if it dies or does not listen within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                sys.exit("postern did not start; see " + log_name)
+            time.sleep(0.1)
+
+
+async def reply(reader):
+    """Reads one (multi-line) SMTP reply from an asyncio reader; returns its code, or None at
+    EOF."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            return None
+        if len(line) < 4 or line[3:4] != b"-":
+            return int(line[:3])

@@ -40,7 +40,7 @@ import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, rss_kib  # noqa: E402
+from benchlib import free_port, rss_kib, wait_listening  # noqa: E402
 
 
 def read_reply(sock):
@@ -168,15 +168,7 @@ timeout = "1s"
     )
     rounds = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", relay), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    sys.exit("postern did not start; see " + log.name)
-                time.sleep(0.1)
+        wait_listening(daemon, relay, log.name)
         if not send_one(relay):
             sys.exit("a message before the run was not accepted")
         time.sleep(1)

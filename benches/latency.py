@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port  # noqa: E402
-
-
-async def reply(reader):
-    """Reads one (multi-line) reply; returns its code, or None at EOF."""
-    while True:
-        line = await reader.readline()
-        if not line:
-            return None
-        if len(line) < 4 or line[3:4] != b"-":
-            return int(line[:3])
+from benchlib import free_port, reply, wait_listening  # noqa: E402
 
 
 async def sink_session(reader, writer):
@@ -155,15 +144,7 @@ tls = "none"
     log = open(os.path.join(tmp, "postern.log"), "w")
     daemon = subprocess.Popen([args.bin, "serve", "--config", os.path.join(tmp, "config.toml")], stderr=log, cwd=tmp)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", relay), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    sys.exit("postern did not start; see " + log.name)
-                time.sleep(0.1)
+        wait_listening(daemon, relay, log.name)
         timings = asyncio.run(run(args, relay, sink_port))
     finally:
         daemon.terminate()

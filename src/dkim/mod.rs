@@ -134,6 +134,17 @@ impl Keys {
         self.by_domain.is_empty()
     }
 
+    /// The `d=` domain and the keys that sign a message with this From: and envelope sender;
+    /// None when it is not to be signed.
+    fn signing_keys(
+        &self,
+        from_header: Option<&str>,
+        envelope_from: &str,
+    ) -> Option<(&str, Vec<&Selector>)> {
+        let author = self.author_domain(from_header, envelope_from)?;
+        self.keys_for(&author)
+    }
+
     /// The keys that sign for `author`: its own, else an ancestor's marked `subdomains`.
     /// Returns the `d=` domain with them.
     fn keys_for(&self, author: &str) -> Option<(&str, Vec<&Selector>)> {
@@ -176,10 +187,7 @@ impl Keys {
         from_header: Option<&str>,
         envelope_from: &str,
     ) -> Result<Signed, DkimError> {
-        let Some(author) = self.author_domain(from_header, envelope_from) else {
-            return Ok(Signed::default());
-        };
-        let Some((domain, selectors)) = self.keys_for(&author) else {
+        let Some((domain, selectors)) = self.signing_keys(from_header, envelope_from) else {
             return Ok(Signed::default());
         };
         let mut out = Signed {
@@ -209,10 +217,7 @@ impl Keys {
         envelope_from: &str,
         read: impl FnOnce(&mut dyn FnMut(&[u8])) -> std::io::Result<()>,
     ) -> Result<Signed, DkimError> {
-        let Some(author) = self.author_domain(from_header, envelope_from) else {
-            return Ok(Signed::default());
-        };
-        let Some((domain, selectors)) = self.keys_for(&author) else {
+        let Some((domain, selectors)) = self.signing_keys(from_header, envelope_from) else {
             return Ok(Signed::default());
         };
         let mut streams: Vec<Stream<'_>> = selectors

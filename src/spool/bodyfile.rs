@@ -212,8 +212,7 @@ fn seal_and_append(
     mut extent: Extent,
     chunk: &[u8],
 ) -> Result<(u64, Extent), SpoolError> {
-    shared.refresh_free();
-    if !shared.has_room(chunk.len() as u64) {
+    if !shared.has_room_now(chunk.len() as u64) {
         return Err(SpoolError::Io(std::io::ErrorKind::StorageFull.into()));
     }
     let key = &shared.body_key;

@@ -255,6 +255,16 @@ impl Shared {
         self.fits(self.free.load(Ordering::Relaxed), size)
     }
 
+    /// [`Shared::has_room`], looking at the filesystem again before a refusal: space may be
+    /// back. Costs a statvfs only on the refusal path.
+    fn has_room_now(&self, size: u64) -> bool {
+        if self.has_room(size) {
+            return true;
+        }
+        self.refresh_free();
+        self.has_room(size)
+    }
+
     /// Whether `size` more bytes leave the reserve intact when `free` bytes are free.
     fn fits(&self, free: u64, size: u64) -> bool {
         free.checked_sub(size)
@@ -384,20 +394,8 @@ impl Spool {
         head: &[&[u8]],
         body: Vec<u8>,
     ) -> Result<(), SpoolError> {
-        let sealed_envelope =
-            envelope::encode_envelope(envelope).map_err(|_| SpoolError::Closed)?;
-        let rcpts = envelope.recipients.len();
-        let (reply, rx) = oneshot::channel();
-        self.send(writer::Request::Store {
-            id,
-            envelope: sealed_envelope,
-            head: head.concat(),
-            body,
-            rcpts,
-            spill: None,
-            reply,
-        })?;
-        rx.await.map_err(|_| SpoolError::Closed)?
+        self.send_store(id, envelope, head.concat(), body, None)
+            .await
     }
 
     /// Starts the body file of message `id`, for a body too big to hold in memory: the
@@ -417,17 +415,30 @@ impl Spool {
         mut spill: Spill,
     ) -> Result<(), SpoolError> {
         spill.sync().await?;
+        let part = bodyfile::encode_spilled(spill.extent(), &head.concat(), headers);
+        self.send_store(spill.id(), envelope, Vec::new(), part, Some(spill))
+            .await
+    }
+
+    /// Hands a message record to the writer and waits until it is synced.
+    async fn send_store(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        head: Vec<u8>,
+        body: Vec<u8>,
+        spill: Option<Spill>,
+    ) -> Result<(), SpoolError> {
         let sealed_envelope =
             envelope::encode_envelope(envelope).map_err(|_| SpoolError::Closed)?;
-        let part = bodyfile::encode_spilled(spill.extent(), &head.concat(), headers);
         let (reply, rx) = oneshot::channel();
         self.send(writer::Request::Store {
-            id: spill.id(),
+            id,
             envelope: sealed_envelope,
-            head: Vec::new(),
-            body: part,
+            head,
+            body,
             rcpts: envelope.recipients.len(),
-            spill: Some(spill),
+            spill,
             reply,
         })?;
         rx.await.map_err(|_| SpoolError::Closed)?
@@ -533,13 +544,7 @@ impl Spool {
     /// writer's last look at the filesystem. Sessions ask at `MAIL FROM` so that a client is
     /// turned away before it sends a body the spool would refuse anyway.
     pub fn has_room(&self, size: u64) -> bool {
-        if self.shared.has_room(size) {
-            return true;
-        }
-        // Refused on a stale figure? Look again: space may be back. Costs a statvfs only on
-        // the refusal path.
-        self.shared.refresh_free();
-        self.shared.has_room(size)
+        self.shared.has_room_now(size)
     }
 
     /// Bytes the spool's files take on disk (allocated blocks: punched holes do not count) and

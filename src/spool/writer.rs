@@ -326,13 +326,16 @@ impl Writer {
     /// Whether `size` more bytes, after the `taken` this batch already takes, leave the
     /// free-space reserve intact. A refusal on a figure read a while ago reads it again.
     fn fits(&mut self, taken: u64, size: u64) -> bool {
-        let shared = self.shared.clone();
-        let free = || shared.free.load(std::sync::atomic::Ordering::Relaxed);
-        if shared.fits(free().saturating_sub(taken), size) {
+        if self.fits_cached(taken, size) {
             return true;
         }
         self.read_free();
-        shared.fits(free().saturating_sub(taken), size)
+        self.fits_cached(taken, size)
+    }
+
+    fn fits_cached(&self, taken: u64, size: u64) -> bool {
+        let free = self.shared.free.load(std::sync::atomic::Ordering::Relaxed);
+        self.shared.fits(free.saturating_sub(taken), size)
     }
 
     fn near_reserve(&self) -> bool {
@@ -660,7 +663,8 @@ impl Writer {
     /// `force` syncs the other segments that punches touched. A sync that fails punches again,
     /// to be synced later.
     fn sync_punches(&mut self, covered: Option<u32>, force: bool) {
-        if self.punched.is_empty() {
+        // Most passes of a busy writer: nothing covered and nothing due.
+        if self.punched.is_empty() || (covered.is_none() && !force) {
             return;
         }
         let mut by_segment: BTreeMap<u32, (Arc<File>, Vec<Loc>)> = BTreeMap::new();
