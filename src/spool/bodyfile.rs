@@ -234,6 +234,7 @@ fn seal_and_append(
         let _ = file.set_len(offset);
         return Err(e.into());
     }
+    shared.took(out.len() as u64);
     Ok((offset + out.len() as u64, extent))
 }
 

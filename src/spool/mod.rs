@@ -255,6 +255,15 @@ impl Shared {
         self.fits(self.free.load(Ordering::Relaxed), size)
     }
 
+    /// Takes bytes just written off the free space, until the next statvfs reads it anew.
+    fn took(&self, bytes: u64) {
+        let _ = self
+            .free
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| {
+                Some(free.saturating_sub(bytes))
+            });
+    }
+
     /// [`Shared::has_room`], looking at the filesystem again before a refusal: space may be
     /// back. Costs a statvfs only on the refusal path.
     fn has_room_now(&self, size: u64) -> bool {

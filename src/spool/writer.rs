@@ -577,12 +577,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 active.len += buf.len() as u64;
-                // Until the next statvfs, what was written comes off the free space.
-                let _ = self.shared.free.fetch_update(
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                    |free| Some(free.saturating_sub(buf.len() as u64)),
-                );
+                self.shared.took(buf.len() as u64);
                 Ok(())
             }
             Err(e) => {
