@@ -30,7 +30,9 @@
 # ONLY=postern (skip Postfix; for A/B runs between Postern builds), BENCH_DIR (where the
 # temporary directory with both queues goes, default /tmp; refused on tmpfs unless FORCE=1),
 # SYSCALLS=1 (also print Postern's system calls per message by kind and its context switches,
-# counted over the run with perf's syscall tracepoints; needs Debian's linux-perf).
+# counted over the run with perf's syscall tracepoints; needs Debian's linux-perf),
+# PROFILE=FILE (also record Postern's on-CPU call stacks over the run into FILE with
+# `perf record`; read it with `perf report -i FILE --no-children`).
 #
 # Run it on an otherwise idle machine: a concurrent cargo build skews both figures.
 set -euo pipefail
@@ -325,7 +327,14 @@ if [ -n "${SYSCALLS:-}" ]; then
     perf stat -e "$EVENTS" -p "$POSTERN_PID" -o "$PT/syscalls.txt" 2> /dev/null &
     PERF_PID=$!
 fi
+PROF_PID=
+if [ -n "${PROFILE:-}" ]; then
+    command -v perf > /dev/null || die "PROFILE needs perf (apt-get install linux-perf)"
+    perf record -q -F 999 ${PROFILE_GRAPH:+--call-graph dwarf,8192} -p "$POSTERN_PID" -o "$PROFILE" 2> /dev/null &
+    PROF_PID=$!
+fi
 run_load postern "$PT_RELAY"
+[ -z "$PROF_PID" ] || { kill -INT "$PROF_PID" 2> /dev/null || true; wait "$PROF_PID" 2> /dev/null || true; }
 read -r CPU_U1 CPU_S1 <<< "$(cpu_ticks "$POSTERN_PID")"
 PT_SYSCALLS=
 if [ -n "$PERF_PID" ]; then

@@ -810,6 +810,59 @@ async fn a_connection_carries_at_most_messages_per_connection() {
     );
 }
 
+/// Sends three messages one after another, each delivered by its own queue run, and checks that
+/// each was delivered then and there (nothing left to retry).
+async fn three_in_turn(rig: &Rig) {
+    for i in 0..3 {
+        submit(
+            rig.server.relay,
+            "app@sender.test",
+            &["r@dest.test"],
+            &format!("Subject: {i}\r\n\r\nx\r\n"),
+        )
+        .await;
+        assert_eq!(rig.queue.run_due().await, 1);
+        assert!(
+            rig.server.spool.live().is_empty(),
+            "message {i} was not delivered at its first attempt"
+        );
+    }
+    assert_eq!(rig.sink.received().len(), 3);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_is_reused_without_an_rset_round_trip() {
+    let rig = rig("", "", true).await;
+    three_in_turn(&rig).await;
+    assert_eq!(
+        rig.sink.connections(),
+        1,
+        "one connection carried all three"
+    );
+    assert_eq!(rig.sink.state.lock().unwrap().rsets, 0);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_server_closed_is_not_used() {
+    let rig = rig("", "", true).await;
+    rig.sink.behaviour.lock().unwrap().close_after_message = true;
+    three_in_turn(&rig).await;
+    let on_each: Vec<usize> = rig.sink.received().iter().map(|m| m.connection).collect();
+    assert_eq!(on_each, vec![1, 2, 3], "a new connection for each message");
+}
+
+#[tokio::test]
+async fn a_close_that_crosses_the_reuse_of_a_pooled_connection_costs_no_retry() {
+    let rig = rig("", "", true).await;
+    rig.sink.behaviour.lock().unwrap().close_at_next_mail = true;
+    three_in_turn(&rig).await;
+    // Each reuse is cut at MAIL (after the client's look found the connection open); the
+    // message goes on a new connection in the same attempt, not to the retry schedule.
+    let on_each: Vec<usize> = rig.sink.received().iter().map(|m| m.connection).collect();
+    assert_eq!(on_each, vec![1, 2, 3]);
+    assert_eq!(rig.sink.connections(), 3);
+}
+
 #[tokio::test]
 async fn the_next_smarthost_is_tried_when_the_first_is_down() {
     let sink = Sink::start("127.0.0.1").await;

@@ -497,7 +497,20 @@ impl Connection {
         self.reset().await
     }
 
-    /// RSET, to start a clean transaction on a reused connection.
+    /// Whether an idle connection is still open: the server has neither closed it nor said
+    /// anything unasked (a `421` before closing). One non-blocking read, no round trip.
+    pub fn is_open(&self) -> bool {
+        let socket = match &self.stream {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+            Stream::Closed => return false,
+        };
+        let mut probe = [0u8; 1];
+        self.input.is_empty()
+            && matches!(socket.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// RSET, after a refused transaction.
     pub async fn reset(&mut self) -> Result<(), ClientError> {
         let reply = self.command("RSET", Stage::Rset).await?;
         if reply.code != 250 {
@@ -623,5 +636,43 @@ mod tests {
         assert_eq!(e.to_string(), "MAIL refused: 550 5.1.1");
         assert!(!e.is_temporary());
         assert_eq!(e.status(), EnhancedStatusCode::new(5, 1, 1));
+    }
+
+    /// A connection to a one-shot server that greets, answers EHLO, then does `after` (and
+    /// holds the socket open until the test ends).
+    async fn connection_then(after: &'static [u8], close: bool) -> Connection {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"220 mx.test ESMTP\r\n").await.unwrap();
+            let mut line = [0u8; 64];
+            let _ = s.read(&mut line).await.unwrap();
+            s.write_all(b"250 mx.test\r\n").await.unwrap();
+            s.write_all(after).await.unwrap();
+            if !close {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        let opts = ClientOptions {
+            helo: "me.test".into(),
+            connect_timeout: Duration::from_secs(5),
+            reply_timeout: Duration::from_secs(5),
+        };
+        let tls = TlsClient::new(None).unwrap();
+        let conn = Connection::open(addr, "mx.test", TlsPolicy::None, &tls, &opts)
+            .await
+            .unwrap();
+        // Let whatever the server did after EHLO reach this side's socket.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_open_until_the_server_closes_or_speaks() {
+        assert!(connection_then(b"", false).await.is_open());
+        assert!(!connection_then(b"", true).await.is_open());
+        let parting = b"421 4.4.2 mx.test idle too long\r\n";
+        assert!(!connection_then(parting, false).await.is_open());
     }
 }

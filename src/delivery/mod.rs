@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use client::{ClientError, ClientOptions, Connection, Needs};
+use client::{ClientError, ClientOptions, Connection, Needs, Stage};
 pub use outcome::{Cause, RcptOutcome};
 use tls::{TlsClient, TlsSetupError};
 
@@ -218,19 +218,30 @@ impl Deliverer {
             let stopping = RcptOutcome::new(EnhancedStatusCode::new(4, 3, 0), Cause::ShuttingDown);
             return all(job, stopping);
         };
-        let conn = self.connection(job.domain, &hosts, dest.policy).await;
-        match &conn {
-            Ok(_) => self.limits.connected(&dest.key),
-            Err(o) if o.is_unreachable() => {
-                if self.limits.connect_failed(&dest.key, self.down_policy()) {
-                    tracing::warn!(destination = %dest.key, period = ?self.config.destination_down_for, "destination marked down after repeated connection failures");
+        let mut reuse = true;
+        loop {
+            let conn = self
+                .connection(job.domain, &hosts, dest.policy, reuse)
+                .await;
+            match &conn {
+                Ok(_) => self.limits.connected(&dest.key),
+                Err(o) if o.is_unreachable() => {
+                    if self.limits.connect_failed(&dest.key, self.down_policy()) {
+                        tracing::warn!(destination = %dest.key, period = ?self.config.destination_down_for, "destination marked down after repeated connection failures");
+                    }
                 }
+                Err(_) => {}
             }
-            Err(_) => {}
-        }
-        match conn {
-            Ok(conn) => self.transaction(job, conn, dest.policy).await,
-            Err(outcome) => all(job, outcome),
+            let (conn, reused) = match conn {
+                Ok(conn) => conn,
+                Err(outcome) => return all(job, outcome),
+            };
+            match self.transaction(job, conn, dest.policy, reused).await {
+                Some(outcomes) => return outcomes,
+                // A pooled connection the server had closed while it idled: once more on a
+                // new one (the second time round takes nothing from the pool, so this ends).
+                None => reuse = false,
+            }
         }
     }
 
@@ -241,15 +252,22 @@ impl Deliverer {
         }
     }
 
-    /// Runs the transaction on `conn`, then pools or closes it.
+    /// Runs the transaction on `conn`, then pools or closes it. None when `conn` came from the
+    /// pool and turned out closed before the server answered anything (its MAIL was lost): the
+    /// caller tries again on a new connection, as nothing of this message reached the server.
     async fn transaction(
         &self,
         job: &Job<'_>,
         mut conn: Connection,
         policy: TlsPolicy,
-    ) -> Vec<RcptOutcome> {
+        reused: bool,
+    ) -> Option<Vec<RcptOutcome>> {
         let rcpts: Vec<&str> = job.rcpts.iter().map(|(_, r)| *r).collect();
         let result = conn.send(job.from, &rcpts, job.body, job.needs).await;
+        if reused && matches!(result, Err(ClientError::Lost(Stage::Mail))) {
+            tracing::debug!(host = %conn.host, "pooled connection was closed by the server; opening another");
+            return None;
+        }
         let outcomes: Vec<RcptOutcome> = match &result {
             Ok(tx) => job
                 .rcpts
@@ -270,9 +288,14 @@ impl Deliverer {
             Err(e) => all(job, RcptOutcome::from_client(e)),
         };
         let (remote, remote_ip, tls) = (conn.host.clone(), conn.addr, conn.tls.clone());
-        // Reuse only a connection whose transaction ended in a reply (a refusal resets it);
-        // after a timeout or a lost connection its state is unknown.
-        let clean = matches!(result, Ok(_) | Err(ClientError::Rejected { .. }));
+        // Reuse only a connection whose transaction ended in a reply (a refusal resets it, and
+        // a completed DATA leaves the server reset, RFC 5321 4.1.1.4); after a timeout, a lost
+        // connection or a refused RSET its state is unknown.
+        let clean = match &result {
+            Ok(_) => true,
+            Err(ClientError::Rejected { stage, .. }) => *stage != Stage::Rset,
+            Err(_) => false,
+        };
         if clean && conn.transactions < self.config.messages_per_connection {
             self.pool
                 .put(pool_key(&conn.host, conn.addr.port(), policy), conn);
@@ -282,7 +305,7 @@ impl Deliverer {
         } else {
             tokio::spawn(conn.quit());
         }
-        outcomes
+        let outcomes = outcomes
             .into_iter()
             .map(|o| RcptOutcome {
                 remote: o.remote.or(Some(remote.clone())),
@@ -290,19 +313,21 @@ impl Deliverer {
                 tls: tls.clone(),
                 ..o
             })
-            .collect()
+            .collect();
+        Some(outcomes)
     }
 
-    /// An idle connection to one of `hosts`, or a new one to the first that answers, trying
-    /// at most `max_mx_addresses` addresses.
+    /// An idle connection to one of `hosts` (when `reuse`), or a new one to the first that
+    /// answers, trying at most `max_mx_addresses` addresses. True with one from the pool.
     async fn connection(
         &self,
         domain: &str,
         hosts: &[(String, u16)],
         policy: TlsPolicy,
-    ) -> Result<Connection, RcptOutcome> {
-        if let Some(conn) = self.pooled(hosts, policy).await {
-            return Ok(conn);
+        reuse: bool,
+    ) -> Result<(Connection, bool), RcptOutcome> {
+        if let Some(conn) = reuse.then(|| self.pooled(hosts, policy)).flatten() {
+            return Ok((conn, true));
         }
         let mut last = None;
         let mut tries = 0;
@@ -335,7 +360,7 @@ impl Deliverer {
                 }
                 tries += 1;
                 match self.open(addr, host, policy).await {
-                    Ok(conn) => return Ok(conn),
+                    Ok(conn) => return Ok((conn, false)),
                     // It greeted with our own name: it is us, whatever other hosts there are.
                     Err(e @ ClientError::LoopsBack { .. }) => {
                         tracing::warn!(domain, host = %host, %addr, error = %e, "mail loops back to myself");
@@ -357,14 +382,16 @@ impl Deliverer {
         Err(outcome)
     }
 
-    /// An idle pooled connection to one of `hosts` that still answers RSET.
-    async fn pooled(&self, hosts: &[(String, u16)], policy: TlsPolicy) -> Option<Connection> {
+    /// An idle pooled connection to one of `hosts` that the server has not closed. No RSET
+    /// round trip: the last transaction left the server reset, and a look at the socket shows
+    /// a close or a parting `421` (a close just after the look is caught in `transaction`).
+    fn pooled(&self, hosts: &[(String, u16)], policy: TlsPolicy) -> Option<Connection> {
         for (host, port) in hosts {
-            if let Some(mut conn) = self.pool.take(&pool_key(host, *port, policy)) {
-                if conn.reset().await.is_ok() {
+            while let Some(conn) = self.pool.take(&pool_key(host, *port, policy)) {
+                if conn.is_open() {
                     return Some(conn);
                 }
-                tokio::spawn(conn.quit());
+                drop(conn);
             }
         }
         None

@@ -27,6 +27,12 @@ pub struct Behaviour {
     pub data_delay: Option<Duration>,
     /// AUTH PLAIN credentials accepted after TLS (user, password); None: no AUTH offered.
     pub auth: Option<(String, String)>,
+    /// Close the connection right after answering each end of data, as a server that keeps
+    /// no idle connections does.
+    pub close_after_message: bool,
+    /// On a connection that has carried a message, close at the next MAIL without a reply: a
+    /// close that crosses the client's reuse of the connection.
+    pub close_at_next_mail: bool,
 }
 
 /// One message the sink accepted.
@@ -57,6 +63,8 @@ pub struct State {
     pub connections: usize,
     pub active: usize,
     pub max_active: usize,
+    /// RSET commands received, over all connections.
+    pub rsets: usize,
 }
 
 #[derive(Clone)]
@@ -195,6 +203,8 @@ struct Tx {
     rcpts: Vec<String>,
     auth: Option<String>,
     connection: usize,
+    /// Messages this connection has carried.
+    messages: usize,
 }
 
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
@@ -240,6 +250,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             _ => "535 5.7.8 bad credentials".into(),
         };
     } else if upper.starts_with("MAIL FROM:") {
+        if tx.messages > 0 && sink.behaviour.lock().unwrap().close_at_next_mail {
+            return Ok(false);
+        }
         let from = between(line, '<', '>');
         tx.from = Some(from);
         tx.rcpts.clear();
@@ -313,9 +326,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 .write_all(format!("{answer}\r\n").as_bytes())
                 .await?;
             io.get_mut().flush().await?;
-            return Ok(true);
+            tx.messages += 1;
+            return Ok(!sink.behaviour.lock().unwrap().close_after_message);
         }
     } else if upper == "RSET" {
+        sink.state.lock().unwrap().rsets += 1;
         tx.from = None;
         tx.rcpts.clear();
         reply = "250 2.0.0 ok".into();
