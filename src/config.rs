@@ -281,6 +281,13 @@ pub struct LimitsConfig {
     /// Concurrent SMTP connections over all listeners; more get `421 4.7.0`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Sessions receiving message content at once (from DATA or the first BDAT to the end of
+    /// the transaction). A session holds up to about 256 KiB of a body in memory; this caps
+    /// what all of them hold together, however many clients send at once. More wait before
+    /// the `354` (BDAT: before reading the chunk), up to `command_timeout`, then get
+    /// `451 4.3.2`.
+    #[serde(default = "default_max_concurrent_data")]
+    pub max_concurrent_data: usize,
     /// Waiting for a command (RFC 5321 4.5.3.2: at least 5 minutes).
     #[serde(default = "default_command_timeout", with = "humantime_serde")]
     pub command_timeout: Duration,
@@ -338,6 +345,7 @@ impl Default for LimitsConfig {
             line_endings: default_line_endings(),
             max_hops: default_max_hops(),
             max_connections_per_ip: default_max_connections_per_ip(),
+            max_concurrent_data: default_max_concurrent_data(),
             connections_per_ip_per_minute: default_connections_per_ip_per_minute(),
             session_timeout: default_session_timeout(),
             max_idle_commands: default_max_idle_commands(),
@@ -349,6 +357,9 @@ impl Default for LimitsConfig {
     }
 }
 
+fn default_max_concurrent_data() -> usize {
+    500
+}
 fn default_max_connections_per_ip() -> usize {
     20
 }
@@ -979,6 +990,9 @@ impl Config {
         }
         if limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
+        }
+        if limits.max_concurrent_data == 0 {
+            return invalid("limits.max_concurrent_data", "must be at least 1");
         }
         if limits.command_timeout < Duration::from_secs(1)
             || limits.data_timeout < Duration::from_secs(1)

@@ -397,3 +397,57 @@ async fn idle_connections_are_closed_by_the_timeout_and_their_slots_freed() {
     assert_eq!(g.map(|g| g.code), Some(220));
     c.expect("EHLO client.test", 250).await;
 }
+
+/// A client that reached DATA, holding the one place for content; returns it past its 354.
+async fn holding_the_data_place(server: &TestServer) -> Raw<tokio::net::TcpStream> {
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO first.test", 250).await;
+    c.expect("MAIL FROM:<app@example.test>", 250).await;
+    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    c.expect("DATA", 354).await;
+    c
+}
+
+#[tokio::test]
+async fn senders_past_max_concurrent_data_wait_for_their_354() {
+    let (server, _clock) =
+        start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"20s\"\n").await;
+    let mut first = holding_the_data_place(&server).await;
+    let (mut second, _) = Raw::connect(server.relay).await;
+    second.expect("EHLO second.test", 250).await;
+    second.expect("MAIL FROM:<app@example.test>", 250).await;
+    second.expect("RCPT TO:<r@dest.test>", 250).await;
+    second.send("DATA\r\n").await;
+    let early =
+        tokio::time::timeout(std::time::Duration::from_millis(300), second.try_reply()).await;
+    assert!(
+        early.is_err(),
+        "354 while the only place was taken: {early:?}"
+    );
+    // The first message ends; its place passes to the waiting session.
+    first.send("Subject: one\r\n\r\nfirst\r\n.\r\n").await;
+    assert_eq!(first.reply().await.code, 250);
+    assert_eq!(second.reply().await.code, 354);
+    second.send("Subject: two\r\n\r\nsecond\r\n.\r\n").await;
+    assert_eq!(second.reply().await.code, 250);
+    assert_eq!(server.spool.live().len(), 2);
+}
+
+#[tokio::test]
+async fn a_sender_that_finds_no_place_for_content_in_time_is_told_to_retry() {
+    let (server, _clock) =
+        start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"1s\"\n").await;
+    let _first = holding_the_data_place(&server).await;
+    let (mut second, _) = Raw::connect(server.relay).await;
+    second.expect("EHLO second.test", 250).await;
+    second.expect("MAIL FROM:<app@example.test>", 250).await;
+    second.expect("RCPT TO:<r@dest.test>", 250).await;
+    let refused = second.cmd("DATA").await;
+    assert_eq!((refused.code, refused.enhanced()), (451, "4.3.2"));
+    // BDAT waits the same way; its chunk is read and dropped, and the session goes on.
+    second.send("BDAT 5 LAST\r\nhello").await;
+    let refused = second.reply().await;
+    assert_eq!((refused.code, refused.enhanced()), (451, "4.3.2"));
+    second.expect("NOOP", 250).await;
+    assert!(server.spool.live().is_empty());
+}

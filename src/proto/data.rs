@@ -61,7 +61,7 @@ impl BodyError {
 }
 
 /// What a body's buffer starts at: most messages fit in it.
-const FIRST_CAPACITY: usize = 16 << 10;
+const FIRST_CAPACITY: usize = 8 << 10;
 
 /// Checks and collects message content (already unstuffed): line length, bare CR/LF, size.
 /// Keeps going after a violation (the rest of the data must be drained, not buffered): once
@@ -183,7 +183,12 @@ impl BodyChecker {
         }
         match self.error {
             Some(error) => Err(error),
-            None => Ok(self.body),
+            None => {
+                // The body now waits for the disk, perhaps beside thousands of others: the room
+                // it did not use goes back (the allocator shrinks it in place, no copy).
+                self.body.shrink_to_fit();
+                Ok(self.body)
+            }
         }
     }
 

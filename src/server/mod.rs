@@ -63,6 +63,9 @@ pub(crate) struct Context {
     pub auth_pool: crate::auth::CheckPool,
     /// Open connections per client address.
     pub(crate) open: Arc<admit::OpenConnections>,
+    /// Places for sessions receiving message content (`limits.max_concurrent_data`): what
+    /// bounds the bodies held in memory when thousands of clients send at once.
+    pub data_slots: Arc<Semaphore>,
 }
 
 /// What a reload replaces without a restart. A session takes a snapshot when it starts, so it
@@ -171,6 +174,7 @@ impl Server {
             0 => crate::auth::CheckPool::per_core(),
             n => crate::auth::CheckPool::new(n),
         };
+        let data_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_data));
         Ok(Server {
             ctx: Arc::new(Context {
                 config,
@@ -187,6 +191,7 @@ impl Server {
                 limits: Arc::new(crate::limits::LocalLimits::default()),
                 auth_pool,
                 open: Arc::default(),
+                data_slots,
             }),
             listeners,
             local,

@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::policy::Sender;
 use super::received::{self, Trace};
@@ -46,6 +47,10 @@ type Flow = Result<(), End>;
 /// every other command keeps the 512-octet limit.
 const MAX_AUTH_LINE: usize = 12_288;
 
+/// Room made in the input buffer for each read: a pipelined batch of commands, or a good
+/// piece of message data, per system call.
+const INPUT_CHUNK: usize = 8192;
+
 /// Replies held for a client that pipelines; past this they are written out before any more
 /// input is processed.
 const MAX_PENDING_OUTPUT: usize = 64 * 1024;
@@ -69,6 +74,9 @@ struct Transaction {
     /// Why the body file failed (the disk): the rest of the body is read and dropped, and the
     /// end of the data gets the refusal.
     spill_error: Option<SpoolError>,
+    /// This session's place among those receiving content (`limits.max_concurrent_data`),
+    /// from DATA or the first BDAT; given back with the transaction.
+    data_slot: Option<OwnedSemaphorePermit>,
 }
 
 /// A received body: whole in memory, or in its body file (the header section in memory).
@@ -170,8 +178,8 @@ async fn drive(ctx: Arc<Context>, stream: Stream, peer: SocketAddr, mode: Listen
         peer,
         local,
         stream,
-        input: BytesMut::with_capacity(4096),
-        output: Vec::with_capacity(1024),
+        input: BytesMut::new(),
+        output: Vec::new(),
         framer: CommandFramer::new(MAX_AUTH_LINE),
         helo: None,
         esmtp: false,
@@ -184,7 +192,7 @@ async fn drive(ctx: Arc<Context>, stream: Stream, peer: SocketAddr, mode: Listen
         deadline,
     };
     tracing::debug!(peer = %peer.ip(), ?mode, "connection");
-    if mode == ListenerMode::Submissions && s.start_tls().await.is_err() {
+    if mode == ListenerMode::Submissions && Box::pin(s.start_tls()).await.is_err() {
         return;
     }
     let banner = Reply::plain(
@@ -207,7 +215,8 @@ async fn refuse(mut socket: TcpStream, reply: Reply) {
     let close = async {
         socket.write_all(&out).await?;
         socket.shutdown().await?;
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would be part of every session's future, refused or not.
+        let mut sink = vec![0u8; 4096];
         let mut left: usize = 64 * 1024;
         while left > 0 {
             match socket.read(&mut sink).await? {
@@ -218,6 +227,15 @@ async fn refuse(mut socket: TcpStream, reply: Reply) {
         std::io::Result::Ok(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+}
+
+/// The answer to DATA or BDAT when no place for content came free in time.
+fn too_busy() -> Reply {
+    Reply::new(
+        451,
+        "4.3.2",
+        "Too busy receiving other messages; try again later",
+    )
 }
 
 /// How long to wait before answering the `strikes`-th failed AUTH from an address: `base`,
@@ -274,8 +292,8 @@ impl Session {
             Command::Helo(name) => self.hello(name, false),
             Command::Mail { from, params } => self.mail(from, params),
             Command::Rcpt { to } => self.rcpt(to),
-            Command::Data => self.data().await,
-            Command::Bdat { size, last } => self.bdat(size, last).await,
+            Command::Data => Box::pin(self.data()).await,
+            Command::Bdat { size, last } => Box::pin(self.bdat(size, last)).await,
             Command::Rset => {
                 self.tx = None;
                 self.reply(Reply::new(250, "2.0.0", "OK"));
@@ -298,8 +316,8 @@ impl Session {
                 Ok(())
             }
             Command::Quit => self.close_with(Reply::new(221, "2.0.0", "Bye")).await,
-            Command::StartTls => self.starttls().await,
-            Command::Auth { mechanism, initial } => self.auth(mechanism, initial).await,
+            Command::StartTls => Box::pin(self.starttls()).await,
+            Command::Auth { mechanism, initial } => Box::pin(self.auth(mechanism, initial)).await,
         }
     }
 
@@ -414,6 +432,7 @@ impl Session {
             spill: None,
             headers: Vec::new(),
             spill_error: None,
+            data_slot: None,
         });
         self.reply(Reply::new(250, "2.1.0", "Sender OK"));
         Ok(())
@@ -498,6 +517,10 @@ impl Session {
             }
             Some(_) => {}
         }
+        if !self.take_data_slot().await {
+            self.reply(too_busy());
+            return Ok(());
+        }
         self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
         self.flush().await?;
         let mut decoder = DataDecoder::new(self.body_limits());
@@ -514,7 +537,10 @@ impl Session {
         }
         let tx = self.tx.take();
         match decoder.finish() {
-            Ok(body) => self.accept(tx, body).await,
+            Ok(body) => {
+                self.release_input();
+                self.accept(tx, body).await
+            }
             Err(e) => {
                 tracing::info!(peer = %self.peer.ip(), error = %e, "message refused");
                 self.error(e.reply())
@@ -524,13 +550,17 @@ impl Session {
 
     async fn bdat(&mut self, size: u64, last: bool) -> Flow {
         let limits = self.body_limits();
-        let refusal = match &self.tx {
+        let mut refusal = match &self.tx {
             None => Some(Reply::new(503, "5.5.1", "Send MAIL first")),
             Some(tx) if tx.rcpts.is_empty() => {
                 Some(Reply::new(554, "5.5.1", "No valid recipients"))
             }
             Some(_) => None,
         };
+        // The chunk stays unread (in the kernel's buffers) while the session waits.
+        if refusal.is_none() && !self.take_data_slot().await {
+            refusal = Some(too_busy());
+        }
         // The chunk must be read off the wire whatever happens, or its bytes would be taken
         // for commands.
         let mut checker = match (&refusal, self.tx.as_mut()) {
@@ -574,7 +604,10 @@ impl Session {
         }
         let tx = self.tx.take();
         match checker.finish() {
-            Ok(body) => self.accept(tx, body).await,
+            Ok(body) => {
+                self.release_input();
+                self.accept(tx, body).await
+            }
             Err(e) => {
                 tracing::info!(peer = %self.peer.ip(), error = %e, "message refused");
                 self.error(e.reply())
@@ -1114,15 +1147,59 @@ impl Session {
         self.read_input(self.ctx.config.limits.data_timeout).await
     }
 
+    /// Waits for a place among the sessions receiving content, unless this transaction holds
+    /// one already. False when none came free within `command_timeout`.
+    async fn take_data_slot(&mut self) -> bool {
+        match &self.tx {
+            None => return false,
+            Some(tx) if tx.data_slot.is_some() => return true,
+            Some(_) => {}
+        }
+        let slots = self.ctx.data_slots.clone();
+        let wait = self.ctx.config.limits.command_timeout;
+        // Waiting may take a while when thousands send at once: hold no empty buffer meanwhile.
+        if slots.available_permits() == 0 {
+            self.release_input();
+        }
+        match tokio::time::timeout(wait, slots.acquire_owned()).await {
+            Ok(Ok(slot)) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.data_slot = Some(slot);
+                }
+                true
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::info!(peer = %self.peer.ip(), "no place for message content came free; told to try later");
+                false
+            }
+        }
+    }
+
+    /// Gives the input buffer back when all it held has been handled, as a session is about to
+    /// wait (for its client, or for the disk): 10,000 silent sessions hold no 8 KiB each. The
+    /// next read takes one again. A few bytes still to handle move to a buffer their size.
+    fn release_input(&mut self) {
+        if self.input.is_empty() {
+            self.input = BytesMut::new();
+        } else if self.input.len() <= 1024 && self.input.capacity() > 4096 {
+            // A pipelined command or two (QUIT after the data): kept, in a buffer their size.
+            self.input = BytesMut::from(&self.input[..]);
+        }
+    }
+
     async fn read_input(&mut self, timeout: Duration) -> Flow {
-        self.input.reserve(8192);
         let left = self
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             return self.session_expired().await;
         }
-        let read = self.stream.read_buf(&mut self.input);
+        self.release_input();
+        let read = async {
+            self.stream.readable().await?;
+            self.input.reserve(INPUT_CHUNK);
+            self.stream.read_buf(&mut self.input).await
+        };
         match tokio::time::timeout(timeout.min(left), read).await {
             Ok(Ok(0)) | Ok(Err(_)) => Err(End::Disconnected),
             Ok(Ok(_)) => Ok(()),

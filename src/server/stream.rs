@@ -19,6 +19,19 @@ pub enum Stream {
     Upgrading,
 }
 
+impl Stream {
+    /// Waits until the client has sent something (or closed), without a buffer to read into:
+    /// an idle session then holds no input buffer. Over TLS it returns at once, as rustls may
+    /// hold decrypted bytes that the socket's readiness does not show.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.readable().await,
+            Stream::Local(s) => s.readable().await,
+            Stream::Tls(_) | Stream::Upgrading => Ok(()),
+        }
+    }
+}
+
 fn upgrading() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotConnected,
