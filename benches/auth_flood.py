@@ -35,7 +35,7 @@ PASSWORD = "the right password"
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, reply, rss_kib, wait_listening  # noqa: E402
+from benchlib import free_port, reply, rss_kib, start_daemon, wait_listening  # noqa: E402
 
 
 async def command(reader, writer, line):
@@ -145,14 +145,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="postern-authflood-")
     hashed = subprocess.run([args.bin, "account", "hash"], input=PASSWORD + "\n", capture_output=True, text=True, check=True).stdout.strip()
     relay, submission = free_port(), free_port()
-    with open(os.path.join(tmp, "config.toml"), "w") as f:
-        f.write(f"""
-[server]
-hostname = "postern.example.test"
-data_dir = "data"
-[[listener]]
-addr = "127.0.0.1:{relay}"
-mode = "relay"
+    daemon, log = start_daemon(args.bin, tmp, relay, f"""
 [[listener]]
 addr = "127.0.0.1:{submission}"
 mode = "submission"
@@ -164,9 +157,7 @@ timeout = "1s"
 [[account]]
 username = "app"
 password_hash = "{hashed}"
-""")
-    log = open(os.path.join(tmp, "postern.log"), "w")
-    daemon = subprocess.Popen([args.bin, "serve", "--config", os.path.join(tmp, "config.toml")], stderr=log, env={**os.environ, "RUST_LOG": "warn"})
+""", env={"RUST_LOG": "warn"})
     try:
         wait_listening(daemon, submission, log.name)
         time.sleep(0.5)

@@ -1,6 +1,9 @@
-"""Helpers shared by the Python benchmarks in this directory (auth_flood.py, idle.py)."""
+"""Helpers shared by the Python benchmarks in this directory (auth_flood.py, connections.py,
+idle.py, latency.py)."""
 
+import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -49,3 +52,25 @@ async def reply(reader):
             return None
         if len(line) < 4 or line[3:4] != b"-":
             return int(line[:3])
+
+
+def start_daemon(binary, tmp, relay, config, env=None):
+    """Writes TMP/config.toml (the server name and data directory, a relay listener on
+    127.0.0.1:`relay`, then the TOML text `config`) and starts `binary serve` on it in `tmp`,
+    its log in TMP/postern.log. Returns (the Popen, the open log file)."""
+    path = os.path.join(tmp, "config.toml")
+    with open(path, "w") as f:
+        f.write(f"""
+[server]
+hostname = "postern.example.test"
+data_dir = "data"
+[[listener]]
+addr = "127.0.0.1:{relay}"
+mode = "relay"
+{config}""")
+    log = open(os.path.join(tmp, "postern.log"), "w")
+    daemon = subprocess.Popen(
+        [os.path.abspath(binary), "serve", "--config", path],
+        stderr=log, cwd=tmp, env={**os.environ, **(env or {})},
+    )
+    return daemon, log

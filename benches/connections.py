@@ -8,7 +8,7 @@ Starts `postern serve` on loopback in a temporary directory with the shipped lim
 `limits.max_connections` raised to CONNECTIONS + 16, `relay.networks` set to 127.0.0.0/8 (the
 clients are the applications that relay through us), and a smarthost on a loopback port where
 nobody listens (so every message is queued and deferred: what is measured is the sessions, not
-the deliveries). Each client connects from its own loopback address (127.1.x.y), so the
+the deliveries), or with --sink Postfix's smtp-sink there (the messages are delivered). Each client connects from its own loopback address (127.1.x.y), so the
 per-address caps (20 open, 60 a minute) are not what limits the run.
 
 Then:
@@ -37,7 +37,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, rss_kib, status_kib, wait_listening  # noqa: E402
+from benchlib import free_port, rss_kib, start_daemon, status_kib, wait_listening  # noqa: E402
 
 
 def source_address(i):
@@ -168,14 +168,13 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = tempfile.mkdtemp(prefix="postern-conns-")
     relay, nobody = free_port(), free_port()
-    with open(os.path.join(tmp, "config.toml"), "w") as f:
-        f.write(f"""
-[server]
-hostname = "postern.example.test"
-data_dir = "data"
-[[listener]]
-addr = "127.0.0.1:{relay}"
-mode = "relay"
+    sink = None
+    if args.sink:
+        sink = subprocess.Popen(
+            ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{nobody}", "1000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    daemon, log = start_daemon(args.bin, tmp, relay, f"""
 [relay]
 networks = ["127.0.0.0/8"]
 [limits]
@@ -186,18 +185,7 @@ tls = "none"
 [dns]
 nameservers = ["127.0.0.1:9"]
 timeout = "1s"
-""")
-    log = open(os.path.join(tmp, "postern.log"), "w")
-    sink = None
-    if args.sink:
-        sink = subprocess.Popen(
-            ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{nobody}", "1000"],
-            stdout=subprocess.PIPE, stderr=log,
-        )
-    daemon = subprocess.Popen(
-        [args.bin, "serve", "--config", os.path.join(tmp, "config.toml")],
-        stderr=log, cwd=tmp, env={**os.environ, "RUST_LOG": "warn"},
-    )
+""", env={"RUST_LOG": "warn"})
     try:
         wait_listening(daemon, relay, log.name)
         time.sleep(0.5)
@@ -211,10 +199,6 @@ timeout = "1s"
         results = send_all(socks, args.size, daemon.pid, peak)
         sent = time.monotonic() - t1
         hwm = status_kib(daemon.pid, "VmHWM")
-        delivered = None
-        if sink:
-            time.sleep(3)
-            delivered = "see smtp-sink"
     finally:
         daemon.terminate()
         daemon.wait()

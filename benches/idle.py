@@ -40,7 +40,7 @@ import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, rss_kib, wait_listening  # noqa: E402
+from benchlib import free_port, rss_kib, start_daemon, wait_listening  # noqa: E402
 
 
 def read_reply(sock):
@@ -143,14 +143,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="postern-idle-")
     relay = free_port()
     max_connections = max(1000, args.connections)
-    with open(os.path.join(tmp, "config.toml"), "w") as f:
-        f.write(f"""
-[server]
-hostname = "postern.example.test"
-data_dir = "data"
-[[listener]]
-addr = "127.0.0.1:{relay}"
-mode = "relay"
+    # The daemon needs a descriptor per connection too (raised above; inherited).
+    daemon, log = start_daemon(args.bin, tmp, relay, f"""
 [relay]
 networks = ["127.0.0.1/32"]
 [limits]
@@ -159,13 +153,7 @@ max_connections = {max_connections}
 [dns]
 nameservers = ["127.0.0.1:9"]
 timeout = "1s"
-""")
-    log = open(os.path.join(tmp, "postern.log"), "w")
-    # The daemon needs a descriptor per connection too (raised above; inherited).
-    daemon = subprocess.Popen(
-        [args.bin, "serve", "--config", os.path.join(tmp, "config.toml")],
-        stderr=log, cwd=tmp, env={**os.environ, "RUST_LOG": "warn"},
-    )
+""", env={"RUST_LOG": "warn"})
     rounds = []
     try:
         wait_listening(daemon, relay, log.name)

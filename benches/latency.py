@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, reply, wait_listening  # noqa: E402
+from benchlib import free_port, reply, start_daemon, wait_listening  # noqa: E402
 
 
 async def sink_session(reader, writer):
@@ -127,22 +127,13 @@ def main():
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="postern-latency-")
     relay, sink_port = free_port(), free_port()
-    with open(os.path.join(tmp, "config.toml"), "w") as f:
-        f.write(f"""
-[server]
-hostname = "postern.example.test"
-data_dir = "data"
-[[listener]]
-addr = "127.0.0.1:{relay}"
-mode = "relay"
+    daemon, log = start_daemon(args.bin, tmp, relay, f"""
 [relay]
 networks = ["127.0.0.1/32"]
 [delivery]
 smarthost = "127.0.0.1:{sink_port}"
 tls = "none"
 """)
-    log = open(os.path.join(tmp, "postern.log"), "w")
-    daemon = subprocess.Popen([args.bin, "serve", "--config", os.path.join(tmp, "config.toml")], stderr=log, cwd=tmp)
     try:
         wait_listening(daemon, relay, log.name)
         timings = asyncio.run(run(args, relay, sink_port))

@@ -787,19 +787,9 @@ async fn idle_pooled_connections_are_closed_after_the_timeout() {
 #[tokio::test]
 async fn a_connection_carries_at_most_messages_per_connection() {
     let rig = rig("messages_per_connection = 2", "", true).await;
-    for i in 0..6 {
-        submit(
-            rig.server.relay,
-            "app@sender.test",
-            &["r@dest.test"],
-            &format!("Subject: {i}\r\n\r\nx\r\n"),
-        )
-        .await;
-        // One at a time: each finds the previous one's connection in the pool, if it is kept.
-        assert_eq!(rig.queue.run_due().await, 1);
-    }
+    // One at a time: each finds the previous one's connection in the pool, if it is kept.
+    in_turn(&rig, 6).await;
     let got = rig.sink.received();
-    assert_eq!(got.len(), 6);
     let on_each: Vec<usize> = (1..=rig.sink.connections())
         .map(|c| got.iter().filter(|m| m.connection == c).count())
         .collect();
@@ -810,10 +800,10 @@ async fn a_connection_carries_at_most_messages_per_connection() {
     );
 }
 
-/// Sends three messages one after another, each delivered by its own queue run, and checks that
+/// Sends `n` messages one after another, each delivered by its own queue run, and checks that
 /// each was delivered then and there (nothing left to retry).
-async fn three_in_turn(rig: &Rig) {
-    for i in 0..3 {
+async fn in_turn(rig: &Rig, n: usize) {
+    for i in 0..n {
         submit(
             rig.server.relay,
             "app@sender.test",
@@ -827,13 +817,13 @@ async fn three_in_turn(rig: &Rig) {
             "message {i} was not delivered at its first attempt"
         );
     }
-    assert_eq!(rig.sink.received().len(), 3);
+    assert_eq!(rig.sink.received().len(), n);
 }
 
 #[tokio::test]
 async fn a_pooled_connection_is_reused_without_an_rset_round_trip() {
     let rig = rig("", "", true).await;
-    three_in_turn(&rig).await;
+    in_turn(&rig, 3).await;
     assert_eq!(
         rig.sink.connections(),
         1,
@@ -846,7 +836,7 @@ async fn a_pooled_connection_is_reused_without_an_rset_round_trip() {
 async fn a_pooled_connection_the_server_closed_is_not_used() {
     let rig = rig("", "", true).await;
     rig.sink.behaviour.lock().unwrap().close_after_message = true;
-    three_in_turn(&rig).await;
+    in_turn(&rig, 3).await;
     let on_each: Vec<usize> = rig.sink.received().iter().map(|m| m.connection).collect();
     assert_eq!(on_each, vec![1, 2, 3], "a new connection for each message");
 }
@@ -855,7 +845,7 @@ async fn a_pooled_connection_the_server_closed_is_not_used() {
 async fn a_close_that_crosses_the_reuse_of_a_pooled_connection_costs_no_retry() {
     let rig = rig("", "", true).await;
     rig.sink.behaviour.lock().unwrap().close_at_next_mail = true;
-    three_in_turn(&rig).await;
+    in_turn(&rig, 3).await;
     // Each reuse is cut at MAIL (after the client's look found the connection open); the
     // message goes on a new connection in the same attempt, not to the retry schedule.
     let on_each: Vec<usize> = rig.sink.received().iter().map(|m| m.connection).collect();
