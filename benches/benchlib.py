@@ -54,6 +54,17 @@ async def reply(reader):
             return int(line[:3])
 
 
+def read_line(sock):
+    """Reads from `sock` up to the end of a line (a greeting, a single-line reply), or EOF."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def start_daemon(binary, tmp, relay, config, env=None):
     """Writes TMP/config.toml (the server name and data directory, a relay listener on
     127.0.0.1:`relay`, then the TOML text `config`) and starts `binary serve` on it in `tmp`,

@@ -37,7 +37,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, rss_kib, start_daemon, status_kib, wait_listening  # noqa: E402
+from benchlib import free_port, read_line, rss_kib, start_daemon, status_kib, wait_listening  # noqa: E402
 
 
 def source_address(i):
@@ -51,12 +51,7 @@ def connect_all(port, n, pid, peak):
         s = socket.socket()
         s.bind((source_address(i), 0))
         s.connect(("127.0.0.1", port))
-        greeting = b""
-        while not greeting.endswith(b"\n"):
-            chunk = s.recv(512)
-            if not chunk:
-                break
-            greeting += chunk
+        greeting = read_line(s)
         if not greeting.startswith(b"220"):
             sys.exit(f"client {i}: no greeting: {greeting!r}")
         socks.append(s)

@@ -40,18 +40,7 @@ import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, rss_kib, start_daemon, wait_listening  # noqa: E402
-
-
-def read_reply(sock):
-    """Reads up to the end of one reply line (idle sessions get single-line replies)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(512)
-        if not chunk:
-            break
-        data += chunk
-    return data
+from benchlib import free_port, read_line, rss_kib, start_daemon, wait_listening  # noqa: E402
 
 
 def open_idle(port, n):
@@ -60,7 +49,7 @@ def open_idle(port, n):
         s = socket.socket()
         s.bind((f"127.0.1.{i % 254 + 1}", 0))
         s.connect(("127.0.0.1", port))
-        greeting = read_reply(s)
+        greeting = read_line(s)
         if not greeting.startswith(b"220"):
             sys.exit(f"connection {i}: no greeting: {greeting!r}")
         socks.append(s)
