@@ -51,6 +51,46 @@ pub enum StartError {
     Metrics(#[from] crate::metrics::MetricsError),
 }
 
+/// The open-files limit the daemon runs under, after [`raise_open_files_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFiles {
+    /// The soft limit now in force (None: unlimited).
+    pub limit: Option<u64>,
+    /// What the configuration can use at once: every connection in and out, and a margin for
+    /// the spool, the ledger, logs and listeners.
+    pub needed: u64,
+}
+
+impl OpenFiles {
+    /// True when the configured limits could run out of descriptors first (the accept loop
+    /// then backs off on EMFILE: clients wait, nothing is lost, but the caps do not hold).
+    pub fn is_short(&self) -> bool {
+        self.limit.is_some_and(|l| l < self.needed)
+    }
+}
+
+/// Raises the soft open-files limit to the hard one, as a server that holds a descriptor per
+/// connection must: a shell's default soft limit (1,024) is below `max_connections` alone.
+/// The systemd unit sets both limits (`LimitNOFILE`), and this changes nothing there.
+pub fn raise_open_files_limit(config: &Config) -> OpenFiles {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let needed = (config.limits.max_connections + config.delivery.max_in_flight) as u64 + 256;
+    let now = getrlimit(Resource::Nofile);
+    if now.current < now.maximum {
+        let raised = Rlimit {
+            current: now.maximum,
+            maximum: now.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+        }
+    }
+    OpenFiles {
+        limit: getrlimit(Resource::Nofile).current,
+        needed,
+    }
+}
+
 /// How to run: the clock, and whether the queue runs by itself.
 pub struct Options {
     pub clock: Arc<dyn Clock>,

@@ -550,6 +550,14 @@ fn keygen(
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.clone())?;
     postern::logging::init(config.server.log_format);
+    let files = postern::daemon::raise_open_files_limit(&config);
+    if files.is_short() {
+        tracing::warn!(
+            limit = files.limit,
+            needed = files.needed,
+            "the open-files limit is below what max_connections and max_in_flight can use; raise it (LimitNOFILE, ulimit -n)"
+        );
+    }
     let notifier = Arc::new(Notifier::from_env());
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let result = runtime.block_on(async move {

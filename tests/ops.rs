@@ -131,3 +131,47 @@ fn under_journald_lines_carry_a_level_prefix_and_no_timestamp() {
     assert!(!log.contains(&year), "no timestamps: {log}");
     assert!(log.lines().all(|l| l.starts_with('<')), "{log}");
 }
+
+/// The soft and hard "Max open files" of a running process, from /proc/PID/limits.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let soft = fields.next().expect("soft").to_string();
+    let hard = fields.next().expect("hard").to_string();
+    (soft, hard)
+}
+
+#[test]
+fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_child_config(dir.path(), "");
+    // A shell's usual soft limit, far below the hard one and below what 1,000 connections use.
+    let mut child = common::Child::spawn_under(dir.path(), Some("ulimit -Sn 1024".into()));
+    let (soft, hard) = open_files_limits(child.child.id());
+    child.terminate();
+    assert_ne!(
+        hard, "1024",
+        "the test needs a hard limit above 1024 (ulimit -Hn)"
+    );
+    assert_eq!(soft, hard, "the soft limit was not raised");
+}
+
+#[test]
+fn serve_warns_when_the_open_files_limit_is_below_its_connection_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_child_config(dir.path(), "");
+    // Hard limit 512 too: nothing to raise to, and 1,000 connections need more.
+    let mut child = common::Child::spawn_under(dir.path(), Some("ulimit -n 512".into()));
+    let (soft, _) = open_files_limits(child.child.id());
+    child.terminate();
+    assert_eq!(soft, "512");
+    let log = child.log.lock().unwrap().clone();
+    assert!(
+        log.contains("open-files limit is below") && log.contains("needed=2256"),
+        "no warning in: {log}"
+    );
+}

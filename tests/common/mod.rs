@@ -527,16 +527,22 @@ impl Child {
     /// Starts `postern serve --config <dir>/config.toml`, optionally under `ulimit -f <kib>`,
     /// and waits until its listeners are up.
     pub fn spawn(dir: &Path, file_size_limit_kib: Option<u64>) -> Child {
+        Child::spawn_under(
+            dir,
+            file_size_limit_kib.map(|kib| format!("ulimit -f {kib}")),
+        )
+    }
+
+    /// As [`spawn`](Self::spawn), started by bash after `limits` (e.g. `ulimit -Sn 512`).
+    pub fn spawn_under(dir: &Path, limits: Option<String>) -> Child {
         use std::io::BufRead;
         let config = dir.join("config.toml");
         let bin = env!("CARGO_BIN_EXE_postern");
-        let mut cmd = match file_size_limit_kib {
-            Some(kib) => {
+        let mut cmd = match limits {
+            Some(limits) => {
                 let mut c = std::process::Command::new("bash");
                 c.arg("-c")
-                    .arg(format!(
-                        "ulimit -f {kib}; exec \"$0\" serve --config \"$1\""
-                    ))
+                    .arg(format!("{limits}; exec \"$0\" serve --config \"$1\""))
                     .arg(bin)
                     .arg(&config);
                 c
