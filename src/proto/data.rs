@@ -183,12 +183,7 @@ impl BodyChecker {
         }
         match self.error {
             Some(error) => Err(error),
-            None => {
-                // The body now waits for the disk, perhaps beside thousands of others: the room
-                // it did not use goes back (the allocator shrinks it in place, no copy).
-                self.body.shrink_to_fit();
-                Ok(self.body)
-            }
+            None => Ok(self.body),
         }
     }
 

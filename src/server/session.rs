@@ -47,9 +47,13 @@ type Flow = Result<(), End>;
 /// every other command keeps the 512-octet limit.
 const MAX_AUTH_LINE: usize = 12_288;
 
-/// Room made in the input buffer for each read: a pipelined batch of commands, or a good
-/// piece of message data, per system call.
-const INPUT_CHUNK: usize = 8192;
+/// Room made in the input buffer for a read of commands: a pipelined batch (EHLO, MAIL, a few
+/// RCPT, DATA) fits; a longer one takes another read. Small, as 10,000 clients may all be
+/// sending commands at once.
+const COMMAND_CHUNK: usize = 1024;
+/// Room made for a read of message content: a good piece per system call. Only sessions with
+/// a place for content (`limits.max_concurrent_data`) read with it.
+const DATA_CHUNK: usize = 8192;
 
 /// Replies held for a client that pipelines; past this they are written out before any more
 /// input is processed.
@@ -292,8 +296,16 @@ impl Session {
             Command::Helo(name) => self.hello(name, false),
             Command::Mail { from, params } => self.mail(from, params),
             Command::Rcpt { to } => self.rcpt(to),
-            Command::Data => Box::pin(self.data()).await,
-            Command::Bdat { size, last } => Box::pin(self.bdat(size, last)).await,
+            // The place for content is waited for before the (boxed) receiving starts: a session
+            // waiting its turn holds no more memory than an idle one.
+            Command::Data => {
+                let has_place = self.take_data_slot().await;
+                Box::pin(self.data(has_place)).await
+            }
+            Command::Bdat { size, last } => {
+                let has_place = self.take_data_slot().await;
+                Box::pin(self.bdat(size, last, has_place)).await
+            }
             Command::Rset => {
                 self.tx = None;
                 self.reply(Reply::new(250, "2.0.0", "OK"));
@@ -506,7 +518,7 @@ impl Session {
         }
     }
 
-    async fn data(&mut self) -> Flow {
+    async fn data(&mut self, has_place: bool) -> Flow {
         match &self.tx {
             None => return self.error(Reply::new(503, "5.5.1", "Send MAIL first")),
             Some(tx) if tx.bdat.is_some() => {
@@ -517,7 +529,7 @@ impl Session {
             }
             Some(_) => {}
         }
-        if !self.take_data_slot().await {
+        if !has_place {
             self.reply(too_busy());
             return Ok(());
         }
@@ -548,7 +560,7 @@ impl Session {
         }
     }
 
-    async fn bdat(&mut self, size: u64, last: bool) -> Flow {
+    async fn bdat(&mut self, size: u64, last: bool, has_place: bool) -> Flow {
         let limits = self.body_limits();
         let mut refusal = match &self.tx {
             None => Some(Reply::new(503, "5.5.1", "Send MAIL first")),
@@ -557,8 +569,8 @@ impl Session {
             }
             Some(_) => None,
         };
-        // The chunk stays unread (in the kernel's buffers) while the session waits.
-        if refusal.is_none() && !self.take_data_slot().await {
+        // The chunk stayed unread (in the kernel's buffers) while the session waited.
+        if refusal.is_none() && !has_place {
             refusal = Some(too_busy());
         }
         // The chunk must be read off the wire whatever happens, or its bytes would be taken
@@ -1135,7 +1147,7 @@ impl Session {
         let timeout = self.ctx.config.limits.command_timeout;
         let shutdown = self.ctx.shutdown.clone();
         tokio::select! {
-            r = self.read_input(timeout) => r,
+            r = self.read_input(timeout, COMMAND_CHUNK) => r,
             _ = shutdown.cancelled() => {
                 self.close_with(Reply::new(421, "4.3.2", "Service shutting down")).await
             }
@@ -1144,14 +1156,17 @@ impl Session {
 
     /// Waits for more message data; shutdown does not interrupt a transaction in progress.
     async fn read_data_input(&mut self) -> Flow {
-        self.read_input(self.ctx.config.limits.data_timeout).await
+        self.read_input(self.ctx.config.limits.data_timeout, DATA_CHUNK)
+            .await
     }
 
     /// Waits for a place among the sessions receiving content, unless this transaction holds
-    /// one already. False when none came free within `command_timeout`.
+    /// one already. False when none came free within `command_timeout`, and at once for a
+    /// transaction that cannot take content (no MAIL, no recipient: refused by the caller).
     async fn take_data_slot(&mut self) -> bool {
         match &self.tx {
             None => return false,
+            Some(tx) if tx.rcpts.is_empty() => return false,
             Some(tx) if tx.data_slot.is_some() => return true,
             Some(_) => {}
         }
@@ -1187,7 +1202,8 @@ impl Session {
         }
     }
 
-    async fn read_input(&mut self, timeout: Duration) -> Flow {
+    /// Reads what the client sent, with room for at least `chunk` more bytes.
+    async fn read_input(&mut self, timeout: Duration, chunk: usize) -> Flow {
         let left = self
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
@@ -1197,7 +1213,7 @@ impl Session {
         self.release_input();
         let read = async {
             self.stream.readable().await?;
-            self.input.reserve(INPUT_CHUNK);
+            self.input.reserve(chunk);
             self.stream.read_buf(&mut self.input).await
         };
         match tokio::time::timeout(timeout.min(left), read).await {
