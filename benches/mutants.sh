@@ -15,6 +15,10 @@
 #   proto     DATA decoding, smuggling        src/proto/data.rs
 #   relay     who may relay                   src/config.rs (RelayConfig::allows), the RCPT
 #                                             handler of src/server/session.rs
+#   reuse     pooled outbound connections     src/delivery/ (Deliverer::pooled, transaction,
+#                                             attempt; Connection::is_open)
+#   places    places for content              src/server/session.rs (take_data_slot, and the
+#                                             DATA and BDAT handlers that use it)
 #
 # Each area runs only the tests that exercise it (a unit-test module filter, or one integration
 # test file), so that a mutant costs one incremental build and a short test run. Even so this
@@ -55,7 +59,12 @@ select_area() {
         proto) FILES=(--file src/proto/data.rs) TARGET=(--lib) FILTER=(proto::) ;;
         relay) FILES=(--file src/config.rs --file src/server/session.rs
             --re 'RelayConfig::allows|Session::rcpt( |$)') TARGET=(--test=smtp_server) ;;
-        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay)" ;;
+        reuse) FILES=(--file src/delivery/mod.rs --file src/delivery/client.rs
+            --re 'Deliverer::pooled|Deliverer::transaction|Deliverer::attempt|Connection::is_open')
+            TARGET=(--lib --test=delivery) FILTER=(delivery:: pooled reuse connection) ;;
+        places) FILES=(--file src/server/session.rs --re 'take_data_slot|Session::data|Session::bdat')
+            TARGET=(--test=abuse --test=smtp_server) ;;
+        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places)" ;;
     esac
 }
 
