@@ -3,6 +3,7 @@
 one of them sends a message while all the others are still connected.
 
     benches/connections.py [--bin target/release/postern] [--connections 10000] [--size 4096]
+                           [--sink] [--limits "max_concurrent_data = 100"]
 
 Starts `postern serve` on loopback in a temporary directory with the shipped limits, except:
 `limits.max_connections` raised to CONNECTIONS + 16, `relay.networks` set to 127.0.0.0/8 (the
@@ -150,6 +151,7 @@ def main():
     ap.add_argument("--bin", default="target/release/postern")
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--limits", default="", help="more [limits] settings, e.g. 'max_concurrent_data = 100'")
     ap.add_argument("--sink", action="store_true",
                     help="deliver to Postfix's smtp-sink (counted) instead of deferring every message")
     args = ap.parse_args()
@@ -174,6 +176,7 @@ def main():
 networks = ["127.0.0.0/8"]
 [limits]
 max_connections = {args.connections + 16}
+{args.limits}
 [delivery]
 smarthost = ["127.0.0.1:{nobody}"]
 tls = "none"
