@@ -61,7 +61,7 @@ select_area() {
             --re 'RelayConfig::allows|Session::rcpt( |$)') TARGET=(--test=smtp_server) ;;
         reuse) FILES=(--file src/delivery/mod.rs --file src/delivery/client.rs
             --re 'Deliverer::pooled|Deliverer::transaction|Deliverer::attempt|Connection::is_open')
-            TARGET=(--lib --test=delivery) FILTER=(delivery:: pooled reuse connection) ;;
+            TARGET=(--lib --test=delivery) ;;
         places) FILES=(--file src/server/session.rs --re 'take_data_slot|Session::data|Session::bdat')
             TARGET=(--test=abuse --test=smtp_server) ;;
         *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places)" ;;

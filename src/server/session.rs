@@ -47,6 +47,11 @@ type Flow = Result<(), End>;
 /// every other command keeps the 512-octet limit.
 const MAX_AUTH_LINE: usize = 12_288;
 
+/// Up to this size, a message signed only with Ed25519 keys is signed on the session's own
+/// task ([`crate::dkim::Keys::signs_quickly`]); bigger ones, and any RSA signing, go to a
+/// blocking thread.
+const SIGN_INLINE_UP_TO: usize = 64 * 1024;
+
 /// Room made in the input buffer for a read of commands: a pipelined batch (EHLO, MAIL, a few
 /// RCPT, DATA) fits; a longer one takes another read. Small, as 10,000 clients may all be
 /// sending commands at once.
@@ -231,6 +236,26 @@ async fn refuse(mut socket: TcpStream, reply: Reply) {
         std::io::Result::Ok(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+}
+
+/// Signs `content` with `keys` (a spilled body is read from its file, blocking).
+fn sign_content(
+    keys: &crate::dkim::Keys,
+    from_domain: Option<&str>,
+    from: &str,
+    content: Content,
+) -> (Result<crate::dkim::Signed, crate::dkim::DkimError>, Content) {
+    let result = match &content {
+        Content::Inline(body) => keys.sign(&[body], from_domain, from),
+        Content::Spilled { spill, .. } => keys.sign_streamed(from_domain, from, |feed| {
+            let mut reader = spill.reader()?;
+            while let Some(chunk) = reader.next_blocking()? {
+                feed(&chunk);
+            }
+            Ok(())
+        }),
+    };
+    (result, content)
 }
 
 /// The answer to DATA or BDAT when no place for content came free in time.
@@ -848,22 +873,17 @@ impl Session {
             return Ok((String::new(), Signing::default(), content));
         }
         let from = envelope.mail_from.clone();
-        let (result, content) = tokio::task::spawn_blocking(move || {
-            let from_domain = from_domain.as_deref();
-            let result = match &content {
-                Content::Inline(body) => keys.sign(&[body], from_domain, &from),
-                Content::Spilled { spill, .. } => keys.sign_streamed(from_domain, &from, |feed| {
-                    let mut reader = spill.reader()?;
-                    while let Some(chunk) = reader.next_blocking()? {
-                        feed(&chunk);
-                    }
-                    Ok(())
-                }),
-            };
-            (result, content)
-        })
-        .await
-        .map_err(|_| Reply::new(451, "4.3.0", "Local error in processing; try again later"))?;
+        let quick = keys.signs_quickly()
+            && matches!(&content, Content::Inline(body) if body.len() <= SIGN_INLINE_UP_TO);
+        let (result, content) = if quick {
+            sign_content(&keys, from_domain.as_deref(), &from, content)
+        } else {
+            tokio::task::spawn_blocking(move || {
+                sign_content(&keys, from_domain.as_deref(), &from, content)
+            })
+            .await
+            .map_err(|_| Reply::new(451, "4.3.0", "Local error in processing; try again later"))?
+        };
         match result {
             Ok(signed) if signed.domain.is_some() => {
                 tracing::debug!(domain = ?signed.domain, selectors = ?signed.selectors, "signed");
