@@ -145,14 +145,22 @@ fn open_files_limits(pid: u32) -> (String, String) {
     (soft, hard)
 }
 
-#[test]
-fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+/// Starts the daemon (shipped limits) after the shell command `ulimit`; returns its soft and
+/// hard open-files limits while it runs, and its log once stopped.
+fn serve_under(ulimit: &str) -> ((String, String), String) {
     let dir = tempfile::tempdir().unwrap();
     common::write_child_config(dir.path(), "");
-    // A shell's usual soft limit, far below the hard one and below what 1,000 connections use.
-    let mut child = common::Child::spawn_under(dir.path(), Some("ulimit -Sn 1024".into()));
-    let (soft, hard) = open_files_limits(child.child.id());
+    let mut child = common::Child::spawn_under(dir.path(), Some(ulimit.into()));
+    let limits = open_files_limits(child.child.id());
     child.terminate();
+    let log = child.log.lock().unwrap().clone();
+    (limits, log)
+}
+
+#[test]
+fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    // A shell's usual soft limit, far below the hard one and below what 1,000 connections use.
+    let ((soft, hard), _) = serve_under("ulimit -Sn 1024");
     assert_ne!(
         hard, "1024",
         "the test needs a hard limit above 1024 (ulimit -Hn)"
@@ -162,14 +170,9 @@ fn serve_raises_its_open_files_limit_to_the_hard_limit() {
 
 #[test]
 fn serve_warns_when_the_open_files_limit_is_below_its_connection_limits() {
-    let dir = tempfile::tempdir().unwrap();
-    common::write_child_config(dir.path(), "");
     // Hard limit 512 too: nothing to raise to, and 1,000 connections need more.
-    let mut child = common::Child::spawn_under(dir.path(), Some("ulimit -n 512".into()));
-    let (soft, _) = open_files_limits(child.child.id());
-    child.terminate();
+    let ((soft, _), log) = serve_under("ulimit -n 512");
     assert_eq!(soft, "512");
-    let log = child.log.lock().unwrap().clone();
     assert!(
         log.contains("open-files limit is below") && log.contains("needed=2256"),
         "no warning in: {log}"
