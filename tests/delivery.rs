@@ -833,6 +833,36 @@ async fn a_pooled_connection_is_reused_without_an_rset_round_trip() {
 }
 
 #[tokio::test]
+async fn a_connection_stays_pooled_after_a_refused_transaction() {
+    let rig = rig("", "", true).await;
+    rig.sink
+        .behaviour
+        .lock()
+        .unwrap()
+        .mail_replies
+        .push_back("451 4.3.0 try again later".into());
+    submit(
+        rig.server.relay,
+        "app@sender.test",
+        &["r@dest.test"],
+        "Subject: first\r\n\r\nx\r\n",
+    )
+    .await;
+    assert_eq!(rig.queue.run_due().await, 1);
+    assert!(rig.sink.received().is_empty(), "MAIL was refused");
+    // The refusal was answered by RSET and the connection kept: the retry goes out on it.
+    rig.clock.advance(3600);
+    assert_eq!(rig.queue.run_due().await, 1);
+    assert_eq!(rig.sink.received().len(), 1);
+    assert_eq!(
+        rig.sink.connections(),
+        1,
+        "a new connection after the refusal"
+    );
+    assert_eq!(rig.sink.state.lock().unwrap().rsets, 1);
+}
+
+#[tokio::test]
 async fn a_pooled_connection_the_server_closed_is_not_used() {
     let rig = rig("", "", true).await;
     rig.sink.behaviour.lock().unwrap().close_after_message = true;

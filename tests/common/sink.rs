@@ -27,6 +27,8 @@ pub struct Behaviour {
     pub data_delay: Option<Duration>,
     /// AUTH PLAIN credentials accepted after TLS (user, password); None: no AUTH offered.
     pub auth: Option<(String, String)>,
+    /// Replies to MAIL, used up in order; then "250 2.1.0 ok".
+    pub mail_replies: VecDeque<String>,
     /// Close the connection right after answering each end of data, as a server that keeps
     /// no idle connections does.
     pub close_after_message: bool,
@@ -253,10 +255,18 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         if tx.messages > 0 && sink.behaviour.lock().unwrap().close_at_next_mail {
             return Ok(false);
         }
-        let from = between(line, '<', '>');
-        tx.from = Some(from);
+        let scripted = sink.behaviour.lock().unwrap().mail_replies.pop_front();
         tx.rcpts.clear();
-        reply = "250 2.1.0 ok".into();
+        match scripted {
+            Some(refusal) => {
+                tx.from = None;
+                reply = refusal;
+            }
+            None => {
+                tx.from = Some(between(line, '<', '>'));
+                reply = "250 2.1.0 ok".into();
+            }
+        }
     } else if upper.starts_with("RCPT TO:") {
         let rcpt = between(line, '<', '>');
         let custom = sink
@@ -267,6 +277,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             .get(&rcpt)
             .cloned();
         match custom {
+            _ if tx.from.is_none() => reply = "503 5.5.1 MAIL first".into(),
             Some(r) => reply = r,
             None => {
                 tx.rcpts.push(rcpt.clone());
