@@ -451,3 +451,38 @@ async fn a_sender_that_finds_no_place_for_content_in_time_is_told_to_retry() {
     second.expect("NOOP", 250).await;
     assert!(server.spool.live().is_empty());
 }
+
+#[tokio::test]
+async fn a_transaction_without_recipients_takes_no_place_for_content() {
+    let (server, _clock) =
+        start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"20s\"\n").await;
+    let (mut empty, _) = Raw::connect(server.relay).await;
+    empty.expect("EHLO empty.test", 250).await;
+    empty.expect("MAIL FROM:<app@example.test>", 250).await;
+    let refused = empty.cmd("DATA").await;
+    assert_eq!((refused.code, refused.enhanced()), (554, "5.5.1"));
+    empty.send("BDAT 5 LAST\r\nhello").await;
+    let refused = empty.reply().await;
+    assert_eq!((refused.code, refused.enhanced()), (554, "5.5.1"));
+    // The transaction is still open, and holds no place: another client gets its 354 at once.
+    let _other = holding_the_data_place(&server).await;
+}
+
+#[tokio::test]
+async fn a_message_in_several_bdat_chunks_keeps_its_one_place() {
+    let (server, _clock) =
+        start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"20s\"\n").await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO chunks.test", 250).await;
+    c.expect("MAIL FROM:<app@example.test>", 250).await;
+    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    let head = "Subject: chunks\r\n\r\n";
+    c.send(format!("BDAT {}\r\n{head}", head.len())).await;
+    assert_eq!(c.reply().await.code, 250);
+    c.send("BDAT 6 LAST\r\nbody\r\n").await;
+    let done = tokio::time::timeout(std::time::Duration::from_secs(5), c.reply())
+        .await
+        .expect("the second chunk waited for the place its own transaction holds");
+    assert_eq!(done.code, 250);
+    assert_eq!(server.spool.live().len(), 1);
+}
