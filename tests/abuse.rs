@@ -398,12 +398,20 @@ async fn idle_connections_are_closed_by_the_timeout_and_their_slots_freed() {
     c.expect("EHLO client.test", 250).await;
 }
 
+/// A client past EHLO and MAIL, and RCPT when `rcpt`: ready for DATA or BDAT.
+async fn at_data(server: &TestServer, rcpt: bool) -> Raw<tokio::net::TcpStream> {
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<app@example.test>", 250).await;
+    if rcpt {
+        c.expect("RCPT TO:<r@dest.test>", 250).await;
+    }
+    c
+}
+
 /// A client that reached DATA, holding the one place for content; returns it past its 354.
 async fn holding_the_data_place(server: &TestServer) -> Raw<tokio::net::TcpStream> {
-    let (mut c, _) = Raw::connect(server.relay).await;
-    c.expect("EHLO first.test", 250).await;
-    c.expect("MAIL FROM:<app@example.test>", 250).await;
-    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    let mut c = at_data(server, true).await;
     c.expect("DATA", 354).await;
     c
 }
@@ -413,10 +421,7 @@ async fn senders_past_max_concurrent_data_wait_for_their_354() {
     let (server, _clock) =
         start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"20s\"\n").await;
     let mut first = holding_the_data_place(&server).await;
-    let (mut second, _) = Raw::connect(server.relay).await;
-    second.expect("EHLO second.test", 250).await;
-    second.expect("MAIL FROM:<app@example.test>", 250).await;
-    second.expect("RCPT TO:<r@dest.test>", 250).await;
+    let mut second = at_data(&server, true).await;
     second.send("DATA\r\n").await;
     let early =
         tokio::time::timeout(std::time::Duration::from_millis(300), second.try_reply()).await;
@@ -438,10 +443,7 @@ async fn a_sender_that_finds_no_place_for_content_in_time_is_told_to_retry() {
     let (server, _clock) =
         start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"1s\"\n").await;
     let _first = holding_the_data_place(&server).await;
-    let (mut second, _) = Raw::connect(server.relay).await;
-    second.expect("EHLO second.test", 250).await;
-    second.expect("MAIL FROM:<app@example.test>", 250).await;
-    second.expect("RCPT TO:<r@dest.test>", 250).await;
+    let mut second = at_data(&server, true).await;
     let refused = second.cmd("DATA").await;
     assert_eq!((refused.code, refused.enhanced()), (451, "4.3.2"));
     // BDAT waits the same way; its chunk is read and dropped, and the session goes on.
@@ -456,9 +458,7 @@ async fn a_sender_that_finds_no_place_for_content_in_time_is_told_to_retry() {
 async fn a_transaction_without_recipients_takes_no_place_for_content() {
     let (server, _clock) =
         start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"20s\"\n").await;
-    let (mut empty, _) = Raw::connect(server.relay).await;
-    empty.expect("EHLO empty.test", 250).await;
-    empty.expect("MAIL FROM:<app@example.test>", 250).await;
+    let mut empty = at_data(&server, false).await;
     let refused = empty.cmd("DATA").await;
     assert_eq!((refused.code, refused.enhanced()), (554, "5.5.1"));
     empty.send("BDAT 5 LAST\r\nhello").await;
@@ -472,10 +472,7 @@ async fn a_transaction_without_recipients_takes_no_place_for_content() {
 async fn a_message_in_several_bdat_chunks_keeps_its_one_place() {
     let (server, _clock) =
         start_on_clock("[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"20s\"\n").await;
-    let (mut c, _) = Raw::connect(server.relay).await;
-    c.expect("EHLO chunks.test", 250).await;
-    c.expect("MAIL FROM:<app@example.test>", 250).await;
-    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    let mut c = at_data(&server, true).await;
     let head = "Subject: chunks\r\n\r\n";
     c.send(format!("BDAT {}\r\n{head}", head.len())).await;
     assert_eq!(c.reply().await.code, 250);

@@ -511,7 +511,7 @@ impl Connection {
     }
 
     /// RSET, after a refused transaction.
-    pub async fn reset(&mut self) -> Result<(), ClientError> {
+    async fn reset(&mut self) -> Result<(), ClientError> {
         let reply = self.command("RSET", Stage::Rset).await?;
         if reply.code != 250 {
             return Err(ClientError::Rejected {

@@ -574,10 +574,7 @@ impl Session {
         }
         let tx = self.tx.take();
         match decoder.finish() {
-            Ok(body) => {
-                self.release_input();
-                self.accept(tx, body).await
-            }
+            Ok(body) => self.accept(tx, body).await,
             Err(e) => {
                 tracing::info!(peer = %self.peer.ip(), error = %e, "message refused");
                 self.error(e.reply())
@@ -641,10 +638,7 @@ impl Session {
         }
         let tx = self.tx.take();
         match checker.finish() {
-            Ok(body) => {
-                self.release_input();
-                self.accept(tx, body).await
-            }
+            Ok(body) => self.accept(tx, body).await,
             Err(e) => {
                 tracing::info!(peer = %self.peer.ip(), error = %e, "message refused");
                 self.error(e.reply())
@@ -704,6 +698,8 @@ impl Session {
     /// The end of a transaction: trace header, durable store, and only then 250.
     async fn accept(&mut self, tx: Option<Transaction>, rest: Vec<u8>) -> Flow {
         let started = std::time::Instant::now();
+        // The session now waits for the disk: it holds no input buffer meanwhile.
+        self.release_input();
         let Some(mut tx) = tx else {
             return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
         };
