@@ -43,6 +43,7 @@
 mod bodyfile;
 mod envelope;
 mod faults;
+mod inbox;
 mod record;
 mod recovery;
 mod writer;
@@ -52,7 +53,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
@@ -313,7 +314,17 @@ impl Default for SpoolOptions {
 #[derive(Clone)]
 pub struct Spool {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<writer::Request>,
+    /// Closes the writer's inbox when the last handle goes, so the writer finishes and stops.
+    tx: Arc<Outbox>,
+}
+
+/// The sending side of the writer's inbox, shared by every handle to the spool.
+struct Outbox(Arc<inbox::Inbox>);
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// A message read back from the spool.
@@ -374,10 +385,15 @@ impl Spool {
         shared.refresh_free();
         let writer =
             writer::Writer::start(shared.clone(), master, next_segment, options.segment_size)?;
-        let (tx, rx) = mpsc::channel();
+        let inbox = Arc::new(inbox::Inbox::new());
+        let rx = inbox::Abandon(inbox.clone());
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || {
+                let inbox = rx;
+                writer.run(&inbox.0)
+            })?;
+        let tx = Arc::new(Outbox(inbox));
         Ok((Spool { shared, tx }, report))
     }
 
@@ -584,7 +600,7 @@ impl Spool {
     }
 
     fn send(&self, request: writer::Request) -> Result<(), SpoolError> {
-        self.tx.send(request).map_err(|_| SpoolError::Closed)
+        self.tx.0.send(request).map_err(|_| SpoolError::Closed)
     }
 }
 

@@ -3,12 +3,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::faults::FaultPoint;
+use super::inbox::{Inbox, Next};
 use super::record::{self, Kind, HEADER_LEN};
 use super::{
     bodyfile::{self, Spill},
@@ -45,7 +46,7 @@ pub(super) enum Request {
 
 impl Request {
     /// About what the request adds to a pass's buffer (a state record is small).
-    fn encoded_size(&self) -> usize {
+    pub(super) fn encoded_size(&self) -> usize {
         const RECORD: usize = HEADER_LEN + 4 + 2 * crate::crypto::OVERHEAD;
         match self {
             Request::Store {
@@ -60,9 +61,6 @@ impl Request {
     }
 }
 
-/// Caps on one batch, so one pass never holds an unbounded amount of memory.
-const MAX_BATCH: usize = 4096;
-const MAX_BATCH_BYTES: usize = 64 << 20;
 /// How often the writer retries state records and punches the disk refused, when idle.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How old the free-space figure may get before a pass with new mail reads it again
@@ -165,45 +163,17 @@ impl Writer {
         Ok(writer)
     }
 
-    pub(super) fn run(mut self, rx: mpsc::Receiver<Request>) {
+    pub(super) fn run(mut self, inbox: &Inbox) {
         loop {
-            let wait = if self.punched.is_empty() {
+            let backlog = self.has_backlog().then_some(if self.punched.is_empty() {
                 RETRY_INTERVAL
             } else {
                 PUNCH_SYNC_DELAY
-            };
-            let first = if self.has_backlog() {
-                match rx.recv_timeout(wait) {
-                    Ok(r) => Some(r),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(r) => Some(r),
-                    Err(_) => break,
-                }
-            };
-            let mut batch: Vec<Request> = first.into_iter().collect();
-            let mut bytes = 0usize;
-            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        if let Request::Store {
-                            envelope,
-                            head,
-                            body,
-                            ..
-                        } = &r
-                        {
-                            bytes += envelope.len() + head.len() + body.len();
-                        }
-                        batch.push(r);
-                    }
-                    Err(_) => break,
-                }
+            });
+            match inbox.next(backlog) {
+                Next::Batch(batch) => self.pass(batch),
+                Next::Closed => break,
             }
-            self.pass(batch);
         }
         // Last chance for state the disk refused before: written now or lost to a restart
         // (where the older state on disk means a recipient may be tried once more).
