@@ -133,6 +133,9 @@ async fn end_to_end_by_mx_and_body_destroyed() {
     );
     assert!(!has_bare_cr_or_lf(&m.raw));
     assert!(m.tls.is_none(), "the sink offers no STARTTLS here");
+    let records = ledger_records(&rig.server, "a@dest.test").await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0]["tls"].is_null(), "sent in clear: {records:?}");
     assert!(rig.server.spool.live().is_empty());
     // The body is gone from disk: its record's range reads back as zeros (or its segment is
     // gone), and its ciphertext is nowhere in the data directory.
@@ -510,6 +513,16 @@ async fn tls_required_defers_without_starttls_and_delivers_with_a_verified_certi
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].tls.as_deref(), Some("TLSv1_3"));
     assert!(rig.server.spool.live().is_empty());
+    // The ledger keeps how it went: over TLS 1.3, the certificate verified.
+    let records = ledger_records(&rig.server, "t@dest.test").await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["outcome"], "delivered", "{records:?}");
+    let tls = records[0]["tls"].as_str().unwrap_or_default();
+    assert!(
+        tls.starts_with("TLSv1.3 TLS13_"),
+        "version and cipher: {records:?}"
+    );
+    assert_eq!(records[0]["tls_verified"], true, "{records:?}");
 }
 
 #[tokio::test]
@@ -585,6 +598,15 @@ async fn opportunistic_tls_encrypts_with_any_certificate_and_ignores_injected_re
     let got = rig.sink.received();
     assert_eq!(got.len(), 1, "delivered");
     assert_eq!(got[0].tls.as_deref(), Some("TLSv1_3"));
+    // Encrypted, but to a certificate nobody vouches for: the ledger says so.
+    let records = ledger_records(&rig.server, "o@dest.test").await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let tls = records[0]["tls"].as_str().unwrap_or_default();
+    assert!(
+        tls.starts_with("TLSv1.3 TLS13_"),
+        "version and cipher: {records:?}"
+    );
+    assert_eq!(records[0]["tls_verified"], false, "{records:?}");
 }
 
 #[tokio::test]

@@ -305,6 +305,13 @@ impl Queue {
             held = self.hold_memory(id) => held,
             _ = self.abandon.cancelled() => return,
         };
+        // Boxed: a task waiting above for memory (thousands may, after a burst) then holds a
+        // small future, not the whole attempt's (about 1.5 KiB).
+        Box::pin(self.process_held(id)).await;
+    }
+
+    /// [`Queue::process`] once the message's bytes are held in memory.
+    async fn process_held(self: &Arc<Self>, id: QueueId) {
         let msg = match self.spool.read(id).await {
             Ok(m) => m,
             Err(SpoolError::NotFound) => return,
