@@ -32,7 +32,8 @@
 # SYSCALLS=1 (also print Postern's system calls per message by kind and its context switches,
 # counted over the run with perf's syscall tracepoints; needs Debian's linux-perf),
 # PROFILE=FILE (also record Postern's on-CPU call stacks over the run into FILE with
-# `perf record`; read it with `perf report -i FILE --no-children`).
+# `perf record`; read it with `perf report -i FILE --no-children`). Postern's CPU is also
+# printed by thread (tokio workers, spool writer, ledger writer, ...), from /proc/PID/task.
 #
 # Run it on an otherwise idle machine: a concurrent cargo build skews both figures.
 set -euo pipefail
@@ -161,6 +162,16 @@ calc() { awk "BEGIN { x = $1; printf \"%.6f\", x }"; }   # calc EXPR: floating p
 CLK_TCK=$(getconf CLK_TCK)
 # cpu_ticks PID: user and system CPU time so far, in clock ticks (/proc/PID/stat fields 14, 15).
 cpu_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+# thread_ticks PID: "name ticks" per kind of thread (user + system so far; numbered threads such
+# as sled-io-3 summed under their name without the number). The comm is what follows "(" in
+# /proc/PID/task/TID/stat, so the fields are counted from the ")" that ends it.
+thread_ticks() {
+    for t in /proc/"$1"/task/*; do
+        name=$(cat "$t/comm" 2> /dev/null) || continue
+        name=${name%%-[0-9]*}
+        sed 's/.*) //' "$t/stat" 2> /dev/null | awk -v n="${name// /_}" '{ print n, $12 + $13 }'
+    done | awk '{ a[$1] += $2 } END { for (k in a) print k, a[k] }' | sort
+}
 
 # Messages fully received (end of DATA seen) by the sink: the last "mesg=" of its -c counter.
 sink_count() {
@@ -317,6 +328,7 @@ POSTERN_PID=$!
 wait_listening "$PT_RELAY" postern "$POSTERN_PID"
 busy_check postern
 read -r CPU_U0 CPU_S0 <<< "$(cpu_ticks "$POSTERN_PID")"
+thread_ticks "$POSTERN_PID" > "$PT/threads.start"
 PERF_PID=
 if [ -n "${SYSCALLS:-}" ]; then
     command -v perf > /dev/null || die "SYSCALLS=1 needs perf (apt-get install linux-perf)"
@@ -336,6 +348,7 @@ fi
 run_load postern "$PT_RELAY"
 [ -z "$PROF_PID" ] || { kill -INT "$PROF_PID" 2> /dev/null || true; wait "$PROF_PID" 2> /dev/null || true; }
 read -r CPU_U1 CPU_S1 <<< "$(cpu_ticks "$POSTERN_PID")"
+thread_ticks "$POSTERN_PID" > "$PT/threads.end"
 PT_SYSCALLS=
 if [ -n "$PERF_PID" ]; then
     kill -INT "$PERF_PID" 2> /dev/null || true
@@ -351,6 +364,10 @@ PT_INJECT=$INJECT_SECONDS
 PT_USER_US=$(calc "($CPU_U1 - $CPU_U0) * 1000000 / $CLK_TCK / $N")
 PT_SYS_US=$(calc "($CPU_S1 - $CPU_S0) * 1000000 / $CLK_TCK / $N")
 PT_CPU=$(printf 'cpu %.0f us/msg (user %.0f, system %.0f)' "$(calc "$PT_USER_US + $PT_SYS_US")" "$PT_USER_US" "$PT_SYS_US")
+# The same CPU by thread, biggest first (threads that ended during the run are not counted).
+PT_THREADS=$(join -a 2 -e 0 -o 2.1,1.2,2.2 "$PT/threads.start" "$PT/threads.end" |
+    awk -v n="$N" -v hz="$CLK_TCK" '{ us = ($3 - $2) * 1000000 / hz / n; if (us >= 1) printf "%s %.0f\n", $1, us }' |
+    sort -k2,2nr | awk '{ printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2 } END { print "" }')
 sleep 1   # let the last 250s from the sink be recorded before stopping
 stop_pid "$POSTERN_PID"
 POSTERN_PID=
@@ -359,6 +376,7 @@ stop_sink
 
 if [ "${ONLY:-}" = postern ]; then   # A/B runs of Postern builds: skip Postfix
     printf 'postern %d messages %.2f s %.0f msg/s %s (%s)\n' "$N" "$PT_SECS" "$(calc "$N / $PT_SECS")" "$PT_CPU" "$BIN"
+    echo "postern cpu by thread, us/msg: $PT_THREADS"
     [ -z "$PT_SYSCALLS" ] || echo "postern per message: $PT_SYSCALLS"
     exit 0
 fi
@@ -455,6 +473,7 @@ printf '%-7s %9d %8.2f %7.0f\n' postern "$N" "$PT_SECS" "$PT_RATE"
 printf '%-7s %9d %8.2f %7.0f\n' postfix "$N" "$PF_SECS" "$PF_RATE"
 printf 'ratio postern/postfix: %.1fx\n' "$(calc "$PT_RATE / $PF_RATE")"
 printf 'postern %s\n' "$PT_CPU"
+echo "postern cpu by thread, us/msg: $PT_THREADS"
 [ -z "$PT_SYSCALLS" ] || echo "postern per message: $PT_SYSCALLS"
 echo
 printf 'smtp-source finished (all accepted) after: postern %.2f s, postfix %.2f s\n' "$PT_INJECT" "$PF_INJECT"
