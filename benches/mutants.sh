@@ -19,6 +19,8 @@
 #                                             attempt; Connection::is_open)
 #   places    places for content              src/server/session.rs (take_data_slot, and the
 #                                             DATA and BDAT handlers that use it)
+#   inbox     the spool writer's inbox        src/spool/inbox.rs (which requests wake the
+#                                             writer, when a pass is due, closing)
 #
 # Each area runs only the tests that exercise it (a unit-test module filter, or one integration
 # test file), so that a mutant costs one incremental build and a short test run. Even so this
@@ -64,7 +66,8 @@ select_area() {
             TARGET=(--lib --test=delivery) ;;
         places) FILES=(--file src/server/session.rs --re 'take_data_slot|Session::data|Session::bdat')
             TARGET=(--test=abuse --test=smtp_server) ;;
-        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places)" ;;
+        inbox) FILES=(--file src/spool/inbox.rs) TARGET=(--lib) FILTER=(spool::) ;;
+        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places inbox)" ;;
     esac
 }
 
