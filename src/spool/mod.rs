@@ -46,6 +46,7 @@ mod faults;
 mod inbox;
 mod record;
 mod recovery;
+mod spare;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

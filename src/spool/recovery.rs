@@ -408,6 +408,11 @@ fn scan(
 ) {
     let mut pos = 0usize;
     while pos < data.len() {
+        // Nothing but zeros from here: the unused end of a segment zeroed ahead of use
+        // ([`super::spare`]), or what a crash past the last sync can leave. No record.
+        if data[pos] == 0 && data[pos..].iter().all(|b| *b == 0) {
+            return;
+        }
         let header = match Header::decode(&data[pos..]) {
             Ok(h) if pos + HEADER_LEN + h.len as usize <= data.len() => h,
             Ok(_) | Err(HeaderError::Short) => {

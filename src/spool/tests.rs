@@ -1031,3 +1031,50 @@ async fn a_punch_is_synced_before_its_body_file_goes_even_when_the_sync_fails_on
         b"the record before\r\n"
     );
 }
+
+/// Segments after the first are zeroed ahead of use: the spare (`spool/next.spare`, made once
+/// the active segment is half full) is renamed into place at the rotation, so the new segment's
+/// file is `segment_size` long before its first record. A restart reads its unused zeros as its
+/// end: every message comes back whole and nothing is quarantined.
+#[tokio::test]
+async fn segments_zeroed_ahead_of_use_hold_their_records_across_a_restart() {
+    const SEGMENT: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = Spool::open(dir.path(), master.clone(), SEGMENT).expect("spool opens");
+    let seg_len = |name: &str| {
+        std::fs::metadata(dir.path().join("spool").join(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let mut stored = Vec::new();
+    let mut zeroed_ahead = None;
+    // 8 KiB bodies: a rotation every eight messages or so.
+    for i in 0..64 {
+        let before = segment_files(dir.path()).len();
+        let body = format!("Subject: {i}\r\n\r\n{}\r\n", "z".repeat(8 << 10));
+        stored.push((
+            store(&spool, &envelope(&["a@x.test"]), body.as_bytes()).await,
+            body,
+        ));
+        let segments = segment_files(dir.path());
+        let newest = segments.last().cloned().unwrap_or_default();
+        if segments.len() > before && before > 0 && seg_len(&newest) == SEGMENT {
+            // One record of about 8 KiB in it, yet the file is the whole segment: a spare.
+            zeroed_ahead = Some(newest);
+            break;
+        }
+    }
+    let zeroed_ahead = zeroed_ahead.expect("a segment started from a spare");
+    drop(spool);
+    let (spool, report) = open(dir.path(), &master);
+    assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
+    assert_eq!(spool.live().len(), stored.len());
+    for (id, body) in &stored {
+        assert_eq!(spool.read_whole(*id).await.unwrap().body, body.as_bytes());
+    }
+    assert!(
+        segment_files(dir.path()).contains(&zeroed_ahead),
+        "the spare became a segment like any other"
+    );
+}

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio::sync::oneshot;
 use super::faults::FaultPoint;
 use super::inbox::{Inbox, Next};
 use super::record::{self, Kind, HEADER_LEN};
+use super::spare::{self, Spares};
 use super::{
     bodyfile::{self, Spill},
     key_path, key_purpose, segment_path, Entry, Finals, Index, Liveness, Loc, MessageState,
@@ -111,6 +113,9 @@ pub(super) struct Writer {
     punched_at: Option<std::time::Instant>,
     /// When the free space was last read from the filesystem.
     free_read: std::time::Instant,
+    /// Makes the next segment's zeros ahead of use ([`super::spare`]); None when its thread
+    /// could not start (segments then start empty, as they always may).
+    spares: Option<Spares>,
 }
 
 /// A record appended in this pass, waiting for the sync to succeed.
@@ -154,7 +159,11 @@ impl Writer {
             punched: Vec::new(),
             punched_at: None,
             free_read: std::time::Instant::now(),
+            spares: None,
         };
+        writer.spares = Spares::start(&writer.shared.dir, segment_size)
+            .map_err(|e| tracing::warn!(error = %e, "spool: cannot start the spare segment thread; segments start empty"))
+            .ok();
         // A full disk at start is no reason not to start: queued mail can still be delivered,
         // and every pass tries again to make a segment for new mail.
         if let Err(e) = writer.rotate() {
@@ -181,6 +190,7 @@ impl Writer {
             self.pass(Vec::new());
         }
         self.sync_punches(None, true);
+        spare::remove(&self.shared.dir);
     }
 
     fn has_backlog(&self) -> bool {
@@ -198,6 +208,7 @@ impl Writer {
         if let Err(e) = self.ensure_active() {
             tracing::error!(error = %e, "spool: cannot start a new segment; refusing new mail until it can");
         }
+        self.ask_spare();
         let (buf, pending) = self.encode(batch);
         let synced = self.active.as_ref().map(|a| a.number as u32);
         let written = match (&self.active, buf.is_empty()) {
@@ -522,6 +533,20 @@ impl Writer {
         }
     }
 
+    /// Asks for the next segment's spare once the active one is half full, if the disk has room
+    /// for it and a segment more above the reserve (a spare must never be what fills the disk).
+    fn ask_spare(&mut self) {
+        let half_full = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.len >= self.segment_size / 2);
+        if half_full && self.shared.has_room(2 * self.segment_size) {
+            if let Some(spares) = &mut self.spares {
+                spares.ask();
+            }
+        }
+    }
+
     /// Makes sure there is a segment with room to append to.
     fn ensure_active(&mut self) -> Result<(), SpoolError> {
         match &self.active {
@@ -735,7 +760,11 @@ impl Writer {
     fn rotate(&mut self) -> Result<(), SpoolError> {
         let n = self.next_number;
         self.next_number += 1;
-        let (file, key) = create_segment(&self.shared, &self.master, n)?;
+        let spare = self
+            .spares
+            .as_mut()
+            .and_then(|s| Some((s.take()?, s.path())));
+        let (file, key) = create_segment(&self.shared, &self.master, n, spare)?;
         self.retire_active();
         self.active = Some(Active {
             number: n,
@@ -819,17 +848,22 @@ fn create_segment(
     shared: &Shared,
     master: &Key,
     n: u64,
+    spare: Option<(File, PathBuf)>,
 ) -> Result<(Arc<File>, Arc<Key>), SpoolError> {
     let made = (|| -> Result<(File, Key), SpoolError> {
         shared.faults.check(FaultPoint::CreateSegment)?;
         let key = Key::generate()?;
         master.write_wrapped(&key_path(&shared.dir, n), &key_purpose(n), &key)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(segment_path(&shared.dir, n))?;
+        let path = segment_path(&shared.dir, n);
+        let file = match spare.and_then(|(file, from)| take_spare(file, &from, &path)) {
+            Some(file) => file,
+            None => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?,
+        };
         sync_dir(&shared.dir)?;
         Ok((file, key))
     })();
@@ -851,6 +885,20 @@ fn create_segment(
         },
     );
     Ok((file, key))
+}
+
+/// Renames the spare at `from` to the segment `path` (never over an existing file). None, with
+/// the spare removed, when it cannot be: the segment then starts empty.
+fn take_spare(file: File, from: &Path, path: &Path) -> Option<File> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, path, RenameFlags::NOREPLACE) {
+        Ok(()) => Some(file),
+        Err(e) => {
+            tracing::debug!(error = %e, "spool: cannot rename the spare segment; starting an empty one");
+            let _ = std::fs::remove_file(from);
+            None
+        }
+    }
 }
 
 pub(super) fn remove_segment_files(dir: &std::path::Path, n: u64) {
@@ -888,7 +936,7 @@ const ZERO_CHUNK: u64 = 1 << 20;
 
 /// Overwrites `len` bytes at `offset` with zeros, [`ZERO_CHUNK`] at a time: the ciphertext is
 /// gone from the file although its blocks stay allocated.
-fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(super) fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
     let mut done = 0;
     while done < len {
