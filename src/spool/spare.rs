@@ -5,9 +5,9 @@
 //! journal commit). Overwriting blocks that are already allocated and written needs none of
 //! that. So a helper thread writes the next segment's zeros (its whole `segment_size`) and syncs
 //! them, well before the segment is needed; the writer renames it into place when it rotates.
-//! This is how PostgreSQL prepares its WAL segments. Measured on this project's CI machine (ext4,
-//! 4 KiB records, 5 per sync): 40 to 60 µs of CPU and one or two sleeps less per `fdatasync`,
-//! and half its wall time.
+//! This is how PostgreSQL prepares its WAL segments. `benches/fsync.py` on this project's
+//! machine (ext4, five 4.4 KiB records per sync): 40 to 60 µs of CPU and one or two sleeps less
+//! per `fdatasync`, and half its wall time.
 //!
 //! A spare is a convenience, never a need: when it is not ready, or the disk has no room for
 //! it, the writer creates an empty segment as it always did. Recovery reads a segment's unused
