@@ -262,27 +262,29 @@ mod tests {
         assert!(batch(inbox.next(Some(Duration::ZERO))).is_empty());
     }
 
-    #[test]
-    fn a_store_arriving_while_the_writer_sleeps_wakes_it() {
+    /// A writer thread waiting (with no deadline) for its next batch, and the inbox; the thread
+    /// returns the batch's length. It has had 20 ms to go to sleep.
+    fn sleeping_writer() -> (std::sync::Arc<Inbox>, std::thread::JoinHandle<usize>) {
         let inbox = std::sync::Arc::new(Inbox::new());
         let writer = {
             let inbox = inbox.clone();
             std::thread::spawn(move || batch(inbox.next(None)).len())
         };
-        // The writer sleeps with no deadline; only the destroy can end its wait.
         std::thread::sleep(Duration::from_millis(20));
+        (inbox, writer)
+    }
+
+    #[test]
+    fn a_store_arriving_while_the_writer_sleeps_wakes_it() {
+        let (inbox, writer) = sleeping_writer();
+        // Only the destroy's signal can end a wait without a deadline.
         assert!(inbox.send(destroy().0).is_ok());
         assert_eq!(writer.join().ok(), Some(1));
     }
 
     #[test]
     fn an_update_arriving_while_the_writer_sleeps_sets_its_deadline() {
-        let inbox = std::sync::Arc::new(Inbox::new());
-        let writer = {
-            let inbox = inbox.clone();
-            std::thread::spawn(move || batch(inbox.next(None)).len())
-        };
-        std::thread::sleep(Duration::from_millis(20));
+        let (inbox, writer) = sleeping_writer();
         assert!(inbox.send(update().0).is_ok());
         // Without the signal the writer would sleep on, and the join below would hang.
         assert_eq!(writer.join().ok(), Some(1));
