@@ -291,6 +291,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_takes_at_most_max_batch_requests_and_the_rest_is_due_at_once() {
+        let inbox = Inbox::new();
+        for _ in 0..=MAX_BATCH {
+            assert!(inbox.send(update().0).is_ok());
+        }
+        assert_eq!(batch(inbox.next(None)).len(), MAX_BATCH);
+        assert_eq!(batch(inbox.next(None)).len(), 1, "the one left over");
+    }
+
+    #[test]
+    fn a_pass_stops_taking_stores_once_past_max_batch_bytes() {
+        let store = || {
+            let (reply, _) = oneshot::channel();
+            Request::Store {
+                id: QueueId::generate().expect("a queue id"),
+                envelope: Vec::new(),
+                head: Vec::new(),
+                body: vec![0; MAX_BATCH_BYTES / 2 + 1],
+                rcpts: 1,
+                spill: None,
+                reply,
+            }
+        };
+        let inbox = Inbox::new();
+        for _ in 0..3 {
+            assert!(inbox.send(store()).is_ok());
+        }
+        // The second store takes the batch past the cap: the third waits for the next pass.
+        assert_eq!(batch(inbox.next(None)).len(), 2);
+        assert_eq!(batch(inbox.next(None)).len(), 1);
+    }
+
+    #[test]
     fn the_backlog_deadline_ends_an_empty_wait() {
         let inbox = Inbox::new();
         let started = Instant::now();
