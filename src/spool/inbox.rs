@@ -258,8 +258,10 @@ mod tests {
         let taken = batch(inbox.next(None));
         assert_eq!(taken.len(), 3, "one pass for all three");
         assert!(matches!(taken[2], Request::Destroy { .. }), "oldest first");
-        // Nothing is left: with a backlog deadline of zero the next look finds no request.
-        assert!(batch(inbox.next(Some(Duration::ZERO))).is_empty());
+        // Nothing is left, nor anything urgent: the next wait lasts until its deadline.
+        let started = Instant::now();
+        assert!(batch(inbox.next(Some(Duration::from_millis(10)))).is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(10));
     }
 
     /// A writer thread waiting (with no deadline) for its next batch, and the inbox; the thread
