@@ -9,7 +9,7 @@
 //! then waits at most [`UPDATE_DELAY`] for a store to share the pass with.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::writer::Request;
@@ -44,11 +44,40 @@ struct Queue {
     closed: bool,
 }
 
-/// Abandons the inbox when dropped: the writer thread holds one, so that its end (a panic
-/// included) fails every request still queued or sent later instead of leaving it unanswered.
-pub(super) struct Abandon(pub(super) std::sync::Arc<Inbox>);
+/// A new inbox's two sides, as `mpsc::channel` makes them: the spool's handles send, the
+/// writer thread receives.
+pub(super) fn channel() -> (Sender, Receiver) {
+    let inbox = Arc::new(Inbox::new());
+    (Sender(inbox.clone()), Receiver(inbox))
+}
 
-impl Drop for Abandon {
+/// The sending side, shared by every handle to the spool. Dropped with the last one, it closes
+/// the inbox: the writer finishes what is queued, then stops.
+pub(super) struct Sender(Arc<Inbox>);
+
+impl Sender {
+    pub(super) fn send(&self, request: Request) -> Result<(), Closed> {
+        self.0.send(request)
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The writer thread's side. Dropped when the writer ends (a panic included), it abandons the
+/// inbox: every request still queued or sent later fails instead of waiting for an answer.
+pub(super) struct Receiver(Arc<Inbox>);
+
+impl Receiver {
+    pub(super) fn next(&self, backlog: Option<Duration>) -> Next {
+        self.0.next(backlog)
+    }
+}
+
+impl Drop for Receiver {
     fn drop(&mut self) {
         self.0.abandon();
     }
@@ -67,7 +96,7 @@ pub(super) enum Next {
 }
 
 impl Inbox {
-    pub(super) fn new() -> Inbox {
+    fn new() -> Inbox {
         Inbox {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
@@ -83,7 +112,7 @@ impl Inbox {
     /// Queues a request; wakes the writer if it must act on it now, or if it sleeps without a
     /// deadline and an update arrives (it then sleeps until the update is due). Err when the
     /// inbox is closed: the request is dropped, and its sender hears no answer will come.
-    pub(super) fn send(&self, request: Request) -> Result<(), Closed> {
+    fn send(&self, request: Request) -> Result<(), Closed> {
         let mut queue = self.queue();
         if queue.closed {
             return Err(Closed);
@@ -108,7 +137,7 @@ impl Inbox {
     }
 
     /// Stops taking requests; the writer finishes those queued.
-    pub(super) fn close(&self) {
+    fn close(&self) {
         let mut queue = self.queue();
         queue.closed = true;
         queue.waiting = false;
@@ -117,7 +146,7 @@ impl Inbox {
 
     /// Closes the inbox and drops what is queued, so that every sender waiting for an answer
     /// hears that none will come: called when the writer stops, even by a panic.
-    pub(super) fn abandon(&self) {
+    fn abandon(&self) {
         let dropped = {
             let mut queue = self.queue();
             queue.closed = true;
@@ -131,7 +160,7 @@ impl Inbox {
     /// Waits until a pass is due and takes its requests: at once if a request is urgent or the
     /// batch is full, once the oldest update has waited [`UPDATE_DELAY`], or after `backlog`
     /// (work the writer owes itself, such as punches to sync) with whatever is queued.
-    pub(super) fn next(&self, backlog: Option<Duration>) -> Next {
+    fn next(&self, backlog: Option<Duration>) -> Next {
         let started = Instant::now();
         let mut queue = self.queue();
         loop {
@@ -348,10 +377,10 @@ mod tests {
 
     #[test]
     fn an_abandoned_inbox_fails_what_waits_for_an_answer() {
-        let inbox = std::sync::Arc::new(Inbox::new());
+        let (inbox, writer) = channel();
         let (request, mut answer) = update();
         assert!(inbox.send(request).is_ok());
-        drop(Abandon(inbox.clone()));
+        drop(writer);
         assert!(
             matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
             "the sender hears that no answer will come"

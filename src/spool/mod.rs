@@ -316,16 +316,7 @@ impl Default for SpoolOptions {
 pub struct Spool {
     shared: Arc<Shared>,
     /// Closes the writer's inbox when the last handle goes, so the writer finishes and stops.
-    tx: Arc<Outbox>,
-}
-
-/// The sending side of the writer's inbox, shared by every handle to the spool.
-struct Outbox(Arc<inbox::Inbox>);
-
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        self.0.close();
-    }
+    tx: Arc<inbox::Sender>,
 }
 
 /// A message read back from the spool.
@@ -386,15 +377,11 @@ impl Spool {
         shared.refresh_free();
         let writer =
             writer::Writer::start(shared.clone(), master, next_segment, options.segment_size)?;
-        let inbox = Arc::new(inbox::Inbox::new());
-        let rx = inbox::Abandon(inbox.clone());
+        let (tx, rx) = inbox::channel();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || {
-                let inbox = rx;
-                writer.run(&inbox.0)
-            })?;
-        let tx = Arc::new(Outbox(inbox));
+            .spawn(move || writer.run(rx))?;
+        let tx = Arc::new(tx);
         Ok((Spool { shared, tx }, report))
     }
 
@@ -601,7 +588,7 @@ impl Spool {
     }
 
     fn send(&self, request: writer::Request) -> Result<(), SpoolError> {
-        self.tx.0.send(request).map_err(|_| SpoolError::Closed)
+        self.tx.send(request).map_err(|_| SpoolError::Closed)
     }
 }
 

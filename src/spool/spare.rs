@@ -18,6 +18,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use rustix::fs::{renameat_with, RenameFlags, CWD};
+
 /// The spare's name in the spool directory: not `*.seg`, so that recovery never reads it.
 pub(super) const SPARE_NAME: &str = "next.spare";
 
@@ -62,28 +64,31 @@ impl Spares {
         }
     }
 
-    /// The spare, if it is ready: a file of zeros, synced, at [`Spares::path`].
-    pub(super) fn take(&mut self) -> Option<File> {
+    /// The spare, if it is ready, renamed to `path` (never over an existing file): a file of
+    /// zeros, synced. None when there is none, or it cannot be renamed (it is then removed).
+    pub(super) fn take_as(&mut self, path: &Path) -> Option<File> {
         if !self.asked {
             return None;
         }
-        match self.made.try_recv() {
-            Ok(Ok(file)) => {
-                self.asked = false;
-                Some(file)
-            }
+        let file = match self.made.try_recv() {
+            Ok(Ok(file)) => file,
             Ok(Err(e)) => {
                 self.asked = false;
                 tracing::debug!(error = %e, "spool: no spare segment; the next one starts empty");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        self.asked = false;
+        let from = self.dir.join(SPARE_NAME);
+        match renameat_with(CWD, &from, CWD, path, RenameFlags::NOREPLACE) {
+            Ok(()) => Some(file),
+            Err(e) => {
+                tracing::debug!(error = %e, "spool: cannot rename the spare segment; starting an empty one");
+                remove(&self.dir);
                 None
             }
-            Err(_) => None,
         }
-    }
-
-    /// Where the spare is.
-    pub(super) fn path(&self) -> PathBuf {
-        self.dir.join(SPARE_NAME)
     }
 }
 

@@ -3,14 +3,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::faults::FaultPoint;
-use super::inbox::{Inbox, Next};
+use super::inbox::{Next, Receiver};
 use super::record::{self, Kind, HEADER_LEN};
 use super::spare::{self, Spares};
 use super::{
@@ -150,7 +149,6 @@ impl Writer {
         segment_size: u64,
     ) -> Result<Writer, SpoolError> {
         let mut writer = Writer {
-            shared,
             master,
             segment_size,
             active: None,
@@ -159,11 +157,11 @@ impl Writer {
             punched: Vec::new(),
             punched_at: None,
             free_read: std::time::Instant::now(),
-            spares: None,
+            spares: Spares::start(&shared.dir, segment_size)
+                .map_err(|e| tracing::warn!(error = %e, "spool: cannot start the spare segment thread; segments start empty"))
+                .ok(),
+            shared,
         };
-        writer.spares = Spares::start(&writer.shared.dir, segment_size)
-            .map_err(|e| tracing::warn!(error = %e, "spool: cannot start the spare segment thread; segments start empty"))
-            .ok();
         // A full disk at start is no reason not to start: queued mail can still be delivered,
         // and every pass tries again to make a segment for new mail.
         if let Err(e) = writer.rotate() {
@@ -172,7 +170,7 @@ impl Writer {
         Ok(writer)
     }
 
-    pub(super) fn run(mut self, inbox: &Inbox) {
+    pub(super) fn run(mut self, inbox: Receiver) {
         loop {
             let backlog = self.has_backlog().then_some(if self.punched.is_empty() {
                 RETRY_INTERVAL
@@ -760,11 +758,7 @@ impl Writer {
     fn rotate(&mut self) -> Result<(), SpoolError> {
         let n = self.next_number;
         self.next_number += 1;
-        let spare = self
-            .spares
-            .as_mut()
-            .and_then(|s| Some((s.take()?, s.path())));
-        let (file, key) = create_segment(&self.shared, &self.master, n, spare)?;
+        let (file, key) = create_segment(&self.shared, &self.master, n, self.spares.as_mut())?;
         self.retire_active();
         self.active = Some(Active {
             number: n,
@@ -848,14 +842,14 @@ fn create_segment(
     shared: &Shared,
     master: &Key,
     n: u64,
-    spare: Option<(File, PathBuf)>,
+    spares: Option<&mut Spares>,
 ) -> Result<(Arc<File>, Arc<Key>), SpoolError> {
     let made = (|| -> Result<(File, Key), SpoolError> {
         shared.faults.check(FaultPoint::CreateSegment)?;
         let key = Key::generate()?;
         master.write_wrapped(&key_path(&shared.dir, n), &key_purpose(n), &key)?;
         let path = segment_path(&shared.dir, n);
-        let file = match spare.and_then(|(file, from)| take_spare(file, &from, &path)) {
+        let file = match spares.and_then(|s| s.take_as(&path)) {
             Some(file) => file,
             None => OpenOptions::new()
                 .read(true)
@@ -885,20 +879,6 @@ fn create_segment(
         },
     );
     Ok((file, key))
-}
-
-/// Renames the spare at `from` to the segment `path` (never over an existing file). None, with
-/// the spare removed, when it cannot be: the segment then starts empty.
-fn take_spare(file: File, from: &Path, path: &Path) -> Option<File> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    match renameat_with(CWD, from, CWD, path, RenameFlags::NOREPLACE) {
-        Ok(()) => Some(file),
-        Err(e) => {
-            tracing::debug!(error = %e, "spool: cannot rename the spare segment; starting an empty one");
-            let _ = std::fs::remove_file(from);
-            None
-        }
-    }
 }
 
 pub(super) fn remove_segment_files(dir: &std::path::Path, n: u64) {
