@@ -39,6 +39,7 @@ fn main() {
         dir.path(),
         &Key::generate().expect("key"),
         &PrivacyConfig::default(),
+        16 << 20,
         1_796_000_000,
     )
     .expect("ledger");

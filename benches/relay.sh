@@ -10,7 +10,7 @@
 #
 # and the figure is N / (time from the start of smtp-source until the sink has received the
 # end of DATA of all N messages); for Postern also the CPU it spent per message (user + system from
-# /proc/PID/stat over the run, divided by N). Both relays relay everything to the sink on loopback without
+# /proc/PID/stat over the run, divided by N) and its peak resident memory (VmHWM). Both relays relay everything to the sink on loopback without
 # TLS, store each message durably before answering 250 and log every delivery; Postfix keeps
 # its default concurrency towards the next hop (20), as does Postern
 # (delivery.max_connections_per_destination).
@@ -364,6 +364,9 @@ PT_INJECT=$INJECT_SECONDS
 PT_USER_US=$(calc "($CPU_U1 - $CPU_U0) * 1000000 / $CLK_TCK / $N")
 PT_SYS_US=$(calc "($CPU_S1 - $CPU_S0) * 1000000 / $CLK_TCK / $N")
 PT_CPU=$(printf 'cpu %.0f us/msg (user %.0f, system %.0f)' "$(calc "$PT_USER_US + $PT_SYS_US")" "$PT_USER_US" "$PT_SYS_US")
+# Its peak resident memory over its life (VmHWM), read before it stops.
+PT_HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$POSTERN_PID/status")
+PT_CPU="$PT_CPU, peak rss $PT_HWM"
 # The same CPU by thread, biggest first (threads that ended during the run are not counted).
 PT_THREADS=$(join -a 2 -e 0 -o 2.1,1.2,2.2 "$PT/threads.start" "$PT/threads.end" |
     awk -v n="$N" -v hz="$CLK_TCK" '{ us = ($3 - $2) * 1000000 / hz / n; if (us >= 1) printf "%s %.0f\n", $1, us }' |

@@ -278,6 +278,11 @@ pub struct LimitsConfig {
     /// 256 KiB a body goes to disk as it arrives.
     #[serde(default = "default_max_body_memory")]
     pub max_body_memory: u64,
+    /// Bytes of the ledger's pages (delivery metadata) kept in memory; the rest stay on disk
+    /// and are read when needed. Without a cap the ledger's cache grew by about half a KiB
+    /// per message relayed, to 1 GiB (sled's default).
+    #[serde(default = "default_ledger_cache")]
+    pub ledger_cache: u64,
     /// Concurrent SMTP connections over all listeners; more get `421 4.7.0`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -338,6 +343,7 @@ impl Default for LimitsConfig {
             max_message_size: default_max_message_size(),
             max_recipients: default_max_recipients(),
             max_body_memory: default_max_body_memory(),
+            ledger_cache: default_ledger_cache(),
             max_connections: default_max_connections(),
             command_timeout: default_command_timeout(),
             data_timeout: default_data_timeout(),
@@ -703,6 +709,9 @@ fn default_max_active_messages() -> usize {
 fn default_max_body_memory() -> u64 {
     128 << 20
 }
+fn default_ledger_cache() -> u64 {
+    16 << 20
+}
 fn default_max_mx_addresses() -> usize {
     5
 }
@@ -990,6 +999,9 @@ impl Config {
         if limits.max_body_memory < 1 << 20 {
             return invalid("limits.max_body_memory", "must be at least 1 MiB (1048576)");
         }
+        if limits.ledger_cache < 1 << 20 {
+            return invalid("limits.ledger_cache", "must be at least 1 MiB (1048576)");
+        }
         if limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
         }
@@ -1244,6 +1256,7 @@ mod tests {
                 "[limits]\nmax_body_memory = 65536\n",
                 "limits.max_body_memory",
             ),
+            ("[limits]\nledger_cache = 65536\n", "limits.ledger_cache"),
             (
                 "[local]\ndir = \"spool\"\npickup_interval = \"0s\"\n",
                 "local.pickup_interval",

@@ -417,7 +417,13 @@ fn open_stores(
     options: &Options,
 ) -> Result<(Arc<Ledger>, Spool, RecoveryReport), StartError> {
     let now = options.clock.now();
-    let ledger = Arc::new(Ledger::open(data_dir, &master, &config.privacy, now)?);
+    let ledger = Arc::new(Ledger::open(
+        data_dir,
+        &master,
+        &config.privacy,
+        config.limits.ledger_cache,
+        now,
+    )?);
     let spool_options = SpoolOptions {
         segment_size: config.spool.segment_size,
         min_free: config.spool.min_free,

@@ -354,7 +354,7 @@ mod tests {
     const T0: i64 = 1_793_491_200;
 
     fn open(dir: &std::path::Path, key: &Key) -> Ledger {
-        Ledger::open(dir, key, &PrivacyConfig::default(), T0).unwrap()
+        Ledger::open(dir, key, &PrivacyConfig::default(), 16 << 20, T0).unwrap()
     }
 
     #[test]

@@ -83,7 +83,14 @@ fn ledger_on_disk(dir: &std::path::Path, address: &str) -> Vec<postern::ledger::
     let data = dir.join("data");
     let master = postern::crypto::load_or_create_master_key(&data.join("master.key")).unwrap();
     let now = postern::clock::SystemClock.now();
-    let ledger = postern::ledger::Ledger::open(&data, &master, &config.privacy, now).unwrap();
+    let ledger = postern::ledger::Ledger::open(
+        &data,
+        &master,
+        &config.privacy,
+        config.limits.ledger_cache,
+        now,
+    )
+    .unwrap();
     ledger.export(address).unwrap().records
 }
 

@@ -210,11 +210,13 @@ const RECORD_KEY_LEN: usize = 8 + 32 + 16 + 2;
 
 impl Ledger {
     /// Opens (creating) `<data_dir>/ledger`. Only one process may hold it: the daemon. `now`
-    /// dates the first pseudonym generation, and picks the one log lines use.
+    /// dates the first pseudonym generation, and picks the one log lines use. At most `cache`
+    /// bytes of its pages stay in memory (`limits.ledger_cache`).
     pub fn open(
         data_dir: &Path,
         master: &Key,
         config: &PrivacyConfig,
+        cache: u64,
         now: i64,
     ) -> Result<Ledger, LedgerError> {
         let dir = data_dir.join("ledger");
@@ -230,6 +232,7 @@ impl Ledger {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .flush_every_ms(Some(1000))
+            .cache_capacity(cache)
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let keys = NameKeys::open(&dir, master, config, now)?;

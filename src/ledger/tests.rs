@@ -6,6 +6,8 @@ use crate::suppress::Reason;
 const DAY: i64 = 86_400;
 /// 2026-11-01 00:00:00 UTC, plus a few hours.
 const T0: i64 = 1_793_491_200 + 3 * 3600;
+/// The ledger cache of the daemon's default (`limits.ledger_cache`).
+const CACHE: u64 = 16 << 20;
 
 fn envelope(from: &str, rcpts: &[&str], domain: &str, at: i64) -> Envelope {
     Envelope {
@@ -26,7 +28,7 @@ fn ledger(dir: &Path, strict: &[&str]) -> Ledger {
         strict_domains: strict.iter().map(|s| s.to_string()).collect(),
         ..PrivacyConfig::default()
     };
-    Ledger::open(dir, &Key::generate().unwrap(), &config, T0).unwrap()
+    Ledger::open(dir, &Key::generate().unwrap(), &config, CACHE, T0).unwrap()
 }
 
 fn id() -> QueueId {
@@ -494,7 +496,7 @@ fn weekly(dir: &Path, master: &Key, now: i64) -> Ledger {
         pseudonym_rotation: std::time::Duration::from_secs(7 * DAY as u64),
         ..PrivacyConfig::default()
     };
-    Ledger::open(dir, master, &config, now).unwrap()
+    Ledger::open(dir, master, &config, CACHE, now).unwrap()
 }
 
 fn queue_ids(records: &[Record]) -> Vec<String> {
