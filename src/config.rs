@@ -271,11 +271,12 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     #[serde(default = "default_max_recipients")]
     pub max_recipients: usize,
-    /// Message bytes delivery attempts hold in memory at once, each its message's record from
-    /// the read to the end of the attempt: the whole of a message up to 256 KiB, the headers
-    /// of a bigger one (whose body stays in its body file and is read a chunk at a time). Over
-    /// it, an attempt waits before reading its message. Sessions need none of it: past
-    /// 256 KiB a body goes to disk as it arrives.
+    /// Message bytes deliveries hold in memory at once, each its message's record from the
+    /// read of the body (once the destination's limits and a session let it send) to the end
+    /// of the transaction: the whole of a message up to 256 KiB, the headers of a bigger one
+    /// (whose body stays in its body file and is read a chunk at a time). Over it, a delivery
+    /// waits before reading the body. A message waiting for its destination holds none of it,
+    /// nor do sessions: past 256 KiB a body goes to disk as it arrives.
     #[serde(default = "default_max_body_memory")]
     pub max_body_memory: u64,
     /// Bytes of the ledger's pages (delivery metadata) kept in memory; the rest stay on disk

@@ -1,10 +1,12 @@
 //! A cap on message bytes that delivery attempts hold in memory at once
 //! (`limits.max_body_memory`).
 //!
-//! An attempt holds its message's record: the whole message when it was small enough to be
-//! kept inline (up to [`crate::spool::SPILL_AT`]), the headers only when its body is in a
-//! body file, read a chunk at a time. Sessions need no share: they hold at most about one
-//! chunk of a body, and spill the rest to disk as it arrives.
+//! A delivery holds its message's record from the read of the body, once its destination's
+//! limits and a session let it send, to the end of its transaction: the whole message when it
+//! was small enough to be kept inline (up to [`crate::spool::SPILL_AT`]), the headers only when
+//! its body is in a body file, read a chunk at a time. A message waiting for its turn holds
+//! none: it has read its envelope only. Sessions need no share either: they hold at most
+//! about one chunk of a body, and spill the rest to disk as it arrives.
 //!
 //! Each holder takes what it needs in one acquisition, and waits for it whole: nobody waits
 //! for more while holding a part, so holders never wait on each other in a circle. A need
@@ -59,7 +61,25 @@ impl BodyMemory {
     }
 }
 
+/// A value whose bytes are held against the cap for as long as it lives.
+pub struct Holding<T> {
+    value: T,
+    _held: Held,
+}
+
+impl<T> std::ops::Deref for Holding<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
 impl Held {
+    /// The bytes held for `value`, given back when it goes.
+    pub fn keeping<T>(self, value: T) -> Holding<T> {
+        Holding { value, _held: self }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.permit

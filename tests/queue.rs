@@ -605,10 +605,10 @@ async fn no_more_messages_are_taken_than_there_are_active_slots() {
     assert_eq!(tarpit.connections(), 3);
 }
 
-/// Delivery attempts hold their message against `limits.max_body_memory` (1 MiB here) from
-/// the read to the end of the attempt: of five messages of about 240 KiB (each held whole, as
-/// they are under the spill threshold), four fit, and the fifth is not read (it never reaches
-/// the tarpit) while the others hang there.
+/// Deliveries hold their message's body against `limits.max_body_memory` (1 MiB here) from
+/// its read, once a session is free for it, to the end of the transaction: of five messages of
+/// about 240 KiB (each held whole, as they are under the spill threshold), four fit, and the
+/// fifth is not read (it never reaches the tarpit) while the others hang there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_wait_for_body_memory() {
     let tarpit = Tarpit::start("127.0.0.1:0").await;
@@ -652,4 +652,69 @@ async fn attempts_wait_for_body_memory() {
     );
     stop.cancel();
     let _ = running.await;
+}
+
+/// Messages waiting for their destination's turn hold no body memory: with a tarpit allowed
+/// two connections and eight of its messages of about 240 KiB queued (twice the 1 MiB cap of
+/// `limits.max_body_memory`), mail for another destination still goes at once. Were the
+/// waiting messages read before their turn, four would fill the cap and the other mail would
+/// wait for the tarpit's 8 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_for_their_destination_hold_no_body_memory() {
+    let tarpit = Tarpit::start("127.0.0.2:0").await;
+    let port = tarpit.addr.port();
+    let sink = Sink::start_on(&format!("127.0.0.1:{port}")).await;
+    let dns = DnsServer::start().await;
+    dns.mx("tarpit.test", 10, "mx.tarpit.test");
+    dns.addr("mx.tarpit.test", "127.0.0.2");
+    dns.mx("dest.test", 10, "mx.sink.test");
+    dns.addr("mx.sink.test", "127.0.0.1");
+    let (server, _queue) = TestServer::start_with(
+        &format!(
+            "[delivery]\nport = {port}\nreply_timeout = \"8s\"\n\
+             [[delivery.destination]]\ndomain = \"tarpit.test\"\nmax_connections = 2\n\
+             [limits]\nmax_body_memory = 1048576\n\
+             [dns]\nnameservers = [\"{}\"]\n",
+            dns.nameserver()
+        ),
+        Options::default(),
+    )
+    .await;
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "y".repeat(76)).repeat(3150)
+    );
+    assert!(body.len() > 240_000 && body.len() < postern::spool::SPILL_AT);
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..8 {
+        let r = c
+            .send_mail("app@sender.test", &[&format!("t{i}@tarpit.test")], &body)
+            .await;
+        assert_eq!(r.code, 250);
+    }
+    tarpit.wait_for(2).await;
+    let started = Instant::now();
+    for i in 0..2 {
+        let r = c
+            .send_mail("app@sender.test", &[&format!("n{i}@dest.test")], &body)
+            .await;
+        assert_eq!(r.code, 250);
+    }
+    sink.wait_for(2).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the other mail took {took:?}"
+    );
+    assert_eq!(
+        tarpit.connections(),
+        2,
+        "the tarpit's connection limit (the rest of its mail waits its turn)"
+    );
+    assert_eq!(
+        tried(&server),
+        0,
+        "the tarpit timed out before the other mail went"
+    );
 }

@@ -23,7 +23,9 @@ use tls::{TlsClient, TlsSetupError};
 
 use crate::config::{Config, DeliveryConfig, SmarthostAuth, TlsPolicy};
 use crate::dns::{DnsError, MxHost, Resolver};
+use crate::memory::Holding;
 use crate::proto::EnhancedStatusCode;
+use crate::spool::Body;
 
 /// Why delivery could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +44,18 @@ pub struct Job<'a> {
     pub from: &'a str,
     /// (index, address) pairs.
     pub rcpts: Vec<(usize, &'a str)>,
-    pub body: &'a crate::spool::Body,
+    /// Read only once a session is ready to send it.
+    pub content: &'a dyn Content,
     pub needs: Needs,
+}
+
+/// Where a job's message content comes from. It is read once the job has its destination's
+/// turn and a session, so that thousands of messages queued for one destination wait holding
+/// their envelopes only, not their bodies.
+pub trait Content: Sync {
+    /// Reads the content, with the memory it takes held until the [`Holding`] drops; None
+    /// when it cannot be read (the reader says why in the log).
+    fn load(&self) -> futures::future::BoxFuture<'_, Option<Holding<Body>>>;
 }
 
 /// Limits and TLS policy resolved for one destination.
@@ -194,9 +206,12 @@ impl Deliverer {
     }
 
     /// One attempt. Waiting for DNS and for the destination's limits holds no session slot, so
-    /// a slow or stuck destination never keeps mail for other destinations waiting.
+    /// a slow or stuck destination never keeps mail for other destinations waiting; nor its
+    /// message's body, read only once a session is free. The DNS lookup and the sending are
+    /// boxed, so that a job waiting its turn is a small future (thousands may wait for one
+    /// destination after a burst).
     async fn attempt(&self, job: &Job<'_>) -> Vec<RcptOutcome> {
-        let (hosts, mx) = match self.route(job.domain).await {
+        let (hosts, mx) = match Box::pin(self.route(job.domain)).await {
             Ok(route) => route,
             Err(e) => return all(job, RcptOutcome::from_dns(&e)),
         };
@@ -218,11 +233,25 @@ impl Deliverer {
             let stopping = RcptOutcome::new(EnhancedStatusCode::new(4, 3, 0), Cause::ShuttingDown);
             return all(job, stopping);
         };
+        let Some(body) = job.content.load().await else {
+            let unreadable = RcptOutcome::new(EnhancedStatusCode::new(4, 3, 0), Cause::Unreadable);
+            return all(job, unreadable);
+        };
+        Box::pin(self.send(job, &body, &hosts, &dest)).await
+    }
+
+    /// Sends the job on a pooled or new connection to one of `hosts`, once the destination's
+    /// limits and a session allow it.
+    async fn send(
+        &self,
+        job: &Job<'_>,
+        body: &Body,
+        hosts: &[(String, u16)],
+        dest: &Destination,
+    ) -> Vec<RcptOutcome> {
         let mut reuse = true;
         loop {
-            let conn = self
-                .connection(job.domain, &hosts, dest.policy, reuse)
-                .await;
+            let conn = self.connection(job.domain, hosts, dest.policy, reuse).await;
             match &conn {
                 Ok(_) => self.limits.connected(&dest.key),
                 Err(o) if o.is_unreachable() => {
@@ -236,7 +265,7 @@ impl Deliverer {
                 Ok(conn) => conn,
                 Err(outcome) => return all(job, outcome),
             };
-            match self.transaction(job, conn, dest.policy, reused).await {
+            match self.transaction(job, body, conn, dest.policy, reused).await {
                 Some(outcomes) => return outcomes,
                 // A pooled connection the server had closed while it idled: once more on a
                 // new one (the second time round takes nothing from the pool, so this ends).
@@ -258,12 +287,13 @@ impl Deliverer {
     async fn transaction(
         &self,
         job: &Job<'_>,
+        body: &Body,
         mut conn: Connection,
         policy: TlsPolicy,
         reused: bool,
     ) -> Option<Vec<RcptOutcome>> {
         let rcpts: Vec<&str> = job.rcpts.iter().map(|(_, r)| *r).collect();
-        let result = conn.send(job.from, &rcpts, job.body, job.needs).await;
+        let result = conn.send(job.from, &rcpts, body, job.needs).await;
         if reused && matches!(result, Err(ClientError::Lost(Stage::Mail))) {
             tracing::debug!(host = %conn.host, "pooled connection was closed by the server; opening another");
             return None;

@@ -33,6 +33,8 @@ pub enum Cause {
     DeadlinePassed,
     /// The daemon is stopping; the message stays queued.
     ShuttingDown,
+    /// The message's body could not be read from the spool when its turn came.
+    Unreadable,
     /// `max_queue_lifetime` passed; carries the last temporary failure's diagnostic.
     Expired { last_diagnostic: Option<String> },
     /// An operator returned the message to its sender (`postern queue bounce`).
@@ -156,6 +158,7 @@ impl RcptOutcome {
             Cause::DestinationDown => "x-postern; destination not responding; deferred".into(),
             Cause::DeadlinePassed => "x-postern; delivery attempt took too long".into(),
             Cause::ShuttingDown => "x-postern; shutting down".into(),
+            Cause::Unreadable => "x-postern; message could not be read from the spool".into(),
             Cause::Expired {
                 last_diagnostic: Some(d),
             } if !d.is_empty() => d.clone(),

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,11 +34,11 @@ use crate::bounce;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::client::Needs;
-use crate::delivery::{Deliverer, Job, RcptOutcome};
+use crate::delivery::{Content, Deliverer, Job, RcptOutcome};
 use crate::ledger::{Ledger, Outcome, Update};
-use crate::memory::{BodyMemory, Held};
+use crate::memory::{BodyMemory, Held, Holding};
 use crate::spool::{
-    Envelope, Liveness, QueueData, QueueId, Spool, SpoolError, StoredMessage, NOT_DUE,
+    Body, Envelope, Liveness, QueueData, QueueId, Spool, SpoolError, StoredEnvelope, NOT_DUE,
 };
 
 /// A retry after a local error (the spool could not be read or updated).
@@ -298,21 +299,10 @@ impl Queue {
     }
 
     /// One attempt at one message: who is due, the attempt, what follows from each outcome,
-    /// the notices, and the new state in the spool.
+    /// the notices, and the new state in the spool. Only the envelope is read here: each
+    /// delivery reads the body when its destination's turn comes ([`Stored`]).
     async fn process(self: &Arc<Self>, id: QueueId) {
-        // Held until the attempt ends, with the message.
-        let _memory = tokio::select! {
-            held = self.hold_memory(id) => held,
-            _ = self.abandon.cancelled() => return,
-        };
-        // Boxed: a task waiting above for memory (thousands may, after a burst) then holds a
-        // small future, not the whole attempt's (about 1.5 KiB).
-        Box::pin(self.process_held(id)).await;
-    }
-
-    /// [`Queue::process`] once the message's bytes are held in memory.
-    async fn process_held(self: &Arc<Self>, id: QueueId) {
-        let msg = match self.spool.read(id).await {
+        let msg = match self.spool.read_envelope(id).await {
             Ok(m) => m,
             Err(SpoolError::NotFound) => return,
             Err(e) => {
@@ -359,11 +349,12 @@ impl Queue {
         // next retry come early.
         let now = self.clock.now();
         let failed = self.apply(&msg, &outcomes, &mut sched, &mut finals, expires_at, now);
-        self.send_notices(&msg, &outcomes, &failed, &mut sched, &mut finals, now)
-            .await;
+        // Boxed, as is the commit: their futures would otherwise make that of every attempt
+        // bigger, and thousands may wait at once for their destination.
+        Box::pin(self.send_notices(&msg, &outcomes, &failed, &mut sched, &mut finals, now)).await;
         // A hold placed while the attempt ran is kept (the index already has it).
         sched.hold = self.lock().hold_of(id);
-        self.commit(&msg, &finals, &sched, now).await;
+        Box::pin(self.commit(&msg, &finals, &sched, now)).await;
     }
 
     /// Waits until the message's bytes fit under `limits.max_body_memory` (all of it, for a
@@ -373,11 +364,23 @@ impl Queue {
         Some(self.memory.hold(size).await)
     }
 
+    /// Reads a message's body once its bytes fit under `limits.max_body_memory`.
+    async fn load_body(&self, id: QueueId) -> Option<Holding<Body>> {
+        let held = self.hold_memory(id).await?;
+        match self.spool.read_body(id).await {
+            Ok(body) => Some(held.keeping(body)),
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot read message body; will retry");
+                None
+            }
+        }
+    }
+
     /// Pending recipients due now (all of them after a flush), split into those suppressed
     /// since the message was accepted and those to try.
     fn due_recipients(
         &self,
-        msg: &StoredMessage,
+        msg: &StoredEnvelope,
         sched: &Schedule,
         now: i64,
         forced: bool,
@@ -394,7 +397,7 @@ impl Queue {
     }
 
     /// Suppressed recipients are dropped: no delivery, no notice. Returns them, now final.
-    fn drop_suppressed(&self, msg: &StoredMessage, suppressed: &[usize], now: i64) -> Vec<usize> {
+    fn drop_suppressed(&self, msg: &StoredEnvelope, suppressed: &[usize], now: i64) -> Vec<usize> {
         for &i in suppressed {
             let rcpt = self
                 .ledger
@@ -409,7 +412,7 @@ impl Queue {
     /// ones get their next retry. Returns the failures, for the sender's notice.
     fn apply<'o>(
         &self,
-        msg: &StoredMessage,
+        msg: &StoredEnvelope,
         outcomes: &'o [RcptOutcome],
         sched: &mut Schedule,
         finals: &mut Vec<usize>,
@@ -454,7 +457,7 @@ impl Queue {
     /// recipients pending, to be tried again after [`LOCAL_RETRY`]: never final without one.
     async fn send_notices(
         self: &Arc<Self>,
-        msg: &StoredMessage,
+        msg: &StoredEnvelope,
         outcomes: &[RcptOutcome],
         failed: &[&RcptOutcome],
         sched: &mut Schedule,
@@ -489,7 +492,7 @@ impl Queue {
     }
 
     /// Writes the new state; the spool destroys the body once every recipient is final.
-    async fn commit(&self, msg: &StoredMessage, finals: &[usize], sched: &Schedule, now: i64) {
+    async fn commit(&self, msg: &StoredEnvelope, finals: &[usize], sched: &Schedule, now: i64) {
         let id = msg.id;
         let mut final_rcpts = msg.state.final_rcpts.clone();
         for &i in finals {
@@ -522,7 +525,7 @@ impl Queue {
     }
 
     /// Delivers to `pending` recipients, one transaction per domain (or one via smarthost).
-    async fn attempt(&self, msg: &StoredMessage, pending: &[usize]) -> Vec<RcptOutcome> {
+    async fn attempt(&self, msg: &StoredEnvelope, pending: &[usize]) -> Vec<RcptOutcome> {
         let smarthost = !self.config.delivery.smarthost.to_vec().is_empty();
         let mut groups: Vec<(String, Vec<(usize, &str)>)> = Vec::new();
         for &i in pending {
@@ -541,12 +544,16 @@ impl Queue {
             eight_bit: msg.envelope.eight_bit,
             smtputf8: msg.envelope.smtputf8,
         };
+        let content = Stored {
+            queue: self,
+            id: msg.id,
+        };
         let jobs = groups.iter().map(|(domain, rcpts)| {
             self.deliverer.deliver(Job {
                 domain,
                 from: &msg.envelope.mail_from,
                 rcpts: rcpts.clone(),
-                body: &msg.body,
+                content: &content,
                 needs,
             })
         });
@@ -561,7 +568,7 @@ impl Queue {
     /// False when the notice was due but could not be stored.
     async fn notify_sender(
         self: &Arc<Self>,
-        msg: &StoredMessage,
+        msg: &StoredEnvelope,
         kind: bounce::Kind,
         outcomes: &[&RcptOutcome],
         now: i64,
@@ -585,6 +592,14 @@ impl Queue {
                 remote: o.remote.as_deref(),
             })
             .collect();
+        // The notice quotes the message's header section, so its body is read again.
+        let original = match self.spool.read_body(msg.id).await {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(queue_id = %msg.id, error = %e, "cannot read message for its delivery notice; will retry");
+                return false;
+            }
+        };
         let date = chrono::DateTime::from_timestamp(now, 0).unwrap_or_else(chrono::Utc::now);
         let seed = rand::random::<u64>();
         let host = &self.config.server.hostname;
@@ -593,7 +608,7 @@ impl Queue {
             hostname: host,
             queue_id: &msg.id.to_string(),
             envelope: &msg.envelope,
-            original: msg.body.start(),
+            original: original.start(),
             entries: &entries,
             now: date,
             boundary_seed: seed,
@@ -628,6 +643,19 @@ impl Queue {
                 false
             }
         }
+    }
+}
+
+/// A message's body for its deliveries: read (under `limits.max_body_memory`) by each one
+/// once it has its destination's turn, and let go when its transaction ends.
+struct Stored<'q> {
+    queue: &'q Queue,
+    id: QueueId,
+}
+
+impl Content for Stored<'_> {
+    fn load(&self) -> BoxFuture<'_, Option<Holding<Body>>> {
+        Box::pin(self.queue.load_body(self.id))
     }
 }
 
@@ -688,7 +716,7 @@ impl Queue {
     /// Writes an outcome to the ledger; a ledger failure is logged, never fatal to delivery.
     fn record(
         &self,
-        msg: &StoredMessage,
+        msg: &StoredEnvelope,
         index: usize,
         outcome: Outcome,
         update: &Update,
@@ -702,7 +730,7 @@ impl Queue {
         }
     }
 
-    fn log_outcome(&self, msg: &StoredMessage, o: &RcptOutcome) {
+    fn log_outcome(&self, msg: &StoredEnvelope, o: &RcptOutcome) {
         let rcpt = self.ledger.log_rcpt(
             &msg.envelope.recipients[o.index],
             &msg.envelope.sending_domain,
@@ -713,7 +741,7 @@ impl Queue {
 
 /// The outcome in the metrics: by result and destination domain, never by address.
 /// Nothing is prepared (no domain copied, no label looked up) when metrics are off.
-fn count_outcome(msg: &StoredMessage, o: &RcptOutcome, now: i64) {
+fn count_outcome(msg: &StoredEnvelope, o: &RcptOutcome, now: i64) {
     use crate::metrics::Delivery;
     if !crate::metrics::enabled() {
         return;

@@ -16,7 +16,7 @@ use super::{domain_of, update_of, Queue};
 use crate::bounce;
 use crate::delivery::RcptOutcome;
 use crate::ledger::{Outcome, Update};
-use crate::spool::{QueueData, QueueId, SpoolError, StoredMessage, NOT_DUE};
+use crate::spool::{QueueData, QueueId, SpoolError, StoredEnvelope, StoredMessage, NOT_DUE};
 
 /// Where a queued message stands, as the queue tools show it (Postfix's queue names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,7 +162,7 @@ impl Queue {
             else {
                 continue;
             };
-            let Ok(msg) = self.spool.read(id).await else {
+            let Ok((msg, body)) = self.spool.read(id).await.map(StoredMessage::split) else {
                 continue;
             };
             let domains = pending_domains(&msg);
@@ -173,7 +173,7 @@ impl Queue {
                 id: id.to_string(),
                 state: st,
                 age_seconds: (now - msg.envelope.received_at).max(0),
-                size: msg.body.len() as usize,
+                size: body.len() as usize,
                 pending_recipients: pending(&msg).len(),
                 domains,
             });
@@ -184,7 +184,7 @@ impl Queue {
 
     /// What `postern queue show` prints.
     pub async fn show(&self, id: QueueId) -> Result<MessageView, OpError> {
-        let msg = self.spool.read(id).await?;
+        let (msg, body) = self.spool.read(id).await?.split();
         let state = self.state_of(id).ok_or(OpError::NotFound)?;
         let env = &msg.envelope;
         let sched = Schedule::decode(&msg.state.queue_data, env.recipients.len());
@@ -211,7 +211,7 @@ impl Queue {
             hold: self.lock().hold_of(id),
             received_at: env.received_at,
             age_seconds: (self.clock.now() - env.received_at).max(0),
-            size: msg.body.len() as usize,
+            size: body.len() as usize,
             sender: log(&env.mail_from),
             sending_domain: env.sending_domain.clone(),
             authenticated: env.auth_user.is_some(),
@@ -233,7 +233,7 @@ impl Queue {
                 continue;
             }
             if let Selector::Domain(d) = which {
-                let Ok(msg) = self.spool.read(id).await else {
+                let Ok(msg) = self.spool.read_envelope(id).await else {
                     continue;
                 };
                 if !pending_domains(&msg)
@@ -340,7 +340,7 @@ impl Queue {
     /// goes back as it was (held, or due now).
     async fn claimed<F, Fut>(&self, id: QueueId, action: F) -> Result<usize, OpError>
     where
-        F: FnOnce(StoredMessage, i64) -> Fut,
+        F: FnOnce(StoredEnvelope, i64) -> Fut,
         Fut: std::future::Future<Output = Result<usize, OpError>>,
     {
         if !self.spool.contains(id) {
@@ -350,7 +350,7 @@ impl Queue {
             .lock()
             .claim(id)
             .map_err(|Busy::Running| OpError::Running)?;
-        let result = match self.spool.read(id).await {
+        let result = match self.spool.read_envelope(id).await {
             Ok(msg) => action(msg, self.clock.now()).await,
             Err(e) => Err(e.into()),
         };
@@ -385,14 +385,14 @@ impl Queue {
 }
 
 /// Indices of the recipients not yet final.
-fn pending(msg: &StoredMessage) -> Vec<usize> {
+fn pending(msg: &StoredEnvelope) -> Vec<usize> {
     (0..msg.envelope.recipients.len())
         .filter(|&i| !msg.state.final_rcpts[i])
         .collect()
 }
 
 /// Destination domains of the pending recipients, sorted, each once.
-fn pending_domains(msg: &StoredMessage) -> Vec<String> {
+fn pending_domains(msg: &StoredEnvelope) -> Vec<String> {
     let mut domains: Vec<String> = pending(msg)
         .into_iter()
         .map(|i| domain_of(&msg.envelope.recipients[i]))

@@ -319,6 +319,15 @@ pub struct Spool {
     tx: Arc<inbox::Sender>,
 }
 
+/// A message's envelope and delivery state, read without its body: what the queue works from
+/// while an attempt waits for its destination ([`Spool::read_envelope`]).
+#[derive(Debug)]
+pub struct StoredEnvelope {
+    pub id: QueueId,
+    pub envelope: Envelope,
+    pub state: MessageState,
+}
+
 /// A message read back from the spool.
 #[derive(Debug)]
 pub struct StoredMessage {
@@ -328,6 +337,26 @@ pub struct StoredMessage {
     /// read from its body file as it is sent.
     pub body: Body,
     pub state: MessageState,
+}
+
+impl StoredMessage {
+    /// The envelope and state, and the body apart.
+    pub fn split(self) -> (StoredEnvelope, Body) {
+        let StoredMessage {
+            id,
+            envelope,
+            body,
+            state,
+        } = self;
+        (
+            StoredEnvelope {
+                id,
+                envelope,
+                state,
+            },
+            body,
+        )
+    }
 }
 
 /// A message read back whole ([`Spool::read_whole`]).
@@ -514,17 +543,72 @@ impl Spool {
 
     /// Reads and opens a live message and its state.
     pub async fn read(&self, id: QueueId) -> Result<StoredMessage, SpoolError> {
+        self.with_record(id, move |shared, record| {
+            let (envelope, body) = record.open(shared, Parts::Both)?;
+            Ok(StoredMessage {
+                id,
+                envelope: envelope.ok_or(SpoolError::Corrupt(id))?,
+                body: body.ok_or(SpoolError::Corrupt(id))?,
+                state: read_current_state(shared, id)?,
+            })
+        })
+        .await
+    }
+
+    /// Reads a live message's envelope and state, opening none of its body: an attempt holds
+    /// this while it waits for its destination, and reads the body ([`Spool::read_body`]) once
+    /// it can send it.
+    pub async fn read_envelope(&self, id: QueueId) -> Result<StoredEnvelope, SpoolError> {
+        self.with_record(id, move |shared, record| {
+            let (envelope, _) = record.open(shared, Parts::Envelope)?;
+            Ok(StoredEnvelope {
+                id,
+                envelope: envelope.ok_or(SpoolError::Corrupt(id))?,
+                state: read_current_state(shared, id)?,
+            })
+        })
+        .await
+    }
+
+    /// Reads a live message's body (a big one's headers, with the way to its body file).
+    pub async fn read_body(&self, id: QueueId) -> Result<Body, SpoolError> {
+        self.with_record(id, move |shared, record| {
+            let (_, body) = record.open(shared, Parts::Body)?;
+            body.ok_or(SpoolError::Corrupt(id))
+        })
+        .await
+    }
+
+    /// Reads the record of live message `id` and hands it to `open`: on this thread for a
+    /// small record, on a blocking thread for a bigger one.
+    async fn with_record<T, F>(&self, id: QueueId, open: F) -> Result<T, SpoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared, Record) -> Result<T, SpoolError> + Send + 'static,
+    {
         let (loc, file, key) = {
             let index = self.shared.index();
             let entry = index.messages.get(&id).ok_or(SpoolError::NotFound)?;
             let segment = index.segment_of(entry.message)?;
             (entry.message, segment.file.clone(), segment.key.clone())
         };
+        let read = move |shared: &Shared| {
+            let (kind, bytes) = read_raw(&file, loc, id)?;
+            open(
+                shared,
+                Record {
+                    id,
+                    kind,
+                    bytes,
+                    key: &key,
+                },
+            )
+        };
         if loc.len <= INLINE_READ {
-            return read_stored(&self.shared, &file, &key, loc, id);
+            return read(&self.shared);
         }
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || read_stored(&shared, &file, &key, loc, id))
+        tokio::task::spawn_blocking(move || read(&shared))
             .await
             .map_err(|_| SpoolError::Closed)?
     }
@@ -596,22 +680,65 @@ impl Spool {
 /// less than the hop to a blocking thread and back. Bigger ones go to a blocking thread.
 const INLINE_READ: u32 = 64 << 10;
 
-/// A live message and its state, read from the record at `loc`.
-fn read_stored(
-    shared: &Shared,
-    file: &File,
-    key: &Key,
-    loc: Loc,
+/// Which parts of a message record to open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    Envelope,
+    Body,
+    Both,
+}
+
+/// A message record as read (header and payload), not yet opened.
+struct Record<'k> {
     id: QueueId,
-) -> Result<StoredMessage, SpoolError> {
-    let (envelope, body) = read_message(shared, file, key, loc, id)?;
-    let state = read_current_state(shared, id)?;
-    Ok(StoredMessage {
-        id,
-        envelope,
-        body,
-        state,
-    })
+    kind: Kind,
+    bytes: Vec<u8>,
+    key: &'k Key,
+}
+
+impl Record<'_> {
+    /// Opens the `parts` asked for (each part is sealed apart, so a part not asked for is not
+    /// decrypted; a record of the old single-seal kind is opened whole).
+    fn open(
+        &self,
+        shared: &Shared,
+        parts: Parts,
+    ) -> Result<(Option<Envelope>, Option<Body>), SpoolError> {
+        let (raw, payload) = split_record(&self.bytes);
+        let id = self.id;
+        let corrupt = || SpoolError::Corrupt(id);
+        match self.kind {
+            Kind::Message | Kind::Spilled => {
+                let envelope = match parts {
+                    Parts::Body => None,
+                    _ => {
+                        let env = record::open_part(self.key, raw, payload, Part::Envelope)?;
+                        Some(envelope::decode_envelope(&env).ok_or_else(corrupt)?)
+                    }
+                };
+                let body = match parts {
+                    Parts::Envelope => None,
+                    _ => {
+                        let body = record::open_part(self.key, raw, payload, Part::Body)?;
+                        Some(match self.kind {
+                            Kind::Spilled => Body::Spilled(
+                                SpilledBody::decode(body, id, &shared.dir, shared.body_key.clone())
+                                    .ok_or_else(corrupt)?,
+                            ),
+                            _ => Body::Inline(body),
+                        })
+                    }
+                };
+                Ok((envelope, body))
+            }
+            Kind::Whole => {
+                let plain = self.key.open(Header::aad(raw), payload)?;
+                let (envelope, body) = envelope::decode_whole(&plain).ok_or_else(corrupt)?;
+                Ok((Some(envelope), Some(Body::Inline(body))))
+            }
+            Kind::State => Err(corrupt()),
+        }
+    }
 }
 
 /// Attempts at reading a state record that the writer replaced (and punched) meanwhile.
@@ -666,40 +793,6 @@ impl Index {
         self.segments
             .get(&u64::from(loc.segment))
             .ok_or(SpoolError::NotFound)
-    }
-}
-
-/// Reads a message record and opens its envelope and body (a spilled body's start only).
-fn read_message(
-    shared: &Shared,
-    file: &File,
-    key: &Key,
-    loc: Loc,
-    id: QueueId,
-) -> Result<(Envelope, Body), SpoolError> {
-    let (kind, buf) = read_raw(file, loc, id)?;
-    let (raw, payload) = split_record(&buf);
-    let corrupt = || SpoolError::Corrupt(id);
-    match kind {
-        Kind::Message | Kind::Spilled => {
-            let env = record::open_part(key, raw, payload, Part::Envelope)?;
-            let envelope = envelope::decode_envelope(&env).ok_or_else(corrupt)?;
-            let body = record::open_part(key, raw, payload, Part::Body)?;
-            let body = match kind {
-                Kind::Spilled => Body::Spilled(
-                    SpilledBody::decode(body, id, &shared.dir, shared.body_key.clone())
-                        .ok_or_else(corrupt)?,
-                ),
-                _ => Body::Inline(body),
-            };
-            Ok((envelope, body))
-        }
-        Kind::Whole => {
-            let plain = key.open(Header::aad(raw), payload)?;
-            let (envelope, body) = envelope::decode_whole(&plain).ok_or_else(corrupt)?;
-            Ok((envelope, Body::Inline(body)))
-        }
-        Kind::State => Err(corrupt()),
     }
 }
 

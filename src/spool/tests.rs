@@ -557,6 +557,62 @@ async fn whole_records_of_the_old_layout_are_read() {
     assert_eq!(msg.envelope, env);
     assert_eq!(msg.body, b"Subject: old\r\n\r\nbody\r\n");
     assert_eq!(msg.state.final_rcpts, vec![false, false]);
+    // The queue's two reads, each from the one seal.
+    assert_eq!(spool.read_envelope(id).await.unwrap().envelope, env);
+    let body = spool.read_body(id).await.unwrap().whole().await.unwrap();
+    assert_eq!(body, b"Subject: old\r\n\r\nbody\r\n");
+}
+
+/// The queue reads a message in two steps, each opening one seal: the envelope (and state)
+/// while an attempt waits for its destination, the body once it can be sent. Spoiling one
+/// part's ciphertext (in place, under the running spool) shows which read opens what.
+#[tokio::test]
+async fn envelope_and_body_are_read_apart() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let env = envelope(&["a@x.test", "b@x.test"]);
+    let body_spoilt = store(&spool, &env, &vec![b'b'; 4096]).await;
+    let envelope_spoilt = store(&spool, &env, &vec![b'c'; 4096]).await;
+    spool.update(body_spoilt, &[1], None).await.unwrap();
+    let (a, b) = {
+        let index = spool.shared.index();
+        let loc = |id| index.messages[&id].message;
+        (loc(body_spoilt), loc(envelope_spoilt))
+    };
+    let path = segment_path(spool.dir(), u64::from(a.segment));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let flip = |at: u64| {
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0xff], at).unwrap();
+    };
+    flip(a.offset + HEADER_LEN as u64 + u64::from(a.len) - 100); // in the first's body
+    flip(b.offset + HEADER_LEN as u64 + 40); // in the second's envelope
+
+    let head = spool.read_envelope(body_spoilt).await.unwrap();
+    assert_eq!((head.id, &head.envelope), (body_spoilt, &env));
+    assert_eq!(head.state.final_rcpts, vec![false, true]);
+    assert!(matches!(
+        spool.read_body(body_spoilt).await,
+        Err(SpoolError::Crypto(_))
+    ));
+
+    let body = spool.read_body(envelope_spoilt).await.unwrap();
+    assert_eq!(body.whole().await.unwrap(), vec![b'c'; 4096]);
+    assert!(matches!(
+        spool.read_envelope(envelope_spoilt).await,
+        Err(SpoolError::Crypto(_))
+    ));
+    assert!(matches!(
+        spool.read_body(QueueId::generate().unwrap()).await,
+        Err(SpoolError::NotFound)
+    ));
 }
 
 /// What the index keeps in memory survives a restart without the state records being read
