@@ -484,17 +484,24 @@ async fn sigterm_with_a_tarpit_open_stops_within_the_grace() {
     assert_eq!(spool.live().len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tarpit_destination_holds_up_no_other_mail_and_is_marked_down() {
-    const STUCK: usize = 300;
+/// Two destinations on one port: tarpit.test's MX (127.0.0.2) accepts connections and never
+/// answers, dest.test's (127.0.0.1) takes everything.
+async fn tarpit_and_sink() -> (Tarpit, Sink, DnsServer) {
     let tarpit = Tarpit::start("127.0.0.2:0").await;
-    let port = tarpit.addr.port();
-    let sink = Sink::start_on(&format!("127.0.0.1:{port}")).await;
+    let sink = Sink::start_on(&format!("127.0.0.1:{}", tarpit.addr.port())).await;
     let dns = DnsServer::start().await;
     dns.mx("tarpit.test", 10, "mx.tarpit.test");
     dns.addr("mx.tarpit.test", "127.0.0.2");
     dns.mx("dest.test", 10, "mx.sink.test");
     dns.addr("mx.sink.test", "127.0.0.1");
+    (tarpit, sink, dns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tarpit_destination_holds_up_no_other_mail_and_is_marked_down() {
+    const STUCK: usize = 300;
+    let (tarpit, sink, dns) = tarpit_and_sink().await;
+    let port = tarpit.addr.port();
     // Fewer session slots than tarpit messages: a message waiting for its destination must
     // not hold one.
     let (server, _queue) = TestServer::start_with(
@@ -605,6 +612,24 @@ async fn no_more_messages_are_taken_than_there_are_active_slots() {
     assert_eq!(tarpit.connections(), 3);
 }
 
+/// A message of about 240 KiB: held whole by a delivery, as it is under the spill threshold.
+fn body_of_240_kib() -> String {
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "y".repeat(76)).repeat(3150)
+    );
+    assert!(body.len() > 240_000 && body.len() < postern::spool::SPILL_AT);
+    body
+}
+
+/// Sends `body` from app@sender.test to each recipient in turn, one message each.
+async fn send_each(c: &mut Raw<TcpStream>, rcpts: impl Iterator<Item = String>, body: &str) {
+    for rcpt in rcpts {
+        let r = c.send_mail("app@sender.test", &[&rcpt], body).await;
+        assert_eq!(r.code, 250, "{rcpt}");
+    }
+}
+
 /// Deliveries hold their message's body against `limits.max_body_memory` (1 MiB here) from
 /// its read, once a session is free for it, to the end of the transaction: of five messages of
 /// about 240 KiB (each held whole, as they are under the spill threshold), four fit, and the
@@ -623,19 +648,10 @@ async fn attempts_wait_for_body_memory() {
         },
     )
     .await;
-    let body = format!(
-        "Subject: big\r\n\r\n{}",
-        format!("{}\r\n", "y".repeat(76)).repeat(3150)
-    );
-    assert!(body.len() > 240_000 && body.len() < postern::spool::SPILL_AT);
+    let body = body_of_240_kib();
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
-    for i in 0..5 {
-        let r = c
-            .send_mail("app@sender.test", &[&format!("r{i}@dest.test")], &body)
-            .await;
-        assert_eq!(r.code, 250);
-    }
+    send_each(&mut c, (0..5).map(|i| format!("r{i}@dest.test")), &body).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(queue.clone().run(stop.clone(), Duration::from_secs(1)));
     tarpit.wait_for(4).await;
@@ -661,14 +677,8 @@ async fn attempts_wait_for_body_memory() {
 /// wait for the tarpit's 8 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_waiting_for_their_destination_hold_no_body_memory() {
-    let tarpit = Tarpit::start("127.0.0.2:0").await;
+    let (tarpit, sink, dns) = tarpit_and_sink().await;
     let port = tarpit.addr.port();
-    let sink = Sink::start_on(&format!("127.0.0.1:{port}")).await;
-    let dns = DnsServer::start().await;
-    dns.mx("tarpit.test", 10, "mx.tarpit.test");
-    dns.addr("mx.tarpit.test", "127.0.0.2");
-    dns.mx("dest.test", 10, "mx.sink.test");
-    dns.addr("mx.sink.test", "127.0.0.1");
     let (server, _queue) = TestServer::start_with(
         &format!(
             "[delivery]\nport = {port}\nreply_timeout = \"8s\"\n\
@@ -680,27 +690,13 @@ async fn messages_waiting_for_their_destination_hold_no_body_memory() {
         Options::default(),
     )
     .await;
-    let body = format!(
-        "Subject: big\r\n\r\n{}",
-        format!("{}\r\n", "y".repeat(76)).repeat(3150)
-    );
-    assert!(body.len() > 240_000 && body.len() < postern::spool::SPILL_AT);
+    let body = body_of_240_kib();
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
-    for i in 0..8 {
-        let r = c
-            .send_mail("app@sender.test", &[&format!("t{i}@tarpit.test")], &body)
-            .await;
-        assert_eq!(r.code, 250);
-    }
+    send_each(&mut c, (0..8).map(|i| format!("t{i}@tarpit.test")), &body).await;
     tarpit.wait_for(2).await;
     let started = Instant::now();
-    for i in 0..2 {
-        let r = c
-            .send_mail("app@sender.test", &[&format!("n{i}@dest.test")], &body)
-            .await;
-        assert_eq!(r.code, 250);
-    }
+    send_each(&mut c, (0..2).map(|i| format!("n{i}@dest.test")), &body).await;
     sink.wait_for(2).await;
     let took = started.elapsed();
     assert!(

@@ -543,29 +543,36 @@ impl Spool {
 
     /// Reads and opens a live message and its state.
     pub async fn read(&self, id: QueueId) -> Result<StoredMessage, SpoolError> {
-        self.with_record(id, move |shared, record| {
-            let (envelope, body) = record.open(shared, Parts::Both)?;
-            Ok(StoredMessage {
-                id,
-                envelope: envelope.ok_or(SpoolError::Corrupt(id))?,
-                body: body.ok_or(SpoolError::Corrupt(id))?,
-                state: read_current_state(shared, id)?,
-            })
+        let (head, body) = self.read_parts(id, Parts::Both).await?;
+        Ok(StoredMessage {
+            id,
+            envelope: head.envelope,
+            body: body.ok_or(SpoolError::Corrupt(id))?,
+            state: head.state,
         })
-        .await
     }
 
     /// Reads a live message's envelope and state, opening none of its body: an attempt holds
     /// this while it waits for its destination, and reads the body ([`Spool::read_body`]) once
     /// it can send it.
     pub async fn read_envelope(&self, id: QueueId) -> Result<StoredEnvelope, SpoolError> {
+        Ok(self.read_parts(id, Parts::Envelope).await?.0)
+    }
+
+    /// The envelope and state, and the body when `parts` asks for it.
+    async fn read_parts(
+        &self,
+        id: QueueId,
+        parts: Parts,
+    ) -> Result<(StoredEnvelope, Option<Body>), SpoolError> {
         self.with_record(id, move |shared, record| {
-            let (envelope, _) = record.open(shared, Parts::Envelope)?;
-            Ok(StoredEnvelope {
+            let (envelope, body) = record.open(shared, parts)?;
+            let head = StoredEnvelope {
                 id,
                 envelope: envelope.ok_or(SpoolError::Corrupt(id))?,
                 state: read_current_state(shared, id)?,
-            })
+            };
+            Ok((head, body))
         })
         .await
     }
