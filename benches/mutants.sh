@@ -21,6 +21,8 @@
 #                                             DATA and BDAT handlers that use it)
 #   inbox     the spool writer's inbox        src/spool/inbox.rs (which requests wake the
 #                                             writer, when a pass is due, closing)
+#   lazy      bodies read at their turn       src/spool/mod.rs (Record::open, read_parts,
+#                                             read_body), src/queue/mod.rs (load_body, Stored)
 #
 # Each area runs only the tests that exercise it (a unit-test module filter, or one integration
 # test file), so that a mutant costs one incremental build and a short test run. Even so this
@@ -67,7 +69,10 @@ select_area() {
         places) FILES=(--file src/server/session.rs --re 'take_data_slot|Session::data|Session::bdat')
             TARGET=(--test=abuse --test=smtp_server) ;;
         inbox) FILES=(--file src/spool/inbox.rs) TARGET=(--lib) FILTER=(spool::) ;;
-        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places inbox)" ;;
+        lazy) FILES=(--file src/spool/mod.rs --file src/queue/mod.rs
+            --re 'Record<.*>::open|Spool::read_parts|Spool::read_body|Queue::load_body|Content for Stored')
+            TARGET=(--lib --test=queue) FILTER=(spool:: body_memory) ;;
+        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places inbox lazy)" ;;
     esac
 }
 
