@@ -327,6 +327,9 @@ async fn expiry_bounces_with_4_4_7_and_bounces_of_bounces_are_dropped() {
     );
 }
 
+/// The expiry notice names each expired recipient with its own last error and the host that
+/// gave it, and not the recipient delivered at the first attempt (listed first, so that an
+/// expiry filed under the wrong recipient index would show).
 #[tokio::test]
 async fn expiry_notice_reaches_the_sender() {
     let rig = rig(
@@ -335,34 +338,54 @@ async fn expiry_notice_reaches_the_sender() {
         true,
     )
     .await;
-    rig.sink
-        .behaviour
-        .lock()
-        .unwrap()
-        .rcpt_replies
-        .insert("slow@dest.test".into(), "451 4.4.0 try again".into());
+    {
+        let mut b = rig.sink.behaviour.lock().unwrap();
+        b.rcpt_replies
+            .insert("slow@dest.test".into(), "451 4.4.0 try again".into());
+        b.rcpt_replies
+            .insert("busy@dest.test".into(), "452 4.2.2 mailbox full".into());
+    }
     submit(
         rig.server.relay,
         "app@sender.test",
-        &["slow@dest.test"],
+        &["ok@dest.test", "slow@dest.test", "busy@dest.test"],
         "Subject: expire\r\n\r\nx\r\n",
     )
     .await;
     rig.queue.run_due().await;
+    assert_eq!(rig.sink.received().len(), 1, "ok@dest.test at once");
     rig.clock.advance(6 * 3600);
     rig.queue.run_due().await;
     rig.clock.advance(6 * 3600);
     rig.queue.run_due().await;
     let got = rig.sink.received();
-    assert_eq!(got.len(), 1);
-    let parsed = parse_dsn(&got[0].data);
-    let r = &parsed["recipients"][0];
-    assert_eq!(r["status"], "4.4.7");
-    assert_eq!(r["action"], "failed");
+    assert_eq!(got.len(), 2, "the delivery, then one notice");
+    let parsed = parse_dsn(&got[1].data);
+    let rcpts = parsed["recipients"].as_array().unwrap();
+    let fields = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let listed: Vec<[String; 4]> = rcpts
+        .iter()
+        .map(|r| {
+            ["final-recipient", "status", "remote-mta", "diagnostic-code"].map(|k| fields(r, k))
+        })
+        .collect();
+    let expect = |rcpt: &str, reply: &str| {
+        [
+            format!("rfc822; {rcpt}"),
+            "4.4.7".to_string(),
+            "dns; mx.sink.test".to_string(),
+            format!("smtp; {reply}"),
+        ]
+    };
     assert_eq!(
-        r["diagnostic-code"], "smtp; 451 4.4.0 try again",
-        "last error reported"
+        listed,
+        vec![
+            expect("slow@dest.test", "451 4.4.0 try again"),
+            expect("busy@dest.test", "452 4.2.2 mailbox full"),
+        ]
     );
+    assert!(rcpts.iter().all(|r| r["action"] == "failed"), "{rcpts:?}");
+    assert!(rig.server.spool.live().is_empty());
 }
 
 #[tokio::test]
