@@ -704,46 +704,60 @@ struct Record<'k> {
 }
 
 impl Record<'_> {
-    /// Opens the `parts` asked for (each part is sealed apart, so a part not asked for is not
-    /// decrypted; a record of the old single-seal kind is opened whole).
+    /// Opens the `parts` asked for. Envelope and body are sealed apart, so a part not asked
+    /// for is not decrypted; a record of the old single-seal kind is opened whole.
     fn open(
         &self,
         shared: &Shared,
         parts: Parts,
     ) -> Result<(Option<Envelope>, Option<Body>), SpoolError> {
-        let (raw, payload) = split_record(&self.bytes);
-        let id = self.id;
-        let corrupt = || SpoolError::Corrupt(id);
+        if self.kind == Kind::Whole {
+            let (envelope, body) = self.open_whole()?;
+            return Ok((Some(envelope), Some(body)));
+        }
+        let envelope = match parts {
+            Parts::Body => None,
+            Parts::Envelope | Parts::Both => Some(self.open_envelope()?),
+        };
+        let body = match parts {
+            Parts::Envelope => None,
+            Parts::Body | Parts::Both => Some(self.open_body(shared)?),
+        };
+        Ok((envelope, body))
+    }
+
+    fn open_envelope(&self) -> Result<Envelope, SpoolError> {
+        let (raw, payload) = self.sealed()?;
+        let env = record::open_part(self.key, raw, payload, Part::Envelope)?;
+        envelope::decode_envelope(&env).ok_or(SpoolError::Corrupt(self.id))
+    }
+
+    fn open_body(&self, shared: &Shared) -> Result<Body, SpoolError> {
+        let (raw, payload) = self.sealed()?;
+        let body = record::open_part(self.key, raw, payload, Part::Body)?;
         match self.kind {
-            Kind::Message | Kind::Spilled => {
-                let envelope = match parts {
-                    Parts::Body => None,
-                    _ => {
-                        let env = record::open_part(self.key, raw, payload, Part::Envelope)?;
-                        Some(envelope::decode_envelope(&env).ok_or_else(corrupt)?)
-                    }
-                };
-                let body = match parts {
-                    Parts::Envelope => None,
-                    _ => {
-                        let body = record::open_part(self.key, raw, payload, Part::Body)?;
-                        Some(match self.kind {
-                            Kind::Spilled => Body::Spilled(
-                                SpilledBody::decode(body, id, &shared.dir, shared.body_key.clone())
-                                    .ok_or_else(corrupt)?,
-                            ),
-                            _ => Body::Inline(body),
-                        })
-                    }
-                };
-                Ok((envelope, body))
+            Kind::Spilled => {
+                SpilledBody::decode(body, self.id, &shared.dir, shared.body_key.clone())
+                    .map(Body::Spilled)
+                    .ok_or(SpoolError::Corrupt(self.id))
             }
-            Kind::Whole => {
-                let plain = self.key.open(Header::aad(raw), payload)?;
-                let (envelope, body) = envelope::decode_whole(&plain).ok_or_else(corrupt)?;
-                Ok((Some(envelope), Some(Body::Inline(body))))
-            }
-            Kind::State => Err(corrupt()),
+            _ => Ok(Body::Inline(body)),
+        }
+    }
+
+    fn open_whole(&self) -> Result<(Envelope, Body), SpoolError> {
+        let (raw, payload) = split_record(&self.bytes);
+        let plain = self.key.open(Header::aad(raw), payload)?;
+        let (envelope, body) =
+            envelope::decode_whole(&plain).ok_or(SpoolError::Corrupt(self.id))?;
+        Ok((envelope, Body::Inline(body)))
+    }
+
+    /// Header and payload of a record whose parts are sealed apart (a message record).
+    fn sealed(&self) -> Result<(&[u8; HEADER_LEN], &[u8]), SpoolError> {
+        match self.kind {
+            Kind::Message | Kind::Spilled => Ok(split_record(&self.bytes)),
+            Kind::Whole | Kind::State => Err(SpoolError::Corrupt(self.id)),
         }
     }
 }
