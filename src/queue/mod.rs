@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::delivery::client::Needs;
 use crate::delivery::{Content, Deliverer, Job, RcptOutcome};
 use crate::ledger::{Ledger, Outcome, Update};
-use crate::memory::{BodyMemory, Held, Holding};
+use crate::memory::{BodyMemory, Holding};
 use crate::spool::{
     Body, Envelope, Liveness, QueueData, QueueId, Spool, SpoolError, StoredEnvelope, NOT_DUE,
 };
@@ -357,16 +357,11 @@ impl Queue {
         Box::pin(self.commit(&msg, &finals, &sched, now)).await;
     }
 
-    /// Waits until the message's bytes fit under `limits.max_body_memory` (all of it, for a
-    /// message bigger than that), and holds them. None when the message is gone.
-    async fn hold_memory(&self, id: QueueId) -> Option<Held> {
-        let size = self.spool.size(id)?;
-        Some(self.memory.hold(size).await)
-    }
-
-    /// Reads a message's body once its bytes fit under `limits.max_body_memory`.
+    /// Reads a message's body once its record's bytes fit under `limits.max_body_memory` (all
+    /// of it, for a message bigger than that), holding them until the body goes. None when the
+    /// message is gone or cannot be read.
     async fn load_body(&self, id: QueueId) -> Option<Holding<Body>> {
-        let held = self.hold_memory(id).await?;
+        let held = self.memory.hold(self.spool.size(id)?).await;
         match self.spool.read_body(id).await {
             Ok(body) => Some(held.keeping(body)),
             Err(e) => {

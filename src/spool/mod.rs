@@ -565,7 +565,7 @@ impl Spool {
         id: QueueId,
         parts: Parts,
     ) -> Result<(StoredEnvelope, Option<Body>), SpoolError> {
-        self.with_record(id, move |shared, record| {
+        self.with_record(id, parts, move |shared, record| {
             let (envelope, body) = record.open(shared, parts)?;
             let head = StoredEnvelope {
                 id,
@@ -579,7 +579,7 @@ impl Spool {
 
     /// Reads a live message's body (a big one's headers, with the way to its body file).
     pub async fn read_body(&self, id: QueueId) -> Result<Body, SpoolError> {
-        self.with_record(id, move |shared, record| {
+        self.with_record(id, Parts::Body, move |shared, record| {
             let (_, body) = record.open(shared, Parts::Body)?;
             body.ok_or(SpoolError::Corrupt(id))
         })
@@ -587,8 +587,9 @@ impl Spool {
     }
 
     /// Reads the record of live message `id` and hands it to `open`: on this thread for a
-    /// small record, on a blocking thread for a bigger one.
-    async fn with_record<T, F>(&self, id: QueueId, open: F) -> Result<T, SpoolError>
+    /// small record, on a blocking thread for a bigger one. For the envelope alone, only the
+    /// record's start is read when the envelope fits in it ([`ENVELOPE_READ`]).
+    async fn with_record<T, F>(&self, id: QueueId, parts: Parts, open: F) -> Result<T, SpoolError>
     where
         T: Send + 'static,
         F: FnOnce(&Shared, Record) -> Result<T, SpoolError> + Send + 'static,
@@ -600,16 +601,24 @@ impl Spool {
             (entry.message, segment.file.clone(), segment.key.clone())
         };
         let read = move |shared: &Shared| {
-            let (kind, bytes) = read_raw(&file, loc, id)?;
-            open(
-                shared,
-                Record {
+            let record = |payload| {
+                let (kind, bytes) = read_raw(&file, loc, id, payload)?;
+                Ok::<_, SpoolError>(Record {
                     id,
                     kind,
                     bytes,
                     key: &key,
-                },
-            )
+                })
+            };
+            let start = match parts {
+                Parts::Envelope if loc.len > ENVELOPE_READ => Some(record(ENVELOPE_READ)?),
+                _ => None,
+            };
+            let record = match start {
+                Some(start) if start.holds_envelope() => start,
+                _ => record(loc.len)?,
+            };
+            open(shared, record)
         };
         if loc.len <= INLINE_READ {
             return read(&self.shared);
@@ -695,7 +704,13 @@ enum Parts {
     Both,
 }
 
-/// A message record as read (header and payload), not yet opened.
+/// Payload bytes an envelope-only read takes first: with the header, one small allocation
+/// (1 KiB) that holds the envelope of a message to a few recipients. A longer envelope is read
+/// again with the whole record.
+const ENVELOPE_READ: u32 = 1024 - HEADER_LEN as u32;
+
+/// A message record as read (its header and payload, or the payload's start for an
+/// envelope-only read), not yet opened.
 struct Record<'k> {
     id: QueueId,
     kind: Kind,
@@ -751,6 +766,13 @@ impl Record<'_> {
         let (envelope, body) =
             envelope::decode_whole(&plain).ok_or(SpoolError::Corrupt(self.id))?;
         Ok((envelope, Body::Inline(body)))
+    }
+
+    /// Whether the bytes read hold the whole sealed envelope (of a record sealed in parts).
+    fn holds_envelope(&self) -> bool {
+        let (_, payload) = split_record(&self.bytes);
+        matches!(self.kind, Kind::Message | Kind::Spilled)
+            && record::sealed_envelope_len(payload).is_some_and(|e| 4 + e <= payload.len())
     }
 
     /// Header and payload of a record whose parts are sealed apart (a message record).
@@ -819,7 +841,7 @@ impl Index {
 
 /// Reads a state record and opens it.
 fn read_state(file: &File, key: &Key, loc: Loc, id: QueueId) -> Result<Vec<u8>, SpoolError> {
-    match read_raw(file, loc, id)? {
+    match read_raw(file, loc, id, loc.len)? {
         (Kind::State, buf) => {
             let (raw, payload) = split_record(&buf);
             Ok(key.open(Header::aad(raw), payload)?)
@@ -828,10 +850,16 @@ fn read_state(file: &File, key: &Key, loc: Loc, id: QueueId) -> Result<Vec<u8>, 
     }
 }
 
-/// Reads one record (header and payload, with one `pread`), checking that the header still
-/// names `id` and has the length the index knows.
-fn read_raw(file: &File, loc: Loc, id: QueueId) -> Result<(Kind, Vec<u8>), SpoolError> {
-    let mut buf = vec![0u8; HEADER_LEN + loc.len as usize];
+/// Reads one record's header and the first `payload` bytes of its payload (all of them when
+/// `payload` is `loc.len`) with one `pread`, checking that the header still names `id` and has
+/// the length the index knows.
+fn read_raw(
+    file: &File,
+    loc: Loc,
+    id: QueueId,
+    payload: u32,
+) -> Result<(Kind, Vec<u8>), SpoolError> {
+    let mut buf = vec![0u8; HEADER_LEN + payload.min(loc.len) as usize];
     file.read_exact_at(&mut buf, loc.offset)?;
     let header = Header::decode(&buf).map_err(|_| SpoolError::Corrupt(id))?;
     if header.id != id || header.len != loc.len {

@@ -157,18 +157,20 @@ pub fn open_part(
     payload: &[u8],
     part: Part,
 ) -> Result<Vec<u8>, CryptoError> {
-    let env_len = u32::from_le_bytes(
-        payload
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(CryptoError::Open)?,
-    ) as usize;
+    let env_len = sealed_envelope_len(payload).ok_or(CryptoError::Open)?;
     let rest = &payload[4..];
     let sealed = match part {
         Part::Envelope => rest.get(..env_len),
         Part::Body => rest.get(env_len..),
     };
     key.open(&part_aad(header, part), sealed.ok_or(CryptoError::Open)?)
+}
+
+/// The length of a message record's sealed envelope, from the start of its payload: the
+/// envelope ends `4 +` this many bytes in.
+pub fn sealed_envelope_len(payload: &[u8]) -> Option<usize> {
+    let len = payload.get(..4)?.try_into().ok().map(u32::from_le_bytes)?;
+    Some(len as usize)
 }
 
 /// The AAD of one part: the header's checked bytes, then the part's label.

@@ -615,6 +615,26 @@ async fn envelope_and_body_are_read_apart() {
     ));
 }
 
+/// An envelope-only read takes the record's first KiB; an envelope longer than that (70
+/// recipients here) is read with the whole record, and comes back whole.
+#[tokio::test]
+async fn an_envelope_longer_than_the_first_read_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::generate().unwrap();
+    let (spool, _) = open(dir.path(), &master);
+    let many: Vec<String> = (0..70).map(|i| format!("recipient-{i}@x.test")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let env = envelope(&many);
+    assert!(envelope::encode_envelope(&env).unwrap().len() > ENVELOPE_READ as usize);
+    let id = store(&spool, &env, &vec![b'b'; 4096]).await;
+    let short = store(&spool, &envelope(&["a@x.test"]), &vec![b'c'; 4096]).await;
+    assert_eq!(spool.read_envelope(id).await.unwrap().envelope, env);
+    assert_eq!(
+        spool.read_envelope(short).await.unwrap().envelope,
+        envelope(&["a@x.test"])
+    );
+}
+
 /// What the index keeps in memory survives a restart without the state records being read
 /// for it: the due time the queue stored (or "held"), and the final flags, inline up to 64
 /// recipients and beyond. The queue's data is read from disk when asked for.
