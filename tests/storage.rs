@@ -36,6 +36,11 @@ struct FaultyRig {
 
 impl FaultyRig {
     async fn start(rcpt: &str, reply: &str) -> FaultyRig {
+        FaultyRig::start_with(rcpt, reply, "").await
+    }
+
+    /// [`FaultyRig::start`] with more configuration (a `[limits]` table).
+    async fn start_with(rcpt: &str, reply: &str, more: &str) -> FaultyRig {
         let sink = Sink::start("127.0.0.1").await;
         sink.behaviour
             .lock()
@@ -50,7 +55,7 @@ impl FaultyRig {
             spool_faults: faults.clone(),
         };
         let extra = format!(
-            "[delivery]\nsmarthost = \"{}\"\ntls = \"none\"\n",
+            "[delivery]\nsmarthost = \"{}\"\ntls = \"none\"\n{more}",
             sink.addr
         );
         let (server, queue) = TestServer::start_with(&extra, options).await;
@@ -364,4 +369,49 @@ async fn a_spilled_message_is_sent_from_its_file_and_a_damaged_file_sends_nothin
         "nothing of the damaged message delivered"
     );
     assert!(server.spool.contains(damaged), "still queued");
+}
+
+/// A client at DATA, its recipient accepted.
+async fn at_data(server: &TestServer) -> Raw<tokio::net::TcpStream> {
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<app@sender.test>", 250).await;
+    c.expect("RCPT TO:<r@dest.test>", 250).await;
+    c
+}
+
+/// A message whose body waits for a slow disk keeps its place among the sessions receiving
+/// content (`max_concurrent_data`) until its reply: its body is still in memory, and with the
+/// place given back early a stuck disk would have the daemon hold every connected client's
+/// body at once.
+#[tokio::test]
+async fn a_message_waiting_for_the_disk_keeps_its_place_for_content() {
+    let limits = "[limits]\nmax_concurrent_data = 1\ncommand_timeout = \"20s\"\n";
+    let rig = FaultyRig::start_with("none@dest.test", "250 ok", limits).await;
+    let (server, faults) = (rig.server, rig.faults);
+    faults.stall(FaultPoint::Sync);
+    let mut first = at_data(&server).await;
+    first.expect("DATA", 354).await;
+    first.send("Subject: one\r\n\r\nfirst\r\n.\r\n").await;
+    let mut second = at_data(&server).await;
+    second.send("DATA\r\n").await;
+    let early = tokio::time::timeout(Duration::from_millis(300), second.try_reply()).await;
+    assert!(
+        early.is_err(),
+        "354 while the only place waits for the disk: {early:?}"
+    );
+    assert!(
+        server.spool.live().is_empty(),
+        "nothing stored while the disk stalls"
+    );
+    faults.resume(FaultPoint::Sync);
+    assert_eq!(first.reply().await.code, 250);
+    assert_eq!(
+        second.reply().await.code,
+        354,
+        "the place passed on after the 250"
+    );
+    second.send("Subject: two\r\n\r\nsecond\r\n.\r\n").await;
+    assert_eq!(second.reply().await.code, 250);
+    assert_eq!(server.spool.live().len(), 2);
 }

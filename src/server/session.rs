@@ -84,7 +84,8 @@ struct Transaction {
     /// end of the data gets the refusal.
     spill_error: Option<SpoolError>,
     /// This session's place among those receiving content (`limits.max_concurrent_data`),
-    /// from DATA or the first BDAT; given back with the transaction.
+    /// from DATA or the first BDAT; given back with the transaction's reply, once the message
+    /// is on disk or refused.
     data_slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -703,6 +704,9 @@ impl Session {
         let Some(mut tx) = tx else {
             return self.error(Reply::new(503, "5.5.1", "Send MAIL first"));
         };
+        // The place for content is held until the reply: a body waiting for the disk is still
+        // in memory, and with a slow disk every connected client's body would be.
+        let _content_place = tx.data_slot.take();
         let Some((id, content)) = self.received(&mut tx, rest).await else {
             return Ok(());
         };

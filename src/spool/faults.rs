@@ -1,11 +1,15 @@
 //! A seam under the spool's file operations, so tests (and chaos drills) can make the disk fail
 //! on demand: "the next 3 appends get ENOSPC", "the next fdatasync gets EIO".
 //!
+//! A point can also be made to stall ("the next fdatasync hangs until told"), for a disk that
+//! is slow or stuck rather than failing: the operation blocks its thread until resumed.
+//!
 //! Real faults come from the filesystem (a full tmpfs, `ulimit -f`); these reach the paths that
 //! a real disk rarely offers on cue, such as a failing `fdatasync` or a key file that cannot be
 //! read once. Each check is one relaxed atomic load when nothing is armed.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
 
 /// The file operations that can be made to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,12 +36,16 @@ pub enum FaultPoint {
 struct Slot {
     remaining: AtomicU32,
     errno: AtomicI32,
+    stalled: AtomicBool,
 }
 
 /// Armed faults; shared by the spool and whoever drives the test.
 #[derive(Default)]
 pub struct Faults {
     slots: [Slot; 8],
+    /// Stalled operations wait on `resumed` under this lock until their point is resumed.
+    stalls: Mutex<()>,
+    resumed: Condvar,
 }
 
 impl Faults {
@@ -53,16 +61,49 @@ impl Faults {
         self.slots[point as usize].remaining.load(Ordering::SeqCst)
     }
 
-    /// Disarms every fault.
+    /// Operations at `point` block their thread from now on, until [`Faults::resume`].
+    pub fn stall(&self, point: FaultPoint) {
+        self.slots[point as usize]
+            .stalled
+            .store(true, Ordering::SeqCst);
+    }
+
+    /// Lets operations stalled at `point` go on.
+    pub fn resume(&self, point: FaultPoint) {
+        let _lock = self.stalls.lock().unwrap_or_else(|p| p.into_inner());
+        self.slots[point as usize]
+            .stalled
+            .store(false, Ordering::SeqCst);
+        self.resumed.notify_all();
+    }
+
+    /// Disarms every fault, and resumes stalled operations.
     pub fn clear(&self) {
         for slot in &self.slots {
             slot.remaining.store(0, Ordering::SeqCst);
         }
+        let _lock = self.stalls.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in &self.slots {
+            slot.stalled.store(false, Ordering::SeqCst);
+        }
+        self.resumed.notify_all();
     }
 
-    /// `Err` when a fault is armed at `point` (and uses up one of its count).
+    /// Blocks while `point` is stalled.
+    fn wait_while_stalled(&self, slot: &Slot) {
+        let mut lock = self.stalls.lock().unwrap_or_else(|p| p.into_inner());
+        while slot.stalled.load(Ordering::SeqCst) {
+            lock = self.resumed.wait(lock).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits while `point` is stalled; then `Err` when a fault is armed at `point` (and uses
+    /// up one of its count).
     pub(super) fn check(&self, point: FaultPoint) -> std::io::Result<()> {
         let slot = &self.slots[point as usize];
+        if slot.stalled.load(Ordering::Relaxed) {
+            self.wait_while_stalled(slot);
+        }
         if slot.remaining.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
@@ -97,5 +138,27 @@ mod tests {
         );
         assert!(faults.check(FaultPoint::Sync).is_err());
         assert!(faults.check(FaultPoint::Sync).is_ok());
+    }
+
+    #[test]
+    fn a_stalled_point_waits_until_resumed() {
+        let faults = std::sync::Arc::new(Faults::default());
+        faults.stall(FaultPoint::Sync);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let faults = faults.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(faults.check(FaultPoint::Sync).is_ok());
+            })
+        };
+        let early = rx.recv_timeout(std::time::Duration::from_millis(200));
+        assert!(early.is_err(), "went on while stalled: {early:?}");
+        assert!(
+            faults.check(FaultPoint::Append).is_ok(),
+            "other points go on"
+        );
+        faults.resume(FaultPoint::Sync);
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok(true));
+        waiter.join().expect("waiter");
     }
 }
