@@ -39,7 +39,7 @@
 set -euo pipefail
 
 N=${1:-${N:-20000}}
-SESSIONS=50
+SESSIONS=${SESSIONS:-50}
 SIZE=4096
 TIMEOUT=${TIMEOUT:-300}
 FROM=bench@example.test

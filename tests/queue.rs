@@ -714,3 +714,76 @@ async fn messages_waiting_for_their_destination_hold_no_body_memory() {
         "the tarpit timed out before the other mail went"
     );
 }
+
+/// Messages waiting for a destination's connection limit do not take every place among
+/// `max_active_messages`: with a tarpit allowed two connections and eight of its messages
+/// queued against six places, mail for another destination still goes at once, instead of
+/// waiting behind the tarpit's messages for its timeouts (head-of-line blocking across
+/// destinations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_destination_does_not_take_every_active_place() {
+    let (tarpit, sink, dns) = tarpit_and_sink().await;
+    let port = tarpit.addr.port();
+    let (server, _queue) = TestServer::start_with(
+        &format!(
+            "[delivery]\nport = {port}\nreply_timeout = \"8s\"\nmax_active_messages = 6\n\
+             [[delivery.destination]]\ndomain = \"tarpit.test\"\nmax_connections = 2\n\
+             [dns]\nnameservers = [\"{}\"]\n",
+            dns.nameserver()
+        ),
+        Options::default(),
+    )
+    .await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let body = "Subject: hello\r\n\r\nhello\r\n";
+    send_each(&mut c, (0..8).map(|i| format!("t{i}@tarpit.test")), body).await;
+    tarpit.wait_for(2).await;
+    let started = Instant::now();
+    send_each(&mut c, (0..2).map(|i| format!("n{i}@dest.test")), body).await;
+    sink.wait_for(2).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the other mail took {took:?}"
+    );
+    assert_eq!(tarpit.connections(), 2);
+    assert_eq!(
+        tried(&server),
+        0,
+        "the tarpit timed out before the other mail went"
+    );
+}
+
+/// Messages turned away by a busy destination are woken as it makes room, not left to the
+/// queue's later look: a slow destination allowed one connection, with two deliveries allowed
+/// to wait for it (half of four places), takes twelve messages one after another; the eight
+/// parked ones go as soon as their turn comes, all within seconds (their fallback is a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_turned_away_by_a_busy_destination_go_in_turn() {
+    let sink = Sink::start("127.0.0.1").await;
+    sink.behaviour.lock().unwrap().data_delay = Some(Duration::from_millis(150));
+    let (server, _queue) = TestServer::start_with(
+        &format!(
+            "[delivery]\nsmarthost = \"{}\"\ntls = \"none\"\nmax_active_messages = 4\n\
+             max_connections_per_destination = 1\n",
+            sink.addr
+        ),
+        Options::default(),
+    )
+    .await;
+    let (mut c, _) = Raw::connect(server.relay).await;
+    c.expect("EHLO client.test", 250).await;
+    let started = Instant::now();
+    let rcpts: Vec<String> = (0..12).map(|i| format!("r{i}@dest.test")).collect();
+    send_each(&mut c, rcpts.iter().cloned(), "Subject: hi\r\n\r\nhi\r\n").await;
+    let got = sink.wait_for(12).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let mut delivered: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    delivered.sort();
+    let mut expected = rcpts;
+    expected.sort();
+    assert_eq!(delivered, expected, "each delivered once");
+    assert_eq!(tried(&server), 0, "none deferred");
+}

@@ -29,6 +29,9 @@ pub enum Cause {
     LoopsBack { domain: String },
     /// The destination was marked down after repeated connection failures: not tried now.
     DestinationDown,
+    /// Too many deliveries wait for the destination's connections already: not tried now,
+    /// and not an attempt; the queue tries it again once the destination has room.
+    DestinationBusy,
     /// The attempt ran past its overall deadline.
     DeadlinePassed,
     /// The daemon is stopping; the message stays queued.
@@ -101,6 +104,11 @@ impl RcptOutcome {
         )
     }
 
+    /// Not tried: too many deliveries wait for its destination already (4.4.5, congestion).
+    pub fn busy() -> RcptOutcome {
+        RcptOutcome::new(EnhancedStatusCode::new(4, 4, 5), Cause::DestinationBusy)
+    }
+
     /// Returned to the sender by an operator (5.0.0: no reason of the destination's).
     pub fn returned() -> RcptOutcome {
         RcptOutcome::new(EnhancedStatusCode::new(5, 0, 0), Cause::Returned)
@@ -122,6 +130,12 @@ impl RcptOutcome {
 
     pub fn is_expired(&self) -> bool {
         matches!(self.cause, Cause::Expired { .. })
+    }
+
+    /// Not tried, as its destination was busy ([`RcptOutcome::busy`]): no attempt to count,
+    /// log or record.
+    pub fn is_busy(&self) -> bool {
+        matches!(self.cause, Cause::DestinationBusy)
     }
 
     /// No server could be reached, or none greeted: what counts towards marking the
@@ -156,6 +170,7 @@ impl RcptOutcome {
                 format!("x-postern; mail for {domain} loops back to myself")
             }
             Cause::DestinationDown => "x-postern; destination not responding; deferred".into(),
+            Cause::DestinationBusy => "x-postern; destination busy; waiting its turn".into(),
             Cause::DeadlinePassed => "x-postern; delivery attempt took too long".into(),
             Cause::ShuttingDown => "x-postern; shutting down".into(),
             Cause::Unreadable => "x-postern; message could not be read from the spool".into(),

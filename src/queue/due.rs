@@ -65,6 +65,16 @@ impl Due {
         self.order.insert((when, id));
     }
 
+    /// Makes `id` due at `now` if it waits for later, or once it has finished if it runs; a
+    /// message in neither state (held, or gone) is left alone. For a message parked by a busy
+    /// destination, which wakes it once it has room.
+    pub(super) fn wake(&mut self, id: QueueId, now: i64) {
+        let waiting_later = self.at.get(&id).is_some_and(|&when| when > now);
+        if waiting_later || self.running.contains_key(&id) {
+            self.schedule(id, now);
+        }
+    }
+
     /// Takes waiting messages due at `now`, earliest first, at most `limit` of them; each is
     /// running until [`Due::finish`].
     pub(super) fn take_due(&mut self, now: i64, limit: usize) -> Vec<QueueId> {

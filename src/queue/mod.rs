@@ -8,6 +8,11 @@
 //! goes to the spool in the same pass, and the spool destroys the body when the last recipient
 //! is final (design invariant 2).
 //!
+//! A delivery whose destination has too many others waiting for its connections already is
+//! turned away without an attempt ([`RcptOutcome::is_busy`]): its message goes back to the
+//! index, holding no place among `max_active_messages`, and the destination wakes it once it
+//! has room. One slow destination with a big backlog thus never holds up mail for the others.
+//!
 //! Time comes from a [`Clock`]: [`Queue::run`] follows it in production, and tests move a
 //! [`crate::clock::ManualClock`] and call [`Queue::run_due`].
 
@@ -34,7 +39,7 @@ use crate::bounce;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::client::Needs;
-use crate::delivery::{Content, Deliverer, Job, RcptOutcome};
+use crate::delivery::{Content, Deliverer, Job, RcptOutcome, Wake};
 use crate::ledger::{Ledger, Outcome, Update};
 use crate::memory::{BodyMemory, Holding};
 use crate::spool::{
@@ -43,6 +48,11 @@ use crate::spool::{
 
 /// A retry after a local error (the spool could not be read or updated).
 const LOCAL_RETRY: i64 = 60;
+
+/// When a message turned away by a busy destination is tried again at the latest. The
+/// destination wakes it as soon as it has room; this is only for a wake that never comes
+/// (the room went to another message), as each try costs a read of its envelope.
+const PARK_FALLBACK: i64 = 60;
 
 /// The scheduler over the spool.
 pub struct Queue {
@@ -345,16 +355,31 @@ impl Queue {
                 }
             }
         };
+        // Recipients whose destination was busy were not tried: nothing to record of them.
+        let (busy, outcomes): (Vec<_>, Vec<_>) =
+            outcomes.into_iter().partition(RcptOutcome::is_busy);
         // What follows dates from the end of the attempt: a slow failure must not make the
         // next retry come early.
         let now = self.clock.now();
+        if outcomes.is_empty() && finals.is_empty() && !busy.is_empty() {
+            // Only parked: its state has not changed. The destination wakes it.
+            self.schedule(id, now + PARK_FALLBACK);
+            return;
+        }
         let failed = self.apply(&msg, &outcomes, &mut sched, &mut finals, expires_at, now);
         // Boxed, as is the commit: their futures would otherwise make that of every attempt
         // bigger, and thousands may wait at once for their destination.
         Box::pin(self.send_notices(&msg, &outcomes, &failed, &mut sched, &mut finals, now)).await;
         // A hold placed while the attempt ran is kept (the index already has it).
         sched.hold = self.lock().hold_of(id);
-        Box::pin(self.commit(&msg, &finals, &sched, now)).await;
+        let parked: Vec<usize> = busy.iter().map(|o| o.index).collect();
+        Box::pin(self.commit(&msg, &finals, &parked, &sched, now)).await;
+    }
+
+    /// A destination that turned `id` away has room: it is due now (see [`PARK_FALLBACK`]).
+    fn wake_parked(&self, id: QueueId) {
+        self.lock().wake(id, self.clock.now());
+        self.wake.notify_one();
     }
 
     /// Reads a message's body once its record's bytes fit under `limits.max_body_memory` (all
@@ -486,8 +511,17 @@ impl Queue {
         }
     }
 
-    /// Writes the new state; the spool destroys the body once every recipient is final.
-    async fn commit(&self, msg: &StoredEnvelope, finals: &[usize], sched: &Schedule, now: i64) {
+    /// Writes the new state; the spool destroys the body once every recipient is final. The
+    /// `parked` recipients (their destination was busy) are due when it wakes them, or after
+    /// [`PARK_FALLBACK`].
+    async fn commit(
+        &self,
+        msg: &StoredEnvelope,
+        finals: &[usize],
+        parked: &[usize],
+        sched: &Schedule,
+        now: i64,
+    ) {
         let id = msg.id;
         let mut final_rcpts = msg.state.final_rcpts.clone();
         for &i in finals {
@@ -495,7 +529,7 @@ impl Queue {
                 *done = true;
             }
         }
-        let next = sched.next_due(&final_rcpts);
+        let next = next_due(sched, &final_rcpts, parked, now);
         let data = QueueData {
             data: sched.encode(),
             due: match sched.hold {
@@ -520,7 +554,13 @@ impl Queue {
     }
 
     /// Delivers to `pending` recipients, one transaction per domain (or one via smarthost).
-    async fn attempt(&self, msg: &StoredEnvelope, pending: &[usize]) -> Vec<RcptOutcome> {
+    /// A destination with too many deliveries waiting already turns its recipients away
+    /// ([`RcptOutcome::busy`]), and wakes the message once it has room.
+    async fn attempt(
+        self: &Arc<Self>,
+        msg: &StoredEnvelope,
+        pending: &[usize],
+    ) -> Vec<RcptOutcome> {
         let smarthost = !self.config.delivery.smarthost.to_vec().is_empty();
         let mut groups: Vec<(String, Vec<(usize, &str)>)> = Vec::new();
         for &i in pending {
@@ -543,6 +583,15 @@ impl Queue {
             queue: self,
             id: msg.id,
         };
+        let (queue, id) = (Arc::downgrade(self), msg.id);
+        let park = move || -> Wake {
+            let queue = queue.clone();
+            Box::new(move || {
+                if let Some(queue) = queue.upgrade() {
+                    queue.wake_parked(id);
+                }
+            })
+        };
         let jobs = groups.iter().map(|(domain, rcpts)| {
             self.deliverer.deliver(Job {
                 domain,
@@ -550,6 +599,7 @@ impl Queue {
                 rcpts: rcpts.clone(),
                 content: &content,
                 needs,
+                park: Some(&park),
             })
         });
         futures::future::join_all(jobs)
@@ -677,6 +727,27 @@ impl Drop for Running<'_> {
         // A reschedule parked while it ran is now due, and a slot is free: look again.
         self.queue.wake.notify_one();
     }
+}
+
+/// When a message is next due: its earliest pending recipient's retry, but no later than
+/// [`PARK_FALLBACK`] from `now` for recipients `parked` by a busy destination (due already
+/// by their own retry times, they wait for the destination's wake instead).
+fn next_due(sched: &Schedule, final_rcpts: &[bool], parked: &[usize], now: i64) -> Option<i64> {
+    if parked.is_empty() {
+        return sched.next_due(final_rcpts);
+    }
+    let mut others = final_rcpts.to_vec();
+    for &i in parked {
+        if let Some(skip) = others.get_mut(i) {
+            *skip = true;
+        }
+    }
+    let fallback = now + PARK_FALLBACK;
+    Some(
+        sched
+            .next_due(&others)
+            .map_or(fallback, |t| t.min(fallback)),
+    )
 }
 
 /// The expiry of a recipient, reporting its last temporary failure.
