@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Called once a destination that turned a job away has room again: it makes the job's
-/// message due (see [`Limits::slot`]).
+/// message due (see `Limits::slot`).
 pub type Wake = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
