@@ -23,6 +23,8 @@
 #                                             writer, when a pass is due, closing)
 #   lazy      bodies read at their turn       src/spool/mod.rs (Record::open, read_parts,
 #                                             read_body), src/queue/mod.rs (load_body, Stored)
+#   park      deliveries turned away by a     src/delivery/limits.rs (Limits::slot, the gate's
+#             busy destination, woken later   wakes), max_waiting, src/queue/ (next_due, wake)
 #
 # Each area runs only the tests that exercise it (a unit-test module filter, or one integration
 # test file), so that a mutant costs one incremental build and a short test run. Even so this
@@ -72,7 +74,12 @@ select_area() {
         lazy) FILES=(--file src/spool/mod.rs --file src/queue/mod.rs
             --re 'Record<.*>::open|Spool::read_parts|Spool::read_body|Queue::load_body|Content for Stored')
             TARGET=(--lib --test=queue) FILTER=(spool:: body_memory) ;;
-        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places inbox lazy)" ;;
+        park) FILES=(--file src/delivery/limits.rs --file src/delivery/mod.rs --file src/queue/mod.rs
+            --file src/queue/due.rs
+            --re 'Gate::room|Drop for Slot|Drop for Waiting|Limits::slot|Limits::wake_all|max_waiting ->|in max_waiting|Queue::wake_parked|Due::wake|replace next_due|in next_due$'
+            --exclude-re 'delete field')
+            TARGET=(--lib --test=queue) FILTER=(delivery::limits turned_away stuck_destination tarpit) ;;
+        *) die "unknown area '$1' (bounce suppress spool bodies purge proto relay reuse places inbox lazy park)" ;;
     esac
 }
 
