@@ -497,16 +497,18 @@ async fn tarpit_and_sink() -> (Tarpit, Sink, DnsServer) {
     (tarpit, sink, dns)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tarpit_destination_holds_up_no_other_mail_and_is_marked_down() {
-    const STUCK: usize = 300;
-    let (tarpit, sink, dns) = tarpit_and_sink().await;
+/// A server delivering on the tarpit's port, resolving with `dns`, with `delivery` lines added
+/// to its `[delivery]` table and `more` tables after it; and a client past its EHLO.
+async fn beside_tarpit(
+    tarpit: &Tarpit,
+    dns: &DnsServer,
+    delivery: &str,
+    more: &str,
+) -> (TestServer, Raw<TcpStream>) {
     let port = tarpit.addr.port();
-    // Fewer session slots than tarpit messages: a message waiting for its destination must
-    // not hold one.
     let (server, _queue) = TestServer::start_with(
         &format!(
-            "[delivery]\nport = {port}\nmax_in_flight = 30\nreply_timeout = \"8s\"\n\
+            "[delivery]\nport = {port}\nreply_timeout = \"8s\"\n{delivery}{more}\
              [dns]\nnameservers = [\"{}\"]\n",
             dns.nameserver()
         ),
@@ -515,6 +517,20 @@ async fn a_tarpit_destination_holds_up_no_other_mail_and_is_marked_down() {
     .await;
     let (mut c, _) = Raw::connect(server.relay).await;
     c.expect("EHLO client.test", 250).await;
+    (server, c)
+}
+
+/// A `[[delivery.destination]]` allowing the tarpit two connections.
+const TARPIT_TWO_CONNECTIONS: &str =
+    "[[delivery.destination]]\ndomain = \"tarpit.test\"\nmax_connections = 2\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tarpit_destination_holds_up_no_other_mail_and_is_marked_down() {
+    const STUCK: usize = 300;
+    let (tarpit, sink, dns) = tarpit_and_sink().await;
+    // Fewer session slots than tarpit messages: a message waiting for its destination must
+    // not hold one.
+    let (server, mut c) = beside_tarpit(&tarpit, &dns, "max_in_flight = 30\n", "").await;
     for _ in 0..STUCK {
         let r = c
             .send_mail(
@@ -678,21 +694,9 @@ async fn attempts_wait_for_body_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_waiting_for_their_destination_hold_no_body_memory() {
     let (tarpit, sink, dns) = tarpit_and_sink().await;
-    let port = tarpit.addr.port();
-    let (server, _queue) = TestServer::start_with(
-        &format!(
-            "[delivery]\nport = {port}\nreply_timeout = \"8s\"\n\
-             [[delivery.destination]]\ndomain = \"tarpit.test\"\nmax_connections = 2\n\
-             [limits]\nmax_body_memory = 1048576\n\
-             [dns]\nnameservers = [\"{}\"]\n",
-            dns.nameserver()
-        ),
-        Options::default(),
-    )
-    .await;
+    let more = format!("{TARPIT_TWO_CONNECTIONS}[limits]\nmax_body_memory = 1048576\n");
+    let (server, mut c) = beside_tarpit(&tarpit, &dns, "", &more).await;
     let body = body_of_240_kib();
-    let (mut c, _) = Raw::connect(server.relay).await;
-    c.expect("EHLO client.test", 250).await;
     send_each(&mut c, (0..8).map(|i| format!("t{i}@tarpit.test")), &body).await;
     tarpit.wait_for(2).await;
     let started = Instant::now();
@@ -723,19 +727,13 @@ async fn messages_waiting_for_their_destination_hold_no_body_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_destination_does_not_take_every_active_place() {
     let (tarpit, sink, dns) = tarpit_and_sink().await;
-    let port = tarpit.addr.port();
-    let (server, _queue) = TestServer::start_with(
-        &format!(
-            "[delivery]\nport = {port}\nreply_timeout = \"8s\"\nmax_active_messages = 6\n\
-             [[delivery.destination]]\ndomain = \"tarpit.test\"\nmax_connections = 2\n\
-             [dns]\nnameservers = [\"{}\"]\n",
-            dns.nameserver()
-        ),
-        Options::default(),
+    let (server, mut c) = beside_tarpit(
+        &tarpit,
+        &dns,
+        "max_active_messages = 6\n",
+        TARPIT_TWO_CONNECTIONS,
     )
     .await;
-    let (mut c, _) = Raw::connect(server.relay).await;
-    c.expect("EHLO client.test", 250).await;
     let body = "Subject: hello\r\n\r\nhello\r\n";
     send_each(&mut c, (0..8).map(|i| format!("t{i}@tarpit.test")), body).await;
     tarpit.wait_for(2).await;
